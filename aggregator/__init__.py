@@ -1,0 +1,1 @@
+"""The server side: the MQTT aggregation service, its strategies, round bookkeeping and checkpoints."""

@@ -1,0 +1,27 @@
+"""Aggregation methods, selectable by name with ``--method``."""
+
+from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, Strategy, weighted_average
+from aggregator.strategies.fedit import FedIT
+from edgemole.errors import ConfigError
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT,)}
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The strategy called ``name``, or a one-line error listing the available ones."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r} (available: {', '.join(sorted(STRATEGIES))})") from None
+
+
+__all__ = [
+    "STRATEGIES",
+    "Assignment",
+    "ClientUpdate",
+    "FedIT",
+    "RoundPlan",
+    "Strategy",
+    "strategy_class",
+    "weighted_average",
+]

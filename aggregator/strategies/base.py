@@ -1,0 +1,88 @@
+"""The strategy interface, after Flower's: configure a round, aggregate its results.
+
+The service owns transport, validation and timing; a strategy owns the model state and the math.
+Each aggregation method (FedIT now; FFA-LoRA, FlexLoRA, LoRA-A2, FedAMoLE later) is one class.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from edgemole.protocol import TensorSpec
+
+
+@dataclass
+class ClientUpdate:
+    """A validated update: what one client sent back for the open round."""
+
+    client: str
+    num_samples: int
+    tensors: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Assignment:
+    """What one client receives, and the tensors it must send back (the validator's expectation)."""
+
+    tensors: dict[str, torch.Tensor]
+    expect: dict[str, TensorSpec]
+
+
+@dataclass
+class RoundPlan:
+    phase: str
+    assignments: dict[str, Assignment]
+    hparams: dict[str, float | int | str] = field(default_factory=dict)
+
+
+def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_c w_c x_c / sum_c w_c, accumulated in float64 so that the result does not depend on order."""
+    if not tensors or len(tensors) != len(weights):
+        raise ValueError("need one weight per tensor and at least one tensor")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for t, w in zip(tensors, weights, strict=True):
+        acc += t.to(torch.float64) * (float(w) / total)
+    return acc.to(tensors[0].dtype)
+
+
+class Strategy(ABC):
+    """One federated method's server side. Subclasses set ``name`` and implement the abstract calls."""
+
+    name: ClassVar[str]
+
+    def __init__(self, initial_state: dict[str, torch.Tensor], roles: dict[str, str], seed: int = 0) -> None:
+        self.roles = dict(roles)
+        self.seed = seed
+
+    @abstractmethod
+    def configure_train(self, rnd: int, clients: Sequence[str]) -> RoundPlan:
+        """Assignments of training round ``rnd`` (1-based) for the selected clients."""
+
+    @abstractmethod
+    def aggregate(self, rnd: int, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        """Fold the round's validated updates into the state; returns strategy metrics for the record."""
+
+    @abstractmethod
+    def model_for(self, client: str) -> dict[str, torch.Tensor]:
+        """The adapter weights that are ``client``'s model now (the global one for single-model methods)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume, as named tensors (checkpointed with safetensors)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def configure_evaluate(self, clients: Sequence[str]) -> RoundPlan:
+        """Evaluation only: every client gets its model and sends metrics, no tensors."""
+        return RoundPlan("eval", {c: Assignment(self.model_for(c), {}) for c in clients})

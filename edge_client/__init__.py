@@ -1,0 +1,1 @@
+"""The device side: local data, training engines and the MQTT edge client."""

@@ -1,0 +1,222 @@
+"""The edge client: waits for its assignment, trains locally, publishes its update and metrics.
+
+All MQTT traffic is validated before use; a bad message is logged and dropped and the client keeps
+serving. Work happens in the main thread while paho's thread keeps the connection alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_client.engines import TrainingEngine, make_engine
+from edge_client.local_data import LocalData
+from edgemole.config import TaskSpec
+from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
+from edgemole.mqtt import Inbound, MqttLink
+from edgemole.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DONE,
+    Kind,
+    Message,
+    Topics,
+    check_name,
+    decode,
+    encode,
+    validate_assignment,
+)
+
+log = logging.getLogger("edgemole.client")
+
+
+@dataclass
+class ClientOptions:
+    broker: str
+    client_id: str
+    data: str
+    test_data: str | None = None
+    test_fraction: float = 0.2
+    text_column: str | None = None
+    label_column: str | None = None
+    fleet: str = "default"
+    topic_prefix: str = "edgemole"
+    engine: str = "eager"
+    threads: int | None = None
+    connect_timeout_s: float = 30.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+def batch_seed(task_seed: int, client_id: str, round_: int) -> int:
+    """Per-client, per-round shuffling seed, stable across runs and machines."""
+    return (task_seed * 1_000_003 + round_ * 7_919 + zlib.crc32(client_id.encode())) % (2**63)
+
+
+class EdgeClient:
+    """One device of the fleet."""
+
+    def __init__(self, opts: ClientOptions) -> None:
+        check_name(opts.client_id, "client id")
+        self.opts = opts
+        self.topics = Topics(opts.fleet, opts.topic_prefix)
+        self.data = LocalData(  # read now so that a bad data file fails before connecting
+            opts.data,
+            test_path=opts.test_data,
+            test_fraction=opts.test_fraction,
+            text_column=opts.text_column,
+            label_column=opts.label_column,
+            seed=zlib.crc32(opts.client_id.encode()),
+        )
+        self.engine: TrainingEngine | None = None
+        self.task: TaskSpec | None = None
+        self.run_id: str | None = None
+        self.last_round = 0
+        self.pending: Message | None = None
+        self.rejected = 0
+        self._stop = False
+        will = self._status_payload("offline")
+        self.link = MqttLink(
+            opts.broker,
+            f"edgemole-{opts.fleet}-{opts.client_id}",
+            clean_session=False,
+            will=(self.topics.status(opts.client_id), will),
+            max_message_bytes=opts.max_message_bytes,
+        )
+
+    # -- messages ------------------------------------------------------------------------------
+    def _status_payload(self, state: str, error: str = "") -> bytes:
+        body = {"state": state, "num_train": self.data.num_train, "num_test": self.data.num_test}
+        body["engine"] = self.opts.engine
+        if error:
+            body["error"] = error[:500]
+        if self.run_id:
+            body["run"] = self.run_id
+        return encode(Message(Kind.STATUS, self.opts.fleet, self.last_round, client=self.opts.client_id, body=body))
+
+    def _publish_status(self, state: str, error: str = "") -> None:
+        self.link.publish(self.topics.status(self.opts.client_id), self._status_payload(state, error), retain=True)
+
+    def _reject(self, what: str, reason: str) -> None:
+        self.rejected += 1
+        log.warning("rejected %s: %s (rejected so far: %d)", what, reason, self.rejected)
+
+    # -- main loop -----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until the aggregator announces the end of the run (or a signal arrives)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.link.connect(self.opts.connect_timeout_s)
+        self.link.subscribe(self.topics.task, self.topics.round, self.topics.assign(self.opts.client_id))
+        self._publish_status("online")
+        log.info("client %s online: %d train / %d test examples", self.opts.client_id,
+                 self.data.num_train, self.data.num_test)
+        try:
+            while not self._stop:
+                inbound = self.link.receive(0.5)
+                if inbound is not None:
+                    self._handle(inbound)
+        except EdgemoleError as exc:  # e.g. local labels outside the fleet's: tell the aggregator, then exit
+            self._publish_status("error", str(exc))
+            raise
+        finally:
+            self._publish_status("offline")
+            self.link.close()
+        return 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stop = True
+
+    def _handle(self, inbound: Inbound) -> None:
+        if not inbound.payload:  # a cleared retained message
+            return
+        try:
+            msg = decode(inbound.payload, self.opts.max_message_bytes)
+            if msg.fleet != self.opts.fleet:
+                raise ProtocolError(f"message for fleet {msg.fleet!r}")
+        except ProtocolError as exc:
+            self._reject(f"message on {inbound.topic}", str(exc))
+            return
+        if inbound.topic == self.topics.task and msg.kind == Kind.TASK:
+            self._on_task(msg)
+        elif inbound.topic == self.topics.round and msg.kind == Kind.ROUND:
+            if msg.body.get("run") == self.run_id and msg.phase == DONE:
+                log.info("run %s finished after round %d", self.run_id, self.last_round)
+                self._stop = True
+        elif inbound.topic == self.topics.assign(self.opts.client_id) and msg.kind == Kind.ASSIGN:
+            self.pending = msg
+            if self.engine is not None:
+                self._on_assignment(msg)
+        else:
+            self._reject(f"message on {inbound.topic}", f"unexpected kind {msg.kind}")
+
+    def _on_task(self, msg: Message) -> None:
+        run = msg.body.get("run")
+        try:
+            task = TaskSpec.from_body(msg.body.get("task"))
+        except ConfigError as exc:
+            self._reject("task", str(exc))
+            return
+        if not isinstance(run, str) or run == self.run_id:
+            return
+        if self.engine is None or task != self.task:
+            log.info("building %s engine for model %s with %d labels", self.opts.engine, task.model.name,
+                     len(task.labels))
+            self.engine = make_engine(self.opts.engine, task, threads=self.opts.threads)
+            self.data.prepare(task.labels, self.engine.tokenizer, task.model.max_length)
+        self.task, self.run_id, self.last_round = task, run, 0
+        self._publish_status("ready")
+        if self.pending is not None:
+            self._on_assignment(self.pending)
+
+    def _on_assignment(self, msg: Message) -> None:
+        assert self.engine is not None and self.task is not None
+        self.pending = None
+        try:
+            validate_assignment(
+                msg,
+                fleet=self.opts.fleet,
+                run=self.run_id or "",
+                client=self.opts.client_id,
+                after_round=self.last_round,
+                expected=self.engine.expected_state(),
+            )
+            if msg.phase not in ("train", "eval"):
+                raise ProtocolError(f"phase {msg.phase!r} is not supported by this client")
+        except ProtocolError as exc:
+            self._reject(f"assignment for round {msg.round}", str(exc))
+            self._publish_status("error", f"round {msg.round}: {exc}")
+            return
+        self.engine.set_state(msg.tensors)
+        train = self.task.train
+        before = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
+        metrics = {"acc_before": before.accuracy, "loss_before": before.loss, "eval_s": before.seconds,
+                   "num_test": before.samples}
+        tensors: dict = {}
+        roles: dict = {}
+        num_samples = max(before.samples, 1)
+        if msg.phase == "train":
+            steps = int(msg.body.get("local_steps", train.local_steps))
+            batches = self.data.train_batches(train.batch_size, batch_seed(self.task.seed, self.opts.client_id,
+                                                                           msg.round))
+            stats = self.engine.train(batches, steps, train.lr, train.weight_decay)
+            after = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
+            metrics.update(train_loss=stats.loss, train_s=stats.seconds, steps=stats.steps,
+                           acc_after=after.accuracy, loss_after=after.loss, eval_s=before.seconds + after.seconds)
+            tensors, roles = self.engine.get_state(), self.engine.roles
+            num_samples = self.data.num_train
+        body = {"run": self.run_id, "num_samples": num_samples, "metrics": metrics}
+        payload = encode(Message(Kind.UPDATE, self.opts.fleet, msg.round, msg.phase, self.opts.client_id,
+                                 body, tensors, roles))
+        self.link.publish(self.topics.update(self.opts.client_id), payload)
+        self.last_round = msg.round
+        log.info("round %d %s: acc %.3f -> %s, sent %d bytes", msg.round, msg.phase, before.accuracy,
+                 f"{metrics['acc_after']:.3f}" if "acc_after" in metrics else "-", len(payload))
+
+
+def run_client(opts: ClientOptions) -> int:
+    """Entry point of ``edgemole client``."""
+    if opts.test_data is not None and not Path(opts.test_data).exists():
+        raise EdgemoleError(f"test data file '{opts.test_data}' does not exist")
+    return EdgeClient(opts).run()

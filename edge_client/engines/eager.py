@@ -1,0 +1,75 @@
+"""Eager PyTorch engine: the reference implementation of :class:`TrainingEngine`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from edge_client.engines.base import Batch, EvalStats, TrainingEngine, TrainStats
+from edgemole.config import TaskSpec
+from edgemole.model import (
+    build_classifier,
+    load_trainable_state,
+    set_torch_threads,
+    trainable_roles,
+    trainable_state,
+)
+from edgemole.protocol import TensorSpec, spec_of
+
+
+class EagerEngine(TrainingEngine):
+    """Trains the task's LoRA adapters (and head) with AdamW in plain PyTorch."""
+
+    name = "eager"
+
+    def __init__(self, task: TaskSpec, threads: int | None = None) -> None:
+        set_torch_threads(threads)
+        self.task = task
+        self.model, self.tokenizer = build_classifier(task)
+        self._roles = trainable_roles(self.model)
+        self._spec = spec_of(trainable_state(self.model), self._roles)
+
+    def expected_state(self) -> dict[str, TensorSpec]:
+        return dict(self._spec)
+
+    @property
+    def roles(self) -> dict[str, str]:
+        return dict(self._roles)
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self.model, state)
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.model)
+
+    def train(self, batches: Iterator[Batch], steps: int, lr: float, weight_decay: float) -> TrainStats:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.model.train()
+        start, total, samples = time.perf_counter(), 0.0, 0
+        for _ in range(steps):
+            batch = next(batches)
+            logits = self.model(batch.input_ids, batch.attention_mask)
+            loss = F.cross_entropy(logits, batch.labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            samples += len(batch.labels)
+        return TrainStats(total / steps, steps, samples, time.perf_counter() - start)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> EvalStats:
+        self.model.eval()
+        start, loss_sum, correct, n = time.perf_counter(), 0.0, 0, 0
+        for batch in batches:
+            logits = self.model(batch.input_ids, batch.attention_mask)
+            loss_sum += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == batch.labels).sum())
+            n += len(batch.labels)
+        if n == 0:
+            return EvalStats(0.0, 0.0, 0, 0.0)
+        return EvalStats(loss_sum / n, correct / n, n, time.perf_counter() - start)

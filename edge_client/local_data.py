@@ -1,0 +1,83 @@
+"""A device's private data: read once, tokenised once, served as batches; never leaves the device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from edge_client.engines import Batch
+from edgemole.data import TextDataset, load_table, split_train_test
+from edgemole.errors import DataError
+
+
+def _take(full: Batch, idx: torch.Tensor) -> Batch:
+    return Batch(full.input_ids[idx], full.attention_mask[idx], full.labels[idx])
+
+
+class LocalData:
+    """Train and test splits of one client; :meth:`prepare` turns them into tensors for a task."""
+
+    def __init__(
+        self,
+        data_path: str | Path,
+        *,
+        test_path: str | Path | None = None,
+        test_fraction: float = 0.2,
+        text_column: str | None = None,
+        label_column: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.source = str(data_path)
+        data = load_table(data_path, text_column, label_column)
+        if test_path is not None:
+            self.train_text, self.test_text = data, load_table(test_path, text_column, label_column)
+        else:
+            tr, te = split_train_test(list(range(len(data))), data.labels, test_fraction, seed)
+            self.train_text, self.test_text = data.subset(tr), data.subset(te)
+        if len(self.train_text) == 0:
+            raise DataError(f"data file '{data_path}' leaves no training examples")
+        self.train: Batch | None = None
+        self.test: Batch | None = None
+
+    def prepare(self, labels: list[str], tokenizer, max_length: int) -> None:  # noqa: ANN001
+        """Tokenise both splits for the fleet's label order; unknown labels are an error, not a skip."""
+        label_ids = {name: i for i, name in enumerate(labels)}
+        self.train = self._encode(self.train_text, label_ids, tokenizer, max_length)
+        self.test = self._encode(self.test_text, label_ids, tokenizer, max_length)
+
+    def _encode(self, data: TextDataset, label_ids: dict[str, int], tokenizer, max_length: int) -> Batch:  # noqa: ANN001
+        unknown = sorted({lab for lab in data.labels if lab not in label_ids})
+        if unknown:
+            raise DataError(
+                f"data of '{self.source}' has {len(unknown)} label(s) outside the fleet's label set, "
+                f"e.g. {unknown[:3]}"
+            )
+        enc = tokenizer(
+            data.texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        labels = torch.tensor([label_ids[lab] for lab in data.labels], dtype=torch.long)
+        return Batch(enc["input_ids"], enc["attention_mask"], labels)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_text)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test_text)
+
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        """Endless batches from seeded shuffled epochs (a round's steps may cross epoch boundaries)."""
+        assert self.train is not None, "prepare() first"
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(self.num_train, generator=gen)
+            for start in range(0, self.num_train, batch_size):
+                yield _take(self.train, order[start : start + batch_size])
+
+    def test_batches(self, batch_size: int) -> Iterator[Batch]:
+        assert self.test is not None, "prepare() first"
+        for start in range(0, self.num_test, batch_size):
+            yield _take(self.test, torch.arange(start, min(start + batch_size, self.num_test)))

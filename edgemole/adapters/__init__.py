@@ -1,0 +1,1 @@
+"""Adapter methods in PEFT's tuner layout: one folder per method with config, layer and model."""

@@ -1,0 +1,37 @@
+"""Configuration of plain LoRA adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgemole.errors import ConfigError
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on the linear layers whose name ends with one of ``target_modules``.
+
+    ``train_head`` decides whether the task head is trained and aggregated with the adapters
+    (a classifier over a new label set needs it; LoRA-A2's setup freezes it).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("query", "value")
+    train_head: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.r <= 256:
+            raise ConfigError("lora.r must be in [1, 256]")
+        if self.alpha <= 0:
+            raise ConfigError("lora.alpha must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("lora.dropout must be in [0, 1)")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ConfigError("lora.target_modules must be a non-empty list of module names")
+        self.target_modules = tuple(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r

@@ -1,0 +1,203 @@
+"""The ``edgemole`` command line: ``simulate`` (an emulated fleet), ``aggregator`` and ``client``.
+
+Every user mistake ends as one line ``error: ...`` on stderr and exit status 2; the CLI is the only
+place in the shared package that reaches into the role packages, and it does so lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from edgemole import __version__
+from edgemole.errors import EdgemoleError
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _add_task_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fleet and rounds")
+    g.add_argument("--config", help="TOML or JSON config file (sections fleet, model, lora, train, data, simulate)")
+    g.add_argument("--method", help="aggregation method (default fedit)")
+    g.add_argument("--rounds", type=int, help="training rounds (default 5)")
+    g.add_argument("--fleet", help="fleet name, part of every topic (default 'default')")
+    g.add_argument("--topic-prefix", help="topic prefix (default 'edgemole')")
+    g.add_argument("--seed", type=int, help="seed of initial weights, selection and data split (default 0)")
+    g.add_argument("--min-clients", type=int, help="clients that must be ready before round 1")
+    g.add_argument("--clients-per-round", type=float, help="fraction of ready clients selected per round")
+    g.add_argument("--quorum", type=float, help="fraction of selected clients needed after the deadline")
+    g.add_argument("--deadline", type=float, help="round deadline in seconds (default 300)")
+    g = p.add_argument_group("model and adapters")
+    g.add_argument("--model", help="Hugging Face id or local path (default: bundled all-MiniLM-L6-v2)")
+    g.add_argument("--max-length", type=int, help="tokens per example (default 32)")
+    g.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
+    g.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    g.add_argument("--target-modules", type=_csv, help="comma-separated linear layer names (default query,value)")
+    g.add_argument("--freeze-head", action="store_const", const=False, dest="train_head",
+                   help="keep the classification head frozen (not trained, not sent)")
+    g = p.add_argument_group("local training")
+    g.add_argument("--local-steps", type=int, help="optimizer steps per round (default 10)")
+    g.add_argument("--batch-size", type=int, help="batch size (default 16)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-3)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+
+
+def _add_data_flags(p: argparse.ArgumentParser, simulate: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="'synthetic' (default) or a CSV/JSONL/JSON file or a folder with train*/test*"
+                   + ("" if simulate else "; the aggregator takes the label set from it"))
+    g.add_argument("--text-column", help="text column (default: auto-detected)")
+    g.add_argument("--label-column", help="label column (default: auto-detected)")
+    if simulate:
+        g.add_argument("--partition", help="iid | dirichlet:ALPHA | quantity:ALPHA | column:NAME "
+                       "(default column:domain for synthetic, dirichlet:0.5 otherwise)")
+        g.add_argument("--test-fraction", type=float, help="share of each client's data held out for testing")
+        g.add_argument("--samples-per-domain", type=int, help="size of the synthetic data set per domain")
+    else:
+        g.add_argument("--labels", type=_csv, help="comma-separated label set (instead of --dataset)")
+
+
+def _overrides(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    get = lambda name: getattr(a, name, None)  # noqa: E731
+    return {
+        "fleet": {"method": get("method"), "rounds": get("rounds"), "fleet": get("fleet"),
+                  "topic_prefix": get("topic_prefix"), "seed": get("seed"), "min_clients": get("min_clients"),
+                  "clients_per_round": get("clients_per_round"), "quorum": get("quorum"),
+                  "round_deadline_s": get("deadline")},
+        "model": {"name": get("model"), "max_length": get("max_length")},
+        "lora": {"r": get("rank"), "alpha": get("lora_alpha"), "dropout": get("lora_dropout"),
+                 "target_modules": get("target_modules"), "train_head": get("train_head")},
+        "train": {"local_steps": get("local_steps"), "batch_size": get("batch_size"), "lr": get("lr"),
+                  "weight_decay": get("weight_decay")},
+        "data": {"dataset": get("dataset"), "text_column": get("text_column"), "label_column": get("label_column"),
+                 "partition": get("partition"), "test_fraction": get("test_fraction"),
+                 "samples_per_domain": get("samples_per_domain"), "labels": get("labels")},
+        "simulate": {"clients": get("clients"), "engine": get("engine"), "threads": get("threads")},
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgemole",
+        description="Federated fine-tuning of language models on edge devices over MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgemole {__version__}")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level (default: INFO for aggregator and client, WARNING for simulate)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="run an emulated fleet: broker, aggregator and N client processes")
+    p.add_argument("--clients", type=int, help="number of emulated clients (default 4)")
+    p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded amqtt one")
+    p.add_argument("--engine", help="client training engine (default eager)")
+    p.add_argument("--threads", type=int, help="torch threads per client process (default: cores / clients)")
+    p.add_argument("--json-out", help="write the run's results as JSON to this file")
+    p.add_argument("--work-dir", help="keep partitions, logs and checkpoints here (default: a temporary folder)")
+    _add_task_flags(p)
+    _add_data_flags(p, simulate=True)
+
+    p = sub.add_parser("aggregator", help="run the aggregation service against a broker")
+    p.add_argument("--broker", required=True, help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
+    p.add_argument("--json-out", help="write the run summary as JSON to this file")
+    p.add_argument("--checkpoint-dir", help="save the aggregated state after every round here")
+    p.add_argument("--resume", action="store_true", help="continue after the round of the checkpoint")
+    p.add_argument("--wait-clients", type=float, help="seconds to wait for --min-clients ready clients")
+    _add_task_flags(p)
+    _add_data_flags(p, simulate=False)
+
+    p = sub.add_parser("client", help="run one edge client (a device) against a broker")
+    p.add_argument("--broker", required=True, help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
+    p.add_argument("--client-id", required=True, help="unique id of this device in the fleet")
+    p.add_argument("--data", required=True, help="local data: CSV, JSONL or JSON with text and label columns")
+    p.add_argument("--test-data", help="local test split (default: hold out --test-fraction of --data)")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--text-column")
+    p.add_argument("--label-column")
+    p.add_argument("--fleet", default="default")
+    p.add_argument("--topic-prefix", default="edgemole")
+    p.add_argument("--engine", default="eager", help="training engine (default eager)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to keep retrying the broker")
+    return parser
+
+
+def _run_aggregator(a: argparse.Namespace) -> int:
+    from aggregator.service import AggregatorService
+    from aggregator.strategies import strategy_class
+    from edgemole.config import load_settings
+    from edgemole.data.source import task_labels
+
+    settings = load_settings(a.config, _overrides(a))
+    if a.wait_clients is not None:
+        settings.fleet.wait_clients_s = a.wait_clients
+    strategy_class(settings.fleet.method)
+    service = AggregatorService(
+        settings.fleet,
+        settings.task(task_labels(settings.data, settings.fleet.seed)),
+        a.broker,
+        checkpoint_dir=a.checkpoint_dir,
+        resume=a.resume,
+        summary_path=a.json_out,
+    )
+    summary = service.run()
+    print(json.dumps({"run": summary["run"], "final_personalised_accuracy": summary["final_personalised_accuracy"],
+                      "bytes_up_total": summary["bytes_up_total"], "bytes_down_total": summary["bytes_down_total"]}))
+    return 0
+
+
+def _run_client(a: argparse.Namespace) -> int:
+    from edge_client.client import ClientOptions, run_client
+    from edge_client.engines import ENGINES
+    from edgemole.errors import ConfigError
+
+    if a.engine not in ENGINES:
+        raise ConfigError(f"unknown engine {a.engine!r} (available: {', '.join(ENGINES)})")
+    if not 0 <= a.test_fraction < 1:
+        raise ConfigError("--test-fraction must be in [0, 1)")
+    return run_client(ClientOptions(
+        broker=a.broker, client_id=a.client_id, data=a.data, test_data=a.test_data, test_fraction=a.test_fraction,
+        text_column=a.text_column, label_column=a.label_column, fleet=a.fleet, topic_prefix=a.topic_prefix,
+        engine=a.engine, threads=a.threads, connect_timeout_s=a.connect_timeout,
+    ))
+
+
+def _run_simulate(a: argparse.Namespace) -> int:
+    from aggregator.strategies import strategy_class
+    from edge_client.engines import ENGINES
+    from edgemole.config import load_settings
+    from edgemole.errors import ConfigError
+    from edgemole.simulate import simulate
+
+    settings = load_settings(a.config, _overrides(a))
+    strategy_class(settings.fleet.method)
+    if settings.simulate.engine not in ENGINES:
+        raise ConfigError(f"unknown engine {settings.simulate.engine!r} (available: {', '.join(ENGINES)})")
+    simulate(settings, broker=a.broker, json_out=a.json_out, work_dir=a.work_dir, log_level=a.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    a.log_level = a.log_level or ("WARNING" if a.command == "simulate" else "INFO")
+    logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    runners = {"simulate": _run_simulate, "aggregator": _run_aggregator, "client": _run_client}
+    try:
+        code = runners[a.command](a)
+    except EdgemoleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,248 @@
+"""Configuration dataclasses and their strict loading from TOML/JSON files, flags and MQTT task messages.
+
+Every value goes through :func:`from_dict`, which rejects unknown keys and wrong types with a
+one-line :class:`ConfigError` naming the key, so a typo in a config file never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edgemole.adapters.lora.config import LoRAConfig
+from edgemole.errors import ConfigError
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelConfig:
+    """Base model and tokenisation; ``name`` is a Hugging Face id, a local path, or the bundled default."""
+
+    name: str = DEFAULT_MODEL
+    max_length: int = 32
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.max_length <= 8192, "model.max_length must be in [1, 8192]")
+
+
+@dataclass
+class TrainConfig:
+    """Local training on a device, the same for every client of a round (sent in the task message)."""
+
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, "train.local_steps must be >= 1")
+        _require(1 <= self.batch_size <= 4096, "train.batch_size must be in [1, 4096]")
+        _require(1 <= self.eval_batch_size <= 4096, "train.eval_batch_size must be in [1, 4096]")
+        _require(0 < self.lr < 10, "train.lr must be in (0, 10)")
+        _require(0 <= self.weight_decay < 1, "train.weight_decay must be in [0, 1)")
+
+
+@dataclass
+class FleetConfig:
+    """How the aggregator runs rounds."""
+
+    fleet: str = "default"
+    topic_prefix: str = "edgemole"
+    method: str = "fedit"
+    rounds: int = 5
+    min_clients: int = 1
+    clients_per_round: float = 1.0
+    quorum: float = 0.5
+    round_deadline_s: float = 300.0
+    wait_clients_s: float = 300.0
+    seed: int = 0
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.rounds <= 100_000, "fleet.rounds must be in [1, 100000]")
+        _require(self.min_clients >= 1, "fleet.min_clients must be >= 1")
+        _require(0 < self.clients_per_round <= 1, "fleet.clients_per_round must be a fraction in (0, 1]")
+        _require(0 < self.quorum <= 1, "fleet.quorum must be a fraction in (0, 1]")
+        _require(self.round_deadline_s > 0, "fleet.round_deadline_s must be > 0")
+        _require(self.wait_clients_s > 0, "fleet.wait_clients_s must be > 0")
+        _require(self.max_message_bytes >= 1024, "fleet.max_message_bytes must be >= 1024")
+
+
+@dataclass
+class DataConfig:
+    """Where the fleet's data comes from and how an emulated fleet splits it.
+
+    ``labels`` fixes the label set (and its order) of a standalone aggregator; when empty, the label
+    set is every label found in ``dataset``.
+    """
+
+    dataset: str = "synthetic"
+    labels: list[str] = field(default_factory=list)
+    partition: str = ""
+    text_column: str = ""
+    label_column: str = ""
+    test_fraction: float = 0.2
+    samples_per_domain: int = 200
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.test_fraction < 1, "data.test_fraction must be in [0, 1)")
+        _require(self.samples_per_domain >= 10, "data.samples_per_domain must be >= 10")
+
+
+@dataclass
+class SimulateConfig:
+    """The emulated fleet: how many client processes, which engine, how many torch threads each (0: auto)."""
+
+    clients: int = 4
+    engine: str = "eager"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.clients <= 256, "simulate.clients must be in [1, 256]")
+        _require(self.threads >= 0, "simulate.threads must be >= 0")
+
+
+@dataclass
+class TaskSpec:
+    """What every client needs to build and train its model; published retained on the task topic."""
+
+    labels: list[str]
+    method: str = "fedit"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(len(self.labels) >= 2, "a task needs at least 2 labels")
+        _require(len(set(self.labels)) == len(self.labels), "task labels must be unique")
+
+    def to_body(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> TaskSpec:
+        return from_dict(cls, body, "task")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def from_dict(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from plain data, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a table/object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    prefix = f"{where}." if where else ""
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(fields))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+@dataclass
+class Settings:
+    """All sections of a config file; the CLI overlays its flags on top."""
+
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+
+    def task(self, labels: list[str]) -> TaskSpec:
+        return TaskSpec(labels=labels, method=self.fleet.method, seed=self.fleet.seed, model=self.model,
+                        lora=self.lora, train=self.train)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Settings))
+
+
+def load_settings(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+    """Settings from an optional config file, then ``overrides`` (``{section: {key: value}}``) on top."""
+    data = read_config_file(path) if path else {}
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"config section '{section}' must be a table")
+        data[section].update({k: v for k, v in values.items() if v is not None})
+    return from_dict(Settings, data, "")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON config file; its top-level tables are the sections of :class:`Settings`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file '{p}' must end in .toml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file '{p}' is malformed: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a table of sections")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"config file '{p}' has unknown section '{unknown[0]}'")
+    return data

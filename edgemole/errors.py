@@ -1,0 +1,29 @@
+"""Error types whose message is shown to the user as one line.
+
+Every failure a user can cause (bad flags, config, data files, artifacts, an unreachable broker)
+raises a subclass of :class:`EdgemoleError`; the CLI prints ``error: <message>`` and exits non-zero.
+"""
+
+
+class EdgemoleError(Exception):
+    """A user-facing failure; ``str(err)`` is a complete one-line explanation."""
+
+
+class ConfigError(EdgemoleError):
+    """Invalid configuration file or command-line value."""
+
+
+class DataError(EdgemoleError):
+    """A data file that cannot be read or does not have the expected columns."""
+
+
+class ModelError(EdgemoleError):
+    """A base model that cannot be loaded or adapted."""
+
+
+class BrokerError(EdgemoleError):
+    """The MQTT broker cannot be reached or started."""
+
+
+class ProtocolError(EdgemoleError):
+    """An MQTT message that does not satisfy the wire protocol; it is rejected, never applied."""

@@ -1,0 +1,112 @@
+"""Checks every inbound message passes before it may touch any state.
+
+The receiver always knows what it expects (which round and phase are open, which clients were
+selected, which tensors of which shapes each of them must send back), so validation compares the
+message against that expectation instead of trusting anything the sender declares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from edgemole.errors import ProtocolError
+from edgemole.protocol.messages import PHASES, Kind, Message, finite_number
+
+MAX_SAMPLES = 10**9
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Expected shape, dtype and role of one named tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    role: str = ""
+
+
+def spec_of(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str] | None = None) -> dict[str, TensorSpec]:
+    """The spec that ``tensors`` satisfy, e.g. to expect back what was sent."""
+    roles = roles or {}
+    return {k: TensorSpec(tuple(v.shape), v.dtype, roles.get(k, "")) for k, v in tensors.items()}
+
+
+def check_tensors(msg: Message, expected: Mapping[str, TensorSpec]) -> None:
+    """Exactly the expected names, each with its shape, dtype and role, and only finite values."""
+    names = set(msg.tensors)
+    missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or extra:
+        raise ProtocolError(f"tensor names differ from expected: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, spec in expected.items():
+        t = msg.tensors[name]
+        if tuple(t.shape) != spec.shape:
+            raise ProtocolError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {spec.shape}")
+        if t.dtype != spec.dtype:
+            raise ProtocolError(f"tensor {name!r} has dtype {t.dtype}, expected {spec.dtype}")
+        if spec.role and msg.roles.get(name, "") != spec.role:
+            raise ProtocolError(f"tensor {name!r} has role {msg.roles.get(name)!r}, expected {spec.role!r}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ProtocolError(f"tensor {name!r} contains NaN or Inf")
+
+
+def _check_header(msg: Message, kind: Kind, fleet: str) -> None:
+    if msg.kind != kind:
+        raise ProtocolError(f"expected a {kind} message, got {msg.kind}")
+    if msg.fleet != fleet:
+        raise ProtocolError(f"message is for fleet {msg.fleet!r}, not {fleet!r}")
+
+
+def _check_run(msg: Message, run: str) -> None:
+    if msg.body.get("run") != run:
+        raise ProtocolError(f"message belongs to run {msg.body.get('run')!r}, not the current run {run!r}")
+
+
+def validate_update(
+    msg: Message,
+    *,
+    fleet: str,
+    run: str,
+    round: int,
+    phase: str,
+    topic_client: str,
+    selected: Collection[str],
+    expected: Mapping[str, TensorSpec],
+) -> None:
+    """Accept only an update for the open round and phase, from a selected client, with the expected tensors."""
+    _check_header(msg, Kind.UPDATE, fleet)
+    _check_run(msg, run)
+    if msg.client != topic_client:
+        raise ProtocolError(f"client field {msg.client!r} does not match topic client {topic_client!r}")
+    if msg.client not in selected:
+        raise ProtocolError(f"client {msg.client!r} is not selected for round {round}")
+    if msg.round != round:
+        raise ProtocolError(f"stale or future round {msg.round} (open round is {round})")
+    if msg.phase != phase:
+        raise ProtocolError(f"phase {msg.phase!r} does not match the open phase {phase!r}")
+    n = msg.body.get("num_samples")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SAMPLES:
+        raise ProtocolError(f"num_samples must be an integer in [1, {MAX_SAMPLES}], got {n!r}")
+    metrics = msg.body.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str) and finite_number(v) for k, v in metrics.items()
+    ):
+        raise ProtocolError("metrics must be an object of finite numbers")
+    check_tensors(msg, expected)
+
+
+def validate_assignment(
+    msg: Message, *, fleet: str, run: str, client: str, after_round: int, expected: Mapping[str, TensorSpec]
+) -> None:
+    """A client accepts only its own assignment of the current run, newer than its last round, shaped for
+    its model."""
+    _check_header(msg, Kind.ASSIGN, fleet)
+    _check_run(msg, run)
+    if msg.client != client:
+        raise ProtocolError(f"assignment is addressed to {msg.client!r}, not {client!r}")
+    if msg.round <= after_round:
+        raise ProtocolError(f"stale assignment for round {msg.round} (already past round {after_round})")
+    if msg.phase not in PHASES:
+        raise ProtocolError(f"unknown phase {msg.phase!r} in assignment")
+    check_tensors(msg, expected)

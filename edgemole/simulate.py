@@ -1,0 +1,233 @@
+"""``edgemole simulate``: an emulated fleet on one machine, each role in its own OS process.
+
+The simulator partitions the data, starts a broker (embedded amqtt unless ``--broker`` is given),
+the aggregator and N clients exactly as a user would start them by hand (``python -m edgemole ...``),
+then watches the metrics topic to show progress and collects the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgemole.broker import embedded_broker
+from edgemole.config import Settings
+from edgemole.data import partition, split_train_test, write_jsonl
+from edgemole.data.source import default_partition, load_source
+from edgemole.errors import EdgemoleError, ProtocolError
+from edgemole.mqtt import MqttLink
+from edgemole.protocol import Kind, Topics, decode
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _last_error(log_path: Path) -> str:
+    """The last ``error: ...`` (or last) line of a role's log, to explain why it stopped."""
+    try:
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    errors = [ln for ln in lines if ln.startswith("error:") or "Error" in ln]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def prepare_partitions(settings: Settings, data_dir: Path) -> dict[str, Any]:
+    """Split the data over the clients and write each client's train/test JSONL; returns the data report."""
+    seed, n = settings.fleet.seed, settings.simulate.clients
+    train, test = load_source(settings.data, seed)
+    labels = settings.data.labels or sorted(set(train.labels) | set(test.labels if test is not None else []))
+    spec = default_partition(settings.data)
+    parts = partition(train, n, spec, seed)
+    clients = {}
+    for i, indices in enumerate(parts):
+        tr, te = split_train_test(indices, train.labels, settings.data.test_fraction, seed + i)
+        name = f"client-{i}"
+        write_jsonl(data_dir / f"{name}.train.jsonl", train.subset(tr))
+        write_jsonl(data_dir / f"{name}.test.jsonl", train.subset(te))
+        clients[name] = {"train": len(tr), "test": len(te), "labels": len({train.labels[j] for j in tr})}
+    return {"dataset": settings.data.dataset, "partition": spec, "labels": labels, "clients": clients}
+
+
+class _Display:
+    """Progress bar and per-round table, refreshed as metrics arrive."""
+
+    def __init__(self, console: Console, rounds: int, clients: int) -> None:
+        self.table = Table(title="edgemole simulate", header_style="bold")
+        for col in ("round", "phase", "answered", "acc (received)", "acc (after local)", "train loss",
+                    "up", "down", "time"):
+            self.table.add_column(col, justify="right")
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.ready = self.progress.add_task("clients ready", total=clients)
+        self.rounds = self.progress.add_task("rounds (+ final eval)", total=rounds + 1)
+        self.live = Live(Group(self.table, self.progress), console=console, refresh_per_second=4)
+
+    def add(self, r: dict[str, Any]) -> None:
+        self.table.add_row(
+            str(r["round"]), r["phase"], f"{len(r['answered'])}/{len(r['selected'])}",
+            _fmt_pct(r["accuracy_before"]), _fmt_pct(r["accuracy_after_local"]),
+            "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
+            _fmt_bytes(r["bytes_up"]), _fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.1f}s",
+        )
+        self.progress.advance(self.rounds)
+
+
+def _spawn(args: list[str], log_path: Path, threads: int | None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE":
+           os.environ.get("HF_HUB_OFFLINE", "0")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "edgemole", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, stdin=subprocess.DEVNULL)
+
+
+def _stop(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(max(0.1, deadline - time.monotonic()))
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def simulate(settings: Settings, *, broker: str | None = None, json_out: str | None = None,
+             work_dir: str | None = None, log_level: str = "WARNING", console: Console | None = None
+             ) -> dict[str, Any]:
+    """Run the emulated fleet to the end and return (and optionally write) its results."""
+    started = time.monotonic()
+    console = console or Console()
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="edgemole-sim-"))
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    n = settings.simulate.clients
+    settings.fleet.min_clients = n
+    data_report = prepare_partitions(settings, work / "data")
+    settings.data.labels = data_report["labels"]
+    config_path = work / "config.json"
+    config_path.write_text(json.dumps(settings.to_dict(), indent=2))
+    threads = settings.simulate.threads or max(1, (os.cpu_count() or 1) // n)
+    topics = Topics(settings.fleet.fleet, settings.fleet.topic_prefix)
+    summary_path = work / "summary.json"
+    summary_path.unlink(missing_ok=True)
+    procs: list[subprocess.Popen] = []
+    with contextlib.ExitStack() as stack:
+        if broker is None:
+            url = stack.enter_context(embedded_broker(str(work / "logs" / "broker.log")))
+            broker_kind = "amqtt (embedded)"
+        else:
+            url, broker_kind = broker, "external"
+        observer = MqttLink(url, f"edgemole-{settings.fleet.fleet}-observer-{os.getpid()}", clean_session=True)
+        observer.connect(timeout_s=15)
+        stack.callback(observer.close)
+        observer.subscribe(topics.metrics, topics.all_status)
+        common = ["--log-level", "INFO" if log_level != "DEBUG" else "DEBUG"]
+        agg = _spawn([*common, "aggregator", "--broker", url, "--config", str(config_path), "--json-out",
+                      str(summary_path), "--checkpoint-dir", str(work / "checkpoints")],
+                     work / "logs" / "aggregator.log", threads)
+        procs.append(agg)
+        clients = []
+        for i in range(n):
+            name = f"client-{i}"
+            clients.append(_spawn([
+                *common, "client", "--broker", url, "--client-id", name,
+                "--data", str(work / "data" / f"{name}.train.jsonl"),
+                "--test-data", str(work / "data" / f"{name}.test.jsonl"),
+                "--fleet", settings.fleet.fleet, "--topic-prefix", settings.fleet.topic_prefix,
+                "--engine", settings.simulate.engine, "--threads", str(threads),
+            ], work / "logs" / f"{name}.log", threads))
+        procs.extend(clients)
+        stack.callback(_stop, procs, 0.0)
+        display = _Display(console, settings.fleet.rounds, n)
+        ready: set[str] = set()
+        records: list[dict[str, Any]] = []
+        with display.live:
+            while agg.poll() is None:
+                inbound = observer.receive(0.5)
+                for i, c in enumerate(clients):
+                    if c.poll() not in (None, 0) and not records:
+                        log = work / "logs" / f"client-{i}.log"
+                        raise EdgemoleError(f"client-{i} exited before round 1: {_last_error(log)} (log: {log})")
+                if inbound is None or not inbound.payload:
+                    continue
+                try:
+                    msg = decode(inbound.payload, settings.fleet.max_message_bytes)
+                except ProtocolError:
+                    continue
+                if msg.kind == Kind.STATUS and msg.body.get("state") == "ready":
+                    ready.add(msg.client)
+                    display.progress.update(display.ready, completed=len(ready))
+                elif msg.kind == Kind.METRICS:
+                    records.append(msg.body)
+                    display.add(msg.body)
+        if agg.returncode != 0:
+            log = work / "logs" / "aggregator.log"
+            raise EdgemoleError(f"aggregator failed: {_last_error(log)} (log: {log})")
+        _stop(clients, 60.0)
+    summary = json.loads(summary_path.read_text())
+    wall = time.monotonic() - started
+    rounds_s = summary["rounds_wall_s_total"]
+    compute = sum(r["client_compute_s_max"] for r in summary["rounds"] + [summary["final"]])
+    aggregate = summary["aggregate_s_total"]
+    result = {
+        **summary,
+        "broker": {"kind": broker_kind, "url": url},
+        "engine": settings.simulate.engine,
+        "clients": n,
+        "threads_per_client": threads,
+        "data": data_report,
+        "client_exit_codes": {f"client-{i}": c.returncode for i, c in enumerate(clients)},
+        "wall_s": wall,
+        "timing": {
+            "wall_s": wall,
+            "startup_and_shutdown_s": wall - rounds_s,
+            "rounds_s": rounds_s,
+            "client_compute_s": compute,
+            "aggregate_s": aggregate,
+            "orchestration_s": rounds_s - compute - aggregate,
+            "orchestration_share_of_rounds": (rounds_s - compute - aggregate) / rounds_s if rounds_s else None,
+        },
+        "work_dir": str(work) if work_dir else None,
+    }
+    final = summary["final"]
+    console.print(
+        f"final personalised accuracy {_fmt_pct(final['accuracy_before'])} "
+        f"(± {_fmt_pct(final['accuracy_before_std'])} over {len(final['answered'])} clients), "
+        f"uploaded {_fmt_bytes(summary['bytes_up_total'])}, downloaded {_fmt_bytes(summary['bytes_down_total'])}, "
+        f"{wall:.0f} s on {broker_kind}"
+    )
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+        console.print(f"results written to {json_out}")
+    if not work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
