@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from edgemole.errors import EdgemoleError

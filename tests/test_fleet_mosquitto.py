@@ -1,0 +1,178 @@
+"""Integration: the aggregator and real client processes through a real Mosquitto broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import spawn, stop_all, write_client_data, write_config
+
+from aggregator.strategies import weighted_average
+from edgemole.mqtt import MqttLink
+from edgemole.protocol import Kind, Message, Topics, decode, encode
+
+pytestmark = pytest.mark.mosquitto
+
+Observed = list[tuple[str, Message, int]]
+
+
+class Fleet:
+    """Aggregator + clients as processes, plus an observer that records every fleet message."""
+
+    def __init__(self, tmp: Path, broker: str, model: str, sizes: list[int], train: dict | None = None,
+                 **fleet: object) -> None:
+        self.tmp, self.broker = tmp, broker
+        files, labels = write_client_data(tmp, sizes)
+        self.config = write_config(tmp / "config.json", model, labels, train, min_clients=len(sizes), **fleet)
+        self.files = files
+        self.topics = Topics("t")
+        self.observer = MqttLink(broker, "observer", clean_session=True, max_message_bytes=64 * 2**20)
+        self.observer.connect(10)
+        self.observer.subscribe(f"{self.topics.base}/#")
+        self.observed: Observed = []
+        self.summary_path = tmp / "summary.json"
+        self.aggregator = spawn(["aggregator", "--broker", broker, "--config", str(self.config), "--json-out",
+                                 str(self.summary_path)], tmp / "aggregator.log")
+        self.clients = [
+            spawn(["client", "--broker", broker, "--client-id", f"c{k}", "--data", str(tr), "--test-data", str(te),
+                   "--fleet", "t", "--threads", "1"], tmp / f"c{k}.log")
+            for k, (tr, te) in enumerate(files)
+        ]
+
+    def run(self, on_message: Callable[[str, Message, bytes], None] | None = None, timeout_s: float = 240) -> dict:
+        deadline = time.monotonic() + timeout_s
+        try:
+            while self.aggregator.poll() is None:
+                assert time.monotonic() < deadline, "fleet did not finish in time: " + self.logs()
+                inbound = self.observer.receive(0.2)
+                if inbound is None or not inbound.payload:
+                    continue
+                try:
+                    msg = decode(inbound.payload, 64 * 2**20)
+                except Exception:  # the tests' own hostile payloads
+                    continue
+                self.observed.append((inbound.topic, msg, len(inbound.payload)))
+                if on_message:
+                    on_message(inbound.topic, msg, inbound.payload)
+            assert self.aggregator.returncode == 0, self.logs()
+            return json.loads(self.summary_path.read_text())
+        finally:
+            stop_all([self.aggregator, *self.clients])
+            self.observer.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+    def messages(self, kind: Kind, round_: int) -> dict[str, Message]:
+        return {m.client: m for _, m, _ in self.observed if m.kind == kind and m.round == round_}
+
+
+def test_global_adapter_is_sample_weighted_average_of_client_adapters(tmp_path: Path, mosquitto: str,
+                                                                      tiny_model: str) -> None:
+    fleet = Fleet(tmp_path, mosquitto, tiny_model, sizes=[20, 45, 80])
+    summary = fleet.run()
+    updates = fleet.messages(Kind.UPDATE, 1)
+    assign1 = fleet.messages(Kind.ASSIGN, 1)
+    assign2 = fleet.messages(Kind.ASSIGN, 2)
+    assert sorted(updates) == ["c0", "c1", "c2"] and sorted(assign2) == ["c0", "c1", "c2"]
+    assert [updates[c].body["num_samples"] for c in ("c0", "c1", "c2")] == [20, 45, 80]
+    names = sorted(assign2["c0"].tensors)
+    assert any(n.endswith("lora_A") for n in names) and "head.weight" in names
+    for name in names:
+        clients = [updates[c] for c in ("c0", "c1", "c2")]
+        expected = weighted_average([u.tensors[name] for u in clients], [u.body["num_samples"] for u in clients])
+        assert torch.allclose(assign2["c1"].tensors[name], expected, atol=1e-6), name
+        # the clients really trained: their B factors moved away from the global start and from each other
+        if name.endswith("lora_B"):
+            assert not torch.equal(clients[0].tensors[name], assign1["c0"].tensors[name])
+            assert not torch.equal(clients[0].tensors[name], clients[2].tensors[name])
+    # every client received the same global adapter
+    for name in names:
+        assert torch.equal(assign2["c0"].tensors[name], assign2["c2"].tensors[name])
+    # byte counts in the summary are the payload sizes seen on the wire
+    seen_up = sum(size for _, m, size in fleet.observed if m.kind == Kind.UPDATE and m.round == 1)
+    assert summary["rounds"][0]["bytes_up"] == seen_up
+    assert summary["rounds"][0]["answered"] == ["c0", "c1", "c2"]
+    assert summary["final"]["phase"] == "eval" and len(summary["final"]["answered"]) == 3
+    assert summary["rejected"] == {}
+
+
+def test_client_killed_mid_round_does_not_stall_the_round(tmp_path: Path, mosquitto: str, tiny_model: str) -> None:
+    deadline_s = 20.0
+    # local training long enough (hundreds of steps) that the victim is surely mid-round when killed
+    fleet = Fleet(tmp_path, mosquitto, tiny_model, sizes=[40, 40, 40], train={"local_steps": 300}, rounds=1,
+                  quorum=0.5, round_deadline_s=deadline_s)
+    killed: list[int] = []
+
+    def kill_on_assign(topic: str, msg: Message, payload: bytes) -> None:
+        if msg.kind == Kind.ASSIGN and msg.client == "c2" and msg.round == 1 and not killed:
+            os.kill(fleet.clients[2].pid, signal.SIGKILL)
+            killed.append(msg.round)
+
+    summary = fleet.run(kill_on_assign)
+    first = summary["rounds"][0]
+    assert killed == [1]
+    assert first["selected"] == ["c0", "c1", "c2"]
+    assert "c2" not in first["answered"] and len(first["answered"]) == 2
+    assert first["wall_s"] < deadline_s + 5.0, "round waited past its deadline for a dead client"
+    assert summary["final"]["answered"] == ["c0", "c1"]
+
+
+def test_hostile_updates_are_rejected_and_the_round_completes(tmp_path: Path, mosquitto: str,
+                                                             tiny_model: str) -> None:
+    fleet = Fleet(tmp_path, mosquitto, tiny_model, sizes=[30, 30, 30], max_message_bytes=2 * 2**20)
+    attacker = MqttLink(mosquitto, "attacker", clean_session=True)
+    attacker.connect(10)
+    sent: list[str] = []
+
+    def attack(topic: str, msg: Message, payload: bytes) -> None:
+        if msg.kind != Kind.ASSIGN or msg.round != 1 or msg.client != "c0" or sent:
+            return
+        run = msg.body["run"]
+        good = {k: v.clone() for k, v in msg.tensors.items()}
+        nan = {k: v.clone() for k, v in good.items()}
+        next(iter(nan.values()))[0] = float("nan")
+        wrong_shape = {k: torch.zeros(3, 3) for k in good}
+
+        def update(client: str, tensors: dict, round_: int = 1, body: dict | None = None) -> bytes:
+            body = body or {"run": run, "num_samples": 10, "metrics": {}}
+            return encode(Message(Kind.UPDATE, "t", round_, "train", client, body, tensors, msg.roles))
+
+        hostile = {
+            "garbage": (fleet.topics.update("c0"), os.urandom(500)),
+            "nan": (fleet.topics.update("c1"), update("c1", nan)),
+            "shape": (fleet.topics.update("c1"), update("c1", wrong_shape)),
+            "stale": (fleet.topics.update("c2"), update("c2", good, round_=0)),
+            "unknown-client": (fleet.topics.update("intruder"), update("intruder", good)),
+            "spoofed-client": (fleet.topics.update("c2"), update("c1", good)),
+            "other-run": (fleet.topics.update("c2"), update("c2", good, body={"run": "x", "num_samples": 5})),
+            "oversized": (fleet.topics.update("c2"), b"\0" * (3 * 2**20)),
+            "status-garbage": (fleet.topics.status("c1"), b"not safetensors"),
+        }
+        for name, (t, p) in hostile.items():
+            attacker.publish(t, p)
+            sent.append(name)
+
+    try:
+        summary = fleet.run(attack)
+    finally:
+        attacker.close()
+    assert len(sent) == 9
+    assert summary["rejected"].get("update", 0) >= 8
+    assert summary["rejected"].get("status", 0) >= 1
+    # every honest client was still accepted in both rounds, and the average is untouched by the attack
+    assert [r["answered"] for r in summary["rounds"]] == [["c0", "c1", "c2"]] * 2
+    assign2 = fleet.messages(Kind.ASSIGN, 2)
+    # the honest updates are the ones with 30 samples (every forged one claims 5 or 10)
+    real = {m.client: m for _, m, _ in fleet.observed
+            if m.kind == Kind.UPDATE and m.round == 1 and m.body.get("num_samples") == 30}
+    assert sorted(real) == ["c0", "c1", "c2"]
+    for name, value in assign2["c0"].tensors.items():
+        expected = weighted_average([real[c].tensors[name] for c in sorted(real)], [30, 30, 30])
+        assert torch.allclose(value, expected, atol=1e-6), name
