@@ -72,8 +72,7 @@ class AggregatorService:
         self.status: dict[str, dict[str, Any]] = {}
         self.rejected: Counter[str] = Counter()
         self.rng = random.Random(fleet.seed)
-        self.link = MqttLink(broker, f"edgemole-{fleet.fleet}-aggregator", clean_session=False,
-                             max_message_bytes=fleet.max_message_bytes)
+        self.link = MqttLink(broker, self.topics.mqtt_client_id("aggregator"), clean_session=False)
         self.records: list[dict[str, Any]] = []
         # filled while a round is open
         self._open: tuple[int, str, RoundPlan] | None = None

@@ -30,6 +30,7 @@ from edgemole.protocol import (
 )
 
 log = logging.getLogger("edgemole.client")
+MAX_LOCAL_STEPS = 1_000_000
 
 
 @dataclass
@@ -79,10 +80,9 @@ class EdgeClient:
         will = self._status_payload("offline")
         self.link = MqttLink(
             opts.broker,
-            f"edgemole-{opts.fleet}-{opts.client_id}",
+            self.topics.device_mqtt_id(opts.client_id),
             clean_session=False,
             will=(self.topics.status(opts.client_id), will),
-            max_message_bytes=opts.max_message_bytes,
         )
 
     # -- messages ------------------------------------------------------------------------------
@@ -129,7 +129,8 @@ class EdgeClient:
         self._stop = True
 
     def _handle(self, inbound: Inbound) -> None:
-        if not inbound.payload:  # a cleared retained message
+        mine = (self.topics.task, self.topics.round, self.topics.assign(self.opts.client_id))
+        if not inbound.payload or inbound.topic not in mine:  # a cleared retained message, or broker noise
             return
         try:
             msg = decode(inbound.payload, self.opts.max_message_bytes)
@@ -184,9 +185,13 @@ class EdgeClient:
             )
             if msg.phase not in ("train", "eval"):
                 raise ProtocolError(f"phase {msg.phase!r} is not supported by this client")
+            steps = msg.body.get("local_steps", self.task.train.local_steps)
+            if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_LOCAL_STEPS:
+                raise ProtocolError(f"local_steps must be an integer in [1, {MAX_LOCAL_STEPS}], got {steps!r}")
         except ProtocolError as exc:
             self._reject(f"assignment for round {msg.round}", str(exc))
-            self._publish_status("error", f"round {msg.round}: {exc}")
+            if msg.round > self.last_round:  # a QoS 1 redelivery of an answered round is no failure to report
+                self._publish_status("error", f"round {msg.round}: {exc}")
             return
         self.engine.set_state(msg.tensors)
         train = self.task.train
@@ -197,7 +202,6 @@ class EdgeClient:
         roles: dict = {}
         num_samples = max(before.samples, 1)
         if msg.phase == "train":
-            steps = int(msg.body.get("local_steps", train.local_steps))
             batches = self.data.train_batches(train.batch_size, batch_seed(self.task.seed, self.opts.client_id,
                                                                            msg.round))
             stats = self.engine.train(batches, steps, train.lr, train.weight_decay)

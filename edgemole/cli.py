@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     a.log_level = a.log_level or ("WARNING" if a.command == "simulate" else "INFO")
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    for noisy in ("torchao", "torch.utils._pytree"):  # optional-kernel notices from executorch's torchao
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     runners = {"simulate": _run_simulate, "aggregator": _run_aggregator, "client": _run_client}
     try:
         code = runners[a.command](a)

@@ -36,12 +36,15 @@ def load_backbone(name: str) -> tuple[nn.Module, object]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     source = resolve_model_source(name)
     if name not in _DEFAULT_ALIASES and Path(name).exists() and not Path(name).is_dir():
         raise ModelError(f"model path '{name}' is a file; give the directory holding config.json")
+    # read at call time (huggingface_hub reads it once at import) so that offline users fail fast
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        backbone = AutoModel.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        backbone = AutoModel.from_pretrained(source, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
     except (OSError, ValueError, KeyError) as exc:
         hint = " (no network here? give a local model directory)" if not Path(name).exists() else ""
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

@@ -61,7 +61,6 @@ class MqttLink:
         *,
         clean_session: bool = False,
         will: tuple[str, bytes] | None = None,
-        max_message_bytes: int | None = None,
     ) -> None:
         self.address = parse_broker_url(broker)
         self.client_id = client_id
@@ -71,7 +70,6 @@ class MqttLink:
         self._subscriptions: list[str] = []
         self._connected = threading.Event()
         self._refused: str | None = None
-        self._max = max_message_bytes
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,

@@ -103,8 +103,7 @@ class _Display:
 
 
 def _spawn(args: list[str], log_path: Path, threads: int | None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE":
-           os.environ.get("HF_HUB_OFFLINE", "0")}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "ab") as log:
@@ -153,7 +152,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
             broker_kind = "amqtt (embedded)"
         else:
             url, broker_kind = broker, "external"
-        observer = MqttLink(url, f"edgemole-{settings.fleet.fleet}-observer-{os.getpid()}", clean_session=True)
+        observer = MqttLink(url, topics.mqtt_client_id(f"observer:{os.getpid()}"), clean_session=True)
         observer.connect(timeout_s=15)
         stack.callback(observer.close)
         observer.subscribe(topics.metrics, topics.all_status)

@@ -32,7 +32,7 @@ class Fleet:
         self.config = write_config(tmp / "config.json", model, labels, train, min_clients=len(sizes), **fleet)
         self.files = files
         self.topics = Topics("t")
-        self.observer = MqttLink(broker, "observer", clean_session=True, max_message_bytes=64 * 2**20)
+        self.observer = MqttLink(broker, "observer", clean_session=True)
         self.observer.connect(10)
         self.observer.subscribe(f"{self.topics.base}/#")
         self.observed: Observed = []

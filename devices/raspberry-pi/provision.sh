@@ -176,6 +176,7 @@ parse_args_value() {
         --test-data) TEST_DATA_FILE="$2" ;;
         --torch-index) TORCH_INDEX="$2" ;;
         --find-links) FIND_LINKS="$2" ;;
+        *) die "internal error: no value option $1" ;;
     esac
 }
 
@@ -240,8 +241,10 @@ check_system() {
             ;;
     esac
     if [[ -x "${PYTHON}" ]]; then
+        local version
+        version="$("${PYTHON}" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
         "${PYTHON}" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
-            die "edgemole needs Python >= 3.11; ${PYTHON} is $("${PYTHON}" -c 'import sys; print(sys.version.split()[0])')"
+            die "edgemole needs Python >= 3.11; ${PYTHON} is ${version}"
     elif ((!DRY_RUN)); then
         die "${PYTHON} not found (set EDGEMOLE_PYTHON to another Python >= 3.11)"
     fi
@@ -374,6 +377,7 @@ enable_and_start() {
         echo "    not started (--no-start): systemctl start ${unit}"
     elif [[ -f "${DATA_PATH}" || (${DRY_RUN} -eq 1 && -n "${DATA_DST}" && "${DATA_DST}" == "${DATA_PATH}") ]]; then
         # A unit that hit its start limit refuses to start until its failed state is reset.
+        # shellcheck disable=SC2310  # failing here (unit not loaded yet) is fine
         run systemctl reset-failed "${unit}" 2>/dev/null || true
         run systemctl restart "${unit}"
     else

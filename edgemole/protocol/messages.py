@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -89,8 +90,8 @@ def _header(payload: bytes) -> dict[str, Any]:
     if n > MAX_HEADER_BYTES or n > len(payload) - 8:
         raise ProtocolError(f"header length {n} exceeds the payload ({len(payload)} bytes) or the limit")
     try:
-        header = json.loads(payload[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(payload[8 : 8 + n].decode("utf-8"), parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge integers, deep nesting
         raise ProtocolError(f"header is not valid JSON: {exc.__class__.__name__}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
@@ -99,9 +100,9 @@ def _header(payload: bytes) -> dict[str, Any]:
 
 def _json_field(meta: dict[str, str], key: str) -> dict[str, Any]:
     try:
-        value = json.loads(meta.get(key, "{}"), parse_constant=_reject_constant)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise ProtocolError(f"metadata '{key}' is not valid JSON ({exc})") from None
+        value = json.loads(meta.get(key, "{}"), parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"metadata '{key}' is not valid JSON ({str(exc)[:100]})") from None
     if not isinstance(value, dict):
         raise ProtocolError(f"metadata '{key}' is not a JSON object")
     return value
@@ -109,6 +110,17 @@ def _json_field(meta: dict[str, str], key: str) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"non-finite number {name}")
+
+
+def _finite_float(text: str) -> float:
+    """JSON numbers that overflow (``1e999``) would become infinity: refuse them like ``NaN``."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} overflows")
+    return value
+
+
+_ROUND = re.compile(r"[0-9]{1,10}")
 
 
 def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
@@ -129,13 +141,13 @@ def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
     except ValueError:
         raise ProtocolError(f"unknown message kind {meta.get('kind')!r}") from None
     round_text = meta.get("round", "")
-    if not round_text.isdigit() or int(round_text) > MAX_ROUND:
+    if not _ROUND.fullmatch(round_text) or int(round_text) > MAX_ROUND:
         raise ProtocolError(f"invalid round {round_text!r}")
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(entry, dict) or entry.get("dtype") not in WIRE_DTYPES:
-            dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
             raise ProtocolError(f"tensor {name!r} has dtype {dtype!r}, not one of {sorted(WIRE_DTYPES)}")
     try:
         tensors = _st_load(payload)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from edgemole.errors import ConfigError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def check_name(value: str, what: str) -> str:
     """Reject names that would break topic structure (``/``, ``+``, ``#``) or are unreasonably long."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ConfigError(
             f"invalid {what} {value!r}: use 1-64 characters from letters, digits, '_', '.', '-' "
             "(starting with a letter or digit)"
@@ -56,6 +56,16 @@ class Topics:
         """Per-round results published by the aggregator."""
         return f"{self.base}/metrics"
 
+    def mqtt_client_id(self, role: str) -> str:
+        """MQTT session id of a role (a device id, ``aggregator`` or ``observer-<pid>``) in this fleet.
+
+        ``:`` cannot occur in names, and devices are ``device:<id>``, so no two roles or fleets collide.
+        """
+        return f"edgemole:{self.fleet}:{role}"
+
+    def device_mqtt_id(self, client: str) -> str:
+        return self.mqtt_client_id(f"device:{client}")
+
     def assign(self, client: str) -> str:
         return f"{self.base}/clients/{client}/assign"
 
@@ -80,6 +90,6 @@ class Topics:
         if not topic.startswith(head):
             return None
         rest = topic[len(head) :].split("/")
-        if len(rest) != 2 or not _NAME.match(rest[0]):
+        if len(rest) != 2 or not _NAME.fullmatch(rest[0]):
             return None
         return rest[0], rest[1]
