@@ -48,6 +48,8 @@ class ClientOptions:
     threads: int | None = None
     connect_timeout_s: float = 30.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: stay connected after a run ends and join the next one (device services); otherwise exit with 0
+    keep_serving: bool = False
 
 
 def batch_seed(task_seed: int, client_id: str, round_: int) -> int:
@@ -142,9 +144,15 @@ class EdgeClient:
         if inbound.topic == self.topics.task and msg.kind == Kind.TASK:
             self._on_task(msg)
         elif inbound.topic == self.topics.round and msg.kind == Kind.ROUND:
-            if msg.body.get("run") == self.run_id and msg.phase == DONE:
+            # A retained "done" is the end of a run that finished before we connected (its retained task too):
+            # it only ends our run if we took part; otherwise we wait for the next run's task.
+            if msg.body.get("run") == self.run_id and msg.phase == DONE and (self.last_round or not inbound.retain):
                 log.info("run %s finished after round %d", self.run_id, self.last_round)
-                self._stop = True
+                if self.opts.keep_serving:
+                    self.run_id, self.last_round = None, 0
+                    self._publish_status("online")
+                else:
+                    self._stop = True
         elif inbound.topic == self.topics.assign(self.opts.client_id) and msg.kind == Kind.ASSIGN:
             self.pending = msg
             if self.engine is not None:

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", help="client training engine (default eager)")
     p.add_argument("--threads", type=int, help="torch threads per client process (default: cores / clients)")
     p.add_argument("--json-out", help="write the run's results as JSON to this file")
+    p.add_argument("--plot", help="write accuracy and traffic per round as a PNG to this file")
     p.add_argument("--work-dir", help="keep partitions, logs and checkpoints here (default: a temporary folder)")
     _add_task_flags(p)
     _add_data_flags(p, simulate=True)
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="eager", help="training engine (default eager)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to keep retrying the broker")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="after a run ends, wait for the next one instead of exiting (for device services)")
     return parser
 
 
@@ -166,7 +169,7 @@ def _run_client(a: argparse.Namespace) -> int:
     return run_client(ClientOptions(
         broker=a.broker, client_id=a.client_id, data=a.data, test_data=a.test_data, test_fraction=a.test_fraction,
         text_column=a.text_column, label_column=a.label_column, fleet=a.fleet, topic_prefix=a.topic_prefix,
-        engine=a.engine, threads=a.threads, connect_timeout_s=a.connect_timeout,
+        engine=a.engine, threads=a.threads, connect_timeout_s=a.connect_timeout, keep_serving=a.keep_serving,
     ))
 
 
@@ -181,7 +184,10 @@ def _run_simulate(a: argparse.Namespace) -> int:
     strategy_class(settings.fleet.method)
     if settings.simulate.engine not in ENGINES:
         raise ConfigError(f"unknown engine {settings.simulate.engine!r} (available: {', '.join(ENGINES)})")
-    simulate(settings, broker=a.broker, json_out=a.json_out, work_dir=a.work_dir, log_level=a.log_level)
+    if a.plot and not a.plot.lower().endswith(".png"):
+        raise ConfigError(f"--plot file '{a.plot}' must end in .png")
+    simulate(settings, broker=a.broker, json_out=a.json_out, plot_out=a.plot, work_dir=a.work_dir,
+             log_level=a.log_level)
     return 0
 
 

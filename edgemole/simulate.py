@@ -37,6 +37,7 @@ from edgemole.data.source import default_partition, load_source
 from edgemole.errors import EdgemoleError, ProtocolError
 from edgemole.mqtt import MqttLink
 from edgemole.protocol import Kind, Topics, decode
+from edgemole.report import plot_run
 
 
 def _fmt_pct(x: float | None) -> str:
@@ -82,10 +83,11 @@ class _Display:
     """Progress bar and per-round table, refreshed as metrics arrive."""
 
     def __init__(self, console: Console, rounds: int, clients: int) -> None:
-        self.table = Table(title="edgemole simulate", header_style="bold")
-        for col in ("round", "phase", "answered", "acc (received)", "acc (after local)", "train loss",
-                    "up", "down", "time"):
-            self.table.add_column(col, justify="right")
+        self.table = Table(title="edgemole simulate", header_style="bold",
+                           caption="acc in: the received (aggregated) model on each client's test split; "
+                           "acc local: after local training; means over clients")
+        for col in ("round", "phase", "clients", "acc in", "acc local", "loss", "up", "down", "time"):
+            self.table.add_column(col, justify="right", no_wrap=True)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=console)
         self.ready = self.progress.add_task("clients ready", total=clients)
@@ -127,8 +129,8 @@ def _stop(procs: list[subprocess.Popen], timeout_s: float) -> None:
 
 
 def simulate(settings: Settings, *, broker: str | None = None, json_out: str | None = None,
-             work_dir: str | None = None, log_level: str = "WARNING", console: Console | None = None
-             ) -> dict[str, Any]:
+             plot_out: str | None = None, work_dir: str | None = None, log_level: str = "WARNING",
+             console: Console | None = None) -> dict[str, Any]:
     """Run the emulated fleet to the end and return (and optionally write) its results."""
     started = time.monotonic()
     console = console or Console()
@@ -225,6 +227,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
         "work_dir": str(work) if work_dir else None,
     }
     final = summary["final"]
+    console.print()
     console.print(
         f"final personalised accuracy {_fmt_pct(final['accuracy_before'])} "
         f"(± {_fmt_pct(final['accuracy_before_std'])} over {len(final['answered'])} clients), "
@@ -234,6 +237,8 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2))
         console.print(f"results written to {json_out}")
+    if plot_out:
+        console.print(f"plot written to {plot_run(result, plot_out)}")
     if not work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return result

@@ -176,3 +176,61 @@ def test_hostile_updates_are_rejected_and_the_round_completes(tmp_path: Path, mo
     for name, value in assign2["c0"].tensors.items():
         expected = weighted_average([real[c].tensors[name] for c in sorted(real)], [30, 30, 30])
         assert torch.allclose(value, expected, atol=1e-6), name
+
+
+def _wait_for(link: MqttLink, predicate: Callable[[Message, bool], bool], timeout_s: float, why: str) -> Message:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        inbound = link.receive(0.2)
+        if inbound is None or not inbound.payload:
+            continue
+        msg = decode(inbound.payload)
+        if predicate(msg, inbound.retain):
+            return msg
+    raise AssertionError(f"timed out waiting for {why}")
+
+
+def test_clients_serve_consecutive_runs_and_ignore_a_finished_runs_retained_end(
+        tmp_path: Path, mosquitto: str, tiny_model: str) -> None:
+    files, labels = write_client_data(tmp_path, [20, 20])
+    config = write_config(tmp_path / "config.json", tiny_model, labels, rounds=1, min_clients=2)
+    watch = MqttLink(mosquitto, "watch", clean_session=True)
+    watch.connect(10)
+    watch.subscribe(Topics("t").all_status, Topics("t").round)
+    service = [spawn(["client", "--broker", mosquitto, "--client-id", f"s{k}", "--data", str(tr), "--test-data",
+                      str(te), "--fleet", "t", "--keep-serving"], tmp_path / f"s{k}.log")
+               for k, (tr, te) in enumerate(files)]
+    procs = list(service)
+    try:
+        runs = []
+        for i in range(2):  # the same two long-running device services take part in two runs
+            agg = spawn(["aggregator", "--broker", mosquitto, "--config", str(config), "--json-out",
+                         str(tmp_path / f"run{i}.json")], tmp_path / f"agg{i}.log")
+            procs.append(agg)
+            assert agg.wait(120) == 0, (tmp_path / f"agg{i}.log").read_text()[-2000:]
+            summary = json.loads((tmp_path / f"run{i}.json").read_text())
+            assert summary["rounds"][0]["answered"] == ["s0", "s1"]
+            runs.append(summary["run"])
+        assert runs[0] != runs[1] and all(p.poll() is None for p in service)
+        # a device that connects after run 2 ended sees its retained task and "done": it must wait, not exit
+        tr, te = files[0]
+        late = spawn(["client", "--broker", mosquitto, "--client-id", "late", "--data", str(tr), "--test-data",
+                      str(te), "--fleet", "t"], tmp_path / "late.log")
+        procs.append(late)
+        _wait_for(watch, lambda m, _: m.kind == Kind.STATUS and m.client == "late" and m.body.get("state") == "ready"
+                  and m.body.get("run") == runs[1], 60, "the late client to load the finished run's task")
+        time.sleep(1.0)
+        assert late.poll() is None, (tmp_path / "late.log").read_text()[-2000:]
+        for p in service:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(30) == 0
+        cfg3 = write_config(tmp_path / "config3.json", tiny_model, labels, rounds=1, min_clients=1)
+        agg = spawn(["aggregator", "--broker", mosquitto, "--config", str(cfg3), "--json-out",
+                     str(tmp_path / "run3.json")], tmp_path / "agg3.log")
+        procs.append(agg)
+        assert agg.wait(120) == 0, (tmp_path / "agg3.log").read_text()[-2000:]
+        assert json.loads((tmp_path / "run3.json").read_text())["rounds"][0]["answered"] == ["late"]
+        assert late.wait(30) == 0  # without --keep-serving it exits once the run it joined is over
+    finally:
+        stop_all(procs)
+        watch.close()

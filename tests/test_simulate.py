@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 
@@ -40,7 +39,9 @@ def _check_result(result: dict, clients: int, rounds: int) -> None:
 
 def test_simulate_tiny_model_on_embedded_broker(tmp_path: Path, tiny_model: str) -> None:
     result, proc = _simulate(tmp_path, "--clients", "3", "--rounds", "2", "--model", tiny_model, "--local-steps",
-                             "2", "--samples-per-domain", "30", "--max-length", "16", "--rank", "2")
+                             "2", "--samples-per-domain", "30", "--max-length", "16", "--rank", "2",
+                             "--plot", str(tmp_path / "run.png"))
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _check_result(result, clients=3, rounds=2)
     assert result["broker"]["kind"] == "amqtt (embedded)"
     assert result["task"]["lora"]["r"] == 2
