@@ -98,7 +98,9 @@ class EdgeClient:
         return encode(Message(Kind.STATUS, self.opts.fleet, self.last_round, client=self.opts.client_id, body=body))
 
     def _publish_status(self, state: str, error: str = "") -> None:
-        self.link.publish(self.topics.status(self.opts.client_id), self._status_payload(state, error), retain=True)
+        status = (self.topics.status(self.opts.client_id), self._status_payload(state, error))
+        self.link.birth = status  # after a dropped connection the link restores this status over the will
+        self.link.publish(*status, retain=True)
 
     def _reject(self, what: str, reason: str) -> None:
         self.rejected += 1

@@ -68,6 +68,9 @@ class MqttLink:
         self.bytes_in = 0
         self.bytes_out = 0
         self._subscriptions: list[str] = []
+        #: retained (topic, payload) re-published after every reconnect: a device's latest status, which the
+        #: broker replaced by the last will ("offline") when the connection dropped
+        self.birth: tuple[str, bytes] | None = None
         self._connected = threading.Event()
         self._refused: str | None = None
         self._client = mqtt.Client(
@@ -91,6 +94,8 @@ class MqttLink:
             return
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
+        if self.birth is not None:
+            client.publish(self.birth[0], self.birth[1], qos=1, retain=True)
         self._connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
