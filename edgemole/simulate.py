@@ -86,7 +86,7 @@ class _Display:
         self.table = Table(title="edgemole simulate", header_style="bold",
                            caption="acc in: the received (aggregated) model on each client's test split; "
                            "acc local: after local training; means over clients")
-        for col in ("round", "phase", "clients", "acc in", "acc local", "loss", "up", "down", "time"):
+        for col in ("round", "phase", "clients", "acc in", "acc local", "loss", "up", "down", "secs"):
             self.table.add_column(col, justify="right", no_wrap=True)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=console)
@@ -99,7 +99,7 @@ class _Display:
             str(r["round"]), r["phase"], f"{len(r['answered'])}/{len(r['selected'])}",
             _fmt_pct(r["accuracy_before"]), _fmt_pct(r["accuracy_after_local"]),
             "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
-            _fmt_bytes(r["bytes_up"]), _fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.1f}s",
+            _fmt_bytes(r["bytes_up"]), _fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.0f}",
         )
         self.progress.advance(self.rounds)
 
