@@ -17,18 +17,15 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from edgemole.broker import free_port, wait_for_port
+from edgemole.broker import mosquitto_binary, mosquitto_broker
 from edgemole.config import load_settings
 from edgemole.model import build_classifier, trainable_roles, trainable_state
 from edgemole.protocol import Kind, Message, decode, encode
@@ -36,22 +33,6 @@ from edgemole.simulate import simulate
 
 FIXED = {"fleet": {"rounds": 3, "seed": 0}, "simulate": {"clients": 4}, "train": {"local_steps": 10}}
 KEYS = ("wall_s", "startup_and_shutdown_s", "rounds_s", "client_compute_s", "aggregate_s", "orchestration_s")
-
-
-@contextlib.contextmanager
-def mosquitto() -> object:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        conf = Path(tmp) / "m.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for_port("127.0.0.1", port, 10, proc)
-            yield f"mqtt://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 def serialisation_cost(repeats: int = 20) -> dict[str, float]:
@@ -84,12 +65,12 @@ def main() -> None:
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
     runs: dict[str, list[dict]] = {}
     for kind in args.brokers.split(","):
-        if kind == "mosquitto" and not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+        if kind == "mosquitto" and mosquitto_binary() is None:
             console.print("mosquitto not installed: skipped")
             continue
         for i in range(args.repeats):
             with contextlib.ExitStack() as stack:
-                url = stack.enter_context(mosquitto()) if kind == "mosquitto" else None
+                url = stack.enter_context(mosquitto_broker()) if kind == "mosquitto" else None
                 result = simulate(load_settings(None, FIXED), broker=url, console=quiet)
             runs.setdefault(kind, []).append({**result["timing"], "bytes_up": result["bytes_up_total"],
                                               "final_accuracy": result["final_personalised_accuracy"]})

@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from edgemole.errors import BrokerError
 
@@ -80,6 +83,35 @@ def embedded_broker(log_path: str | None = None, timeout_s: float = 30.0) -> Ite
             proc.kill()
         if log_path:
             out.close()
+
+
+def mosquitto_binary() -> str | None:
+    """Path of the ``mosquitto`` executable (Debian puts it in /usr/sbin, often not on a user's PATH)."""
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+    )
+
+
+@contextlib.contextmanager
+def mosquitto_broker(log_path: str | None = None, timeout_s: float = 10.0) -> Iterator[str]:
+    """A private Mosquitto on a free loopback port (anonymous, no persistence); yields its URL."""
+    binary = mosquitto_binary()
+    if binary is None:
+        raise BrokerError("mosquitto is not installed (Debian/Ubuntu: apt-get install -y mosquitto)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="edgemole-mosquitto-") as tmp:
+        conf = Path(tmp) / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port("127.0.0.1", port, timeout_s, proc)
+            yield f"mqtt://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            if log_path:
+                out.close()
 
 
 def main(argv: list[str] | None = None) -> None:

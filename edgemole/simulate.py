@@ -113,7 +113,8 @@ def _spawn(args: list[str], log_path: Path, threads: int | None) -> subprocess.P
                                 env=env, stdin=subprocess.DEVNULL)
 
 
-def _stop(procs: list[subprocess.Popen], timeout_s: float) -> None:
+def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 0.0) -> None:
+    """Give processes ``timeout_s`` to exit by themselves, then terminate, then kill what is left."""
     deadline = time.monotonic() + timeout_s
     for p in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -174,7 +175,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
                 "--engine", settings.simulate.engine, "--threads", str(threads),
             ], work / "logs" / f"{name}.log", threads))
         procs.extend(clients)
-        stack.callback(_stop, procs, 0.0)
+        stack.callback(stop_processes, procs)
         display = _Display(console, settings.fleet.rounds, n)
         ready: set[str] = set()
         records: list[dict[str, Any]] = []
@@ -200,7 +201,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
         if agg.returncode != 0:
             log = work / "logs" / "aggregator.log"
             raise EdgemoleError(f"aggregator failed: {_last_error(log)} (log: {log})")
-        _stop(clients, 60.0)
+        stop_processes(clients, 60.0)
     summary = json.loads(summary_path.read_text())
     wall = time.monotonic() - started
     rounds_s = summary["rounds_wall_s_total"]

@@ -12,37 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from edgemole.broker import free_port, wait_for_port
+from edgemole.broker import mosquitto_binary, mosquitto_broker
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _mosquitto_binary() -> str | None:
-    return shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
-    )
 
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[str]:
     """A fresh Mosquitto on 127.0.0.1:<free port>; its URL. Fails (not skips) under CI when missing."""
-    binary = _mosquitto_binary()
-    if binary is None:
+    if mosquitto_binary() is None:
         if os.environ.get("CI"):
             pytest.fail("mosquitto is not installed but CI is set: broker tests must run in CI")
         pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    log = open(tmp_path / "mosquitto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port("127.0.0.1", port, 10, proc)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+    with mosquitto_broker(str(tmp_path / "mosquitto.log")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -106,12 +89,3 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
                                 env=env, cwd=REPO)
 
 
-def stop_all(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import spawn, stop_all, write_client_data, write_config
+from conftest import spawn, write_client_data, write_config
 
 from aggregator.strategies import weighted_average
 from edgemole.mqtt import MqttLink
 from edgemole.protocol import Kind, Message, Topics, decode, encode
+from edgemole.simulate import stop_processes
 
 pytestmark = pytest.mark.mosquitto
 
@@ -63,7 +64,7 @@ class Fleet:
             assert self.aggregator.returncode == 0, self.logs()
             return json.loads(self.summary_path.read_text())
         finally:
-            stop_all([self.aggregator, *self.clients])
+            stop_processes([self.aggregator, *self.clients])
             self.observer.close()
 
     def logs(self) -> str:
@@ -232,5 +233,5 @@ def test_clients_serve_consecutive_runs_and_ignore_a_finished_runs_retained_end(
         assert json.loads((tmp_path / "run3.json").read_text())["rounds"][0]["answered"] == ["late"]
         assert late.wait(30) == 0  # without --keep-serving it exits once the run it joined is over
     finally:
-        stop_all(procs)
+        stop_processes(procs)
         watch.close()
