@@ -24,7 +24,7 @@ from aggregator.checkpoint import load_checkpoint, save_checkpoint
 from aggregator.strategies import ClientUpdate, RoundPlan, Strategy, strategy_class
 from edgemole.config import FleetConfig, TaskSpec
 from edgemole.errors import EdgemoleError, ProtocolError
-from edgemole.model import build_classifier, trainable_roles, trainable_state
+from edgemole.model import WireState, build_classifier
 from edgemole.mqtt import Inbound, MqttLink
 from edgemole.protocol import DONE, Kind, Message, Topics, decode, encode, validate_update
 
@@ -188,7 +188,7 @@ class AggregatorService:
         self._open, self._updates, self._bytes_up = (rnd, plan.phase, plan), {}, 0
         bytes_down = 0
         for client, assignment in plan.assignments.items():
-            body = {"run": self.run_id, **plan.hparams}
+            body = {"run": self.run_id, **plan.hparams, **assignment.body}
             payload = encode(Message(Kind.ASSIGN, self.fleet.fleet, rnd, plan.phase, client, body,
                                      assignment.tensors, {k: strategy.roles.get(k, "") for k in assignment.tensors}))
             bytes_down += self.link.publish(self.topics.assign(client), payload)
@@ -216,10 +216,10 @@ class AggregatorService:
         extra = {} if evaluate else strategy.aggregate(rnd, plan, updates)
         aggregate_s = time.perf_counter() - t0
         return self._record(rnd, plan.phase, selected, updates, bytes_down, aggregate_s,
-                            time.monotonic() - started, extra)
+                            time.monotonic() - started, {**plan.info, **extra})
 
     def _record(self, rnd: int, phase: str, selected: list[str], updates: list[ClientUpdate], bytes_down: int,
-                aggregate_s: float, wall_s: float, extra: dict[str, float]) -> dict[str, Any]:
+                aggregate_s: float, wall_s: float, extra: dict[str, Any]) -> dict[str, Any]:
         def stat(key: str) -> tuple[float | None, float | None]:
             return _mean_std([u.metrics[key] for u in updates if key in u.metrics])
 
@@ -252,7 +252,7 @@ class AggregatorService:
     # -- whole run -----------------------------------------------------------------------------
     def _build_strategy(self) -> tuple[Strategy, int]:
         model, _ = build_classifier(self.task)
-        strategy = self.strategy_cls(trainable_state(model), trainable_roles(model), seed=self.fleet.seed)
+        strategy = self.strategy_cls(*WireState(model, self.task).initial_fleet_state(), self.task)
         del model
         start = 1
         if self.resume and self.checkpoint_dir:

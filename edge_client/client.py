@@ -12,8 +12,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from edge_client.engines import TrainingEngine, make_engine
 from edge_client.local_data import LocalData
+from edgemole.adapters.amole.model import EMBEDDING_ROLE
+from edgemole.adapters.amole.rsea import privatize
 from edgemole.config import TaskSpec
 from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
 from edgemole.mqtt import Inbound, MqttLink
@@ -181,9 +185,9 @@ class EdgeClient:
         if self.pending is not None:
             self._on_assignment(self.pending)
 
-    def _on_assignment(self, msg: Message) -> None:
+    def _check_assignment(self, msg: Message) -> int | None:
+        """Validate an assignment; its number of local steps, or None when it was rejected."""
         assert self.engine is not None and self.task is not None
-        self.pending = None
         try:
             validate_assignment(
                 msg,
@@ -191,7 +195,7 @@ class EdgeClient:
                 run=self.run_id or "",
                 client=self.opts.client_id,
                 after_round=self.last_round,
-                expected=self.engine.expected_state(),
+                expected=self.engine.expected_state(msg.body),
             )
             if msg.phase not in ("train", "eval"):
                 raise ProtocolError(f"phase {msg.phase!r} is not supported by this client")
@@ -202,8 +206,16 @@ class EdgeClient:
             self._reject(f"assignment for round {msg.round}", str(exc))
             if msg.round > self.last_round:  # a QoS 1 redelivery of an answered round is no failure to report
                 self._publish_status("error", f"round {msg.round}: {exc}")
+            return None
+        return steps
+
+    def _on_assignment(self, msg: Message) -> None:
+        self.pending = None
+        steps = self._check_assignment(msg)
+        if steps is None:
             return
-        self.engine.set_state(msg.tensors)
+        assert self.engine is not None and self.task is not None
+        self.engine.set_state(msg.tensors, msg.body)
         train = self.task.train
         before = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
         metrics = {"acc_before": before.accuracy, "loss_before": before.loss, "eval_s": before.seconds,
@@ -218,7 +230,10 @@ class EdgeClient:
             after = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
             metrics.update(train_loss=stats.loss, train_s=stats.seconds, steps=stats.steps,
                            acc_after=after.accuracy, loss_after=after.loss, eval_s=before.seconds + after.seconds)
-            tensors, roles = self.engine.get_state(), self.engine.roles
+            tensors, roles = self.engine.get_state(msg.body)
+            embeddings = self._embeddings(msg)
+            tensors.update(embeddings)
+            roles.update(dict.fromkeys(embeddings, EMBEDDING_ROLE))
             num_samples = self.data.num_train
         body = {"run": self.run_id, "num_samples": num_samples, "metrics": metrics}
         payload = encode(Message(Kind.UPDATE, self.opts.fleet, msg.round, msg.phase, self.opts.client_id,
@@ -227,6 +242,19 @@ class EdgeClient:
         self.last_round = msg.round
         log.info("round %d %s: acc %.3f -> %s, sent %d bytes", msg.round, msg.phase, before.accuracy,
                  f"{metrics['acc_after']:.3f}" if "acc_after" in metrics else "-", len(payload))
+
+    def _embeddings(self, msg: Message) -> dict:
+        """RSEA vectors on the aux set with the post-training weights, with DP noise when configured."""
+        assert self.engine is not None and self.task is not None
+        amole = self.task.amole
+        if not self.task.uses_experts:
+            return {}
+        aux = self.data.aux_batches(amole.aux_fraction, amole.aux_max, self.task.train.eval_batch_size)
+        embeddings = self.engine.embeddings(aux, msg.body)
+        if amole.dp_eta > 0:
+            gen = torch.Generator().manual_seed(batch_seed(self.task.seed, self.opts.client_id, msg.round) + 1)
+            embeddings = {k: privatize(v, amole.dp_eta, gen) for k, v in embeddings.items()}
+        return embeddings
 
 
 def run_client(opts: ClientOptions) -> int:

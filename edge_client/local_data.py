@@ -77,6 +77,15 @@ class LocalData:
             for start in range(0, self.num_train, batch_size):
                 yield _take(self.train, order[start : start + batch_size])
 
+    def aux_batches(self, fraction: float, max_examples: int, batch_size: int) -> Iterator[Batch]:
+        """A fixed sample of the training data (``fraction`` of it, at least 1, at most ``max_examples``)
+        for statistics such as FedAMoLE's RSEA embeddings."""
+        assert self.train is not None, "prepare() first"
+        n = max(1, min(max_examples, round(fraction * self.num_train), self.num_train))
+        order = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(self.num_train))[:n]
+        for start in range(0, n, batch_size):
+            yield _take(self.train, order[start : start + batch_size])
+
     def test_batches(self, batch_size: int) -> Iterator[Batch]:
         assert self.test is not None, "prepare() first"
         for start in range(0, self.num_test, batch_size):

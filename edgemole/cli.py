@@ -44,6 +44,12 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-modules", type=_csv, help="comma-separated linear layer names (default query,value)")
     g.add_argument("--freeze-head", action="store_const", const=False, dest="train_head",
                    help="keep the classification head frozen (not trained, not sent)")
+    g = p.add_argument_group("experts (fedamole)")
+    g.add_argument("--experts", type=int, help="E: LoRA experts per module in the fleet (default 8)")
+    g.add_argument("--slots", type=int, help="M: most experts one device holds per module (default 4)")
+    g.add_argument("--holders", type=int, help="C: devices holding each expert per round (default 2)")
+    g.add_argument("--top-k", type=int, help="k: experts mixed per token, fewest a device holds (default 2)")
+    g.add_argument("--dp-eta", type=float, help="differential privacy on RSEA embeddings, rate eta (0: off)")
     g = p.add_argument_group("local training")
     g.add_argument("--local-steps", type=int, help="optimizer steps per round (default 10)")
     g.add_argument("--batch-size", type=int, help="batch size (default 16)")
@@ -82,6 +88,8 @@ def _overrides(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
                  "partition": get("partition"), "test_fraction": get("test_fraction"),
                  "samples_per_domain": get("samples_per_domain"), "labels": get("labels")},
         "simulate": {"clients": get("clients"), "engine": get("engine"), "threads": get("threads")},
+        "amole": {"experts": get("experts"), "slots": get("slots"), "holders": get("holders"),
+                  "top_k": get("top_k"), "dp_eta": get("dp_eta")},
     }
 
 
@@ -176,12 +184,17 @@ def _run_client(a: argparse.Namespace) -> int:
 def _run_simulate(a: argparse.Namespace) -> int:
     from aggregator.strategies import strategy_class
     from edge_client.engines import ENGINES
-    from edgemole.config import load_settings
+    from edgemole.config import EXPERT_METHODS, load_settings
     from edgemole.errors import ConfigError
     from edgemole.simulate import simulate
 
     settings = load_settings(a.config, _overrides(a))
     strategy_class(settings.fleet.method)
+    if settings.fleet.method in EXPERT_METHODS:
+        from aggregator.assignment import check_feasible
+
+        am = settings.amole
+        check_feasible(am.experts, settings.simulate.clients, am.holders, am.top_k, am.slots)
     if settings.simulate.engine not in ENGINES:
         raise ConfigError(f"unknown engine {settings.simulate.engine!r} (available: {', '.join(ENGINES)})")
     if a.plot and not a.plot.lower().endswith(".png"):

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edgemole.adapters.amole.config import AMoLEConfig
 from edgemole.adapters.lora.config import LoRAConfig
 from edgemole.errors import ConfigError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+#: methods whose devices hold a personal set of AMoLE experts instead of one LoRA per module
+EXPERT_METHODS = ("fedamole", "fedamole-a2")
 
 T = TypeVar("T")
 
@@ -123,6 +126,11 @@ class TaskSpec:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    amole: AMoLEConfig = field(default_factory=AMoLEConfig)
+
+    @property
+    def uses_experts(self) -> bool:
+        return self.method in EXPERT_METHODS
 
     def __post_init__(self) -> None:
         _require(len(self.labels) >= 2, "a task needs at least 2 labels")
@@ -202,10 +210,11 @@ class Settings:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    amole: AMoLEConfig = field(default_factory=AMoLEConfig)
 
     def task(self, labels: list[str]) -> TaskSpec:
         return TaskSpec(labels=labels, method=self.fleet.method, seed=self.fleet.seed, model=self.model,
-                        lora=self.lora, train=self.train)
+                        lora=self.lora, train=self.train, amole=self.amole)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,9 +13,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgemole.adapters.amole.model import (
+    amole_layers,
+    auxiliary_loss,
+    fleet_initial_state,
+    held_state,
+    inject_amole,
+    load_experts,
+    parse_expert_sets,
+    set_token_mask,
+    state_specs,
+)
 from edgemole.adapters.lora import inject_lora
 from edgemole.config import DEFAULT_MODEL, TaskSpec
 from edgemole.errors import ModelError
+from edgemole.protocol import TensorSpec, spec_of
 
 HEAD_ROLE = "head"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}", "default"}
@@ -62,6 +74,7 @@ class SequenceClassifier(nn.Module):
         self.head = nn.Linear(hidden, num_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        set_token_mask(self.__dict__.get("_amole", {}), attention_mask)  # routing statistics skip padding
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -76,9 +89,70 @@ def build_classifier(task: TaskSpec) -> tuple[SequenceClassifier, object]:
     with torch.random.fork_rng():
         torch.manual_seed(task.seed)
         model = SequenceClassifier(backbone, len(task.labels))
-        inject_lora(model.backbone, task.lora)
+        if task.uses_experts:
+            inject_amole(model.backbone, task.lora, task.amole)
+            model.__dict__["_amole"] = amole_layers(model)  # a plain dict: not registered twice as submodules
+        else:
+            inject_lora(model.backbone, task.lora)
     model.head.requires_grad_(task.lora.train_head)
     return model, tokenizer
+
+
+class WireState:
+    """What of a classifier travels on the wire: one LoRA per module, or a device's AMoLE experts.
+
+    Both roles use it: the device to check, load and send its tensors; the aggregator to build the fleet's
+    initial state. ``body`` is the assignment's body (it names the experts a device holds).
+    """
+
+    def __init__(self, model: SequenceClassifier, task: TaskSpec) -> None:
+        self.model, self.task = model, task
+        self.layers = amole_layers(model) if task.uses_experts else {}
+        self._head = {n: p for n, p in model.head.named_parameters(prefix="head") if p.requires_grad}
+
+    def expert_sets(self, body: dict) -> dict[str, list[int]]:
+        return parse_expert_sets(body.get("experts"), self.layers, self.task.amole.experts) if self.layers else {}
+
+    def _head_spec(self) -> dict[str, TensorSpec]:
+        return {n: TensorSpec(tuple(p.shape), p.dtype, HEAD_ROLE) for n, p in self._head.items()}
+
+    def assignment_spec(self, body: dict) -> dict[str, TensorSpec]:
+        """The tensors an assignment must carry (raises ProtocolError for a bad expert map)."""
+        if not self.layers:
+            return spec_of(trainable_state(self.model), trainable_roles(self.model))
+        return {**state_specs(self.layers, self.expert_sets(body)), **self._head_spec()}
+
+    def load(self, tensors: dict[str, torch.Tensor], body: dict) -> None:
+        if not self.layers:
+            load_trainable_state(self.model, tensors)
+            return
+        load_experts(self.layers, tensors, self.expert_sets(body))
+        load_trainable_state(self.model, {n: tensors[n] for n in self._head})
+
+    def state(self, body: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The device's trained tensors under their wire names, with their roles."""
+        if not self.layers:
+            return trainable_state(self.model), trainable_roles(self.model)
+        experts = self.expert_sets(body)
+        tensors = {**held_state(self.layers, experts), **{n: p.detach().clone() for n, p in self._head.items()}}
+        specs = {**state_specs(self.layers, experts), **self._head_spec()}
+        return tensors, {n: specs[n].role for n in tensors}
+
+    def initial_fleet_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The aggregator's starting point: every expert of the fleet (AMoLE) or the single adapter."""
+        if not self.layers:
+            return trainable_state(self.model), trainable_roles(self.model)
+        experts = fleet_initial_state(self.layers, self.task.amole.experts, self.task.seed)
+        every = {m: list(range(self.task.amole.experts)) for m in self.layers}
+        roles = {n: s.role for n, s in state_specs(self.layers, every).items()}
+        head = {n: p.detach().clone() for n, p in self._head.items()}
+        return {**experts, **head}, {**roles, **dict.fromkeys(head, HEAD_ROLE)}
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """The weighted load-balance loss of the last forward (zero without experts)."""
+        if not self.layers:
+            return torch.zeros(())
+        return self.task.amole.load_balance_weight * auxiliary_loss(self.layers)
 
 
 def trainable_roles(model: nn.Module) -> dict[str, str]:

@@ -85,8 +85,9 @@ class _Display:
     def __init__(self, console: Console, rounds: int, clients: int) -> None:
         self.table = Table(title="edgemole simulate", header_style="bold",
                            caption="acc in: the received (aggregated) model on each client's test split; "
-                           "acc local: after local training; means over clients")
-        for col in ("round", "phase", "clients", "acc in", "acc local", "loss", "up", "down", "secs"):
+                           "acc local: after local training; means over clients; experts: held per module "
+                           "/ distinct expert sets")
+        for col in ("round", "phase", "clients", "acc in", "acc local", "loss", "experts", "up", "down", "secs"):
             self.table.add_column(col, justify="right", no_wrap=True)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=console)
@@ -99,6 +100,8 @@ class _Display:
             str(r["round"]), r["phase"], f"{len(r['answered'])}/{len(r['selected'])}",
             _fmt_pct(r["accuracy_before"]), _fmt_pct(r["accuracy_after_local"]),
             "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
+            f"{r['experts_per_module_mean']:.1f}/{r['distinct_architectures']}" if "distinct_architectures" in r
+            else "-",
             _fmt_bytes(r["bytes_up"]), _fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.0f}",
         )
         self.progress.advance(self.rounds)
@@ -134,7 +137,10 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
              console: Console | None = None) -> dict[str, Any]:
     """Run the emulated fleet to the end and return (and optionally write) its results."""
     started = time.monotonic()
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and CI: wide enough for the round table
+            console = Console(width=120)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="edgemole-sim-"))
     (work / "data").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)

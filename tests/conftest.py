@@ -68,7 +68,8 @@ def write_client_data(directory: Path, sizes: list[int], seed: int = 0) -> tuple
     return files, data.label_names()
 
 
-def write_config(path: Path, model: str, labels: list[str], train: dict | None = None, **fleet: object) -> Path:
+def write_config(path: Path, model: str, labels: list[str], train: dict | None = None, amole: dict | None = None,
+                 **fleet: object) -> Path:
     cfg = {
         "fleet": {"fleet": "t", "rounds": 2, "min_clients": 3, "round_deadline_s": 60.0, "wait_clients_s": 90.0,
                   **fleet},
@@ -76,6 +77,7 @@ def write_config(path: Path, model: str, labels: list[str], train: dict | None =
         "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0},
         "train": {"local_steps": 3, "batch_size": 8, "lr": 0.01, **(train or {})},
         "data": {"labels": labels},
+        "amole": amole or {},
     }
     path.write_text(json.dumps(cfg))
     return path

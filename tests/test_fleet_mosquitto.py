@@ -27,10 +27,11 @@ class Fleet:
     """Aggregator + clients as processes, plus an observer that records every fleet message."""
 
     def __init__(self, tmp: Path, broker: str, model: str, sizes: list[int], train: dict | None = None,
-                 **fleet: object) -> None:
+                 amole: dict | None = None, **fleet: object) -> None:
         self.tmp, self.broker = tmp, broker
         files, labels = write_client_data(tmp, sizes)
-        self.config = write_config(tmp / "config.json", model, labels, train, min_clients=len(sizes), **fleet)
+        self.config = write_config(tmp / "config.json", model, labels, train, amole, min_clients=len(sizes),
+                                   **fleet)
         self.files = files
         self.topics = Topics("t")
         self.observer = MqttLink(broker, "observer", clean_session=True)
@@ -235,3 +236,34 @@ def test_clients_serve_consecutive_runs_and_ignore_a_finished_runs_retained_end(
     finally:
         stop_processes(procs)
         watch.close()
+
+
+def test_fedamole_fleet_gives_devices_their_own_expert_sets(tmp_path: Path, mosquitto: str, tiny_model: str) -> None:
+    fleet = Fleet(tmp_path, mosquitto, tiny_model, sizes=[30, 30, 30, 30], method="fedamole", rounds=3,
+                  amole={"experts": 4, "slots": 3, "holders": 2, "top_k": 2})
+    summary = fleet.run()
+    clients = ["c0", "c1", "c2", "c3"]
+    records = [*summary["rounds"], summary["final"]]
+    for record in records:
+        sets = record["experts"]
+        assert sorted(sets) == clients
+        for module in sets["c0"]:
+            held = [sets[c][module] for c in clients]
+            assert all(2 <= len(ids) <= 3 for ids in held)
+            assert [sum(e in ids for ids in held) for e in range(4)] == [2, 2, 2, 2]
+    # after reverse selection the devices' architectures differ
+    assert records[-1]["distinct_architectures"] > 1
+    for rnd in (1, 2, 3):
+        assigns = fleet.messages(Kind.ASSIGN, rnd)
+        updates = fleet.messages(Kind.UPDATE, rnd)
+        sets = summary["rounds"][rnd - 1]["experts"]
+        for c in clients:
+            # a device downloads exactly its own experts and uploads exactly what it trained plus RSEA vectors
+            sent = {n.split(".expert.")[1].split(".")[0] for n in assigns[c].tensors if ".expert." in n}
+            mods = {n.split(".expert.")[0] for n in assigns[c].tensors if ".expert." in n}
+            assert {int(e) for e in sent} == {e for m in mods for e in sets[c][m]}
+            assert assigns[c].body["experts"] == sets[c]
+            trained = {n for n in updates[c].tensors if ".embed." not in n}
+            assert trained == set(assigns[c].tensors)
+            assert sum(".embed.token" in n for n in updates[c].tensors) == len(sets[c])
+    assert summary["rejected"] == {}

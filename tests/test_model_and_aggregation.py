@@ -29,7 +29,7 @@ def test_weighted_average_matches_formula_and_rejects_bad_weights() -> None:
 def test_fedit_averages_every_tensor_by_samples() -> None:
     init = {"m.lora_A": torch.zeros(2, 3), "m.lora_B": torch.zeros(4, 2)}
     roles = {"m.lora_A": "lora_A", "m.lora_B": "lora_B"}
-    fedit = FedIT(init, roles)
+    fedit = FedIT(init, roles, TaskSpec(labels=["a", "b"]))
     plan = fedit.configure_train(1, ["x", "y"])
     assert plan.phase == "train" and set(plan.assignments) == {"x", "y"}
     assert plan.assignments["x"].expect["m.lora_B"].shape == (4, 2)
@@ -42,7 +42,7 @@ def test_fedit_averages_every_tensor_by_samples() -> None:
     with pytest.raises(ValueError):
         fedit.load_state_dict({"other": torch.zeros(1)})
     assert strategy_class("fedit") is FedIT
-    with pytest.raises(ConfigError, match="available: fedit"):
+    with pytest.raises(ConfigError, match="available: fedamole, fedit"):
         strategy_class("fedavg-magic")
 
 
@@ -118,14 +118,17 @@ def test_eager_engine_trains_and_evaluates_without_side_effects(tiny_model: str)
     enc = engine.tokenizer(["book a doctor", "block my card", "cancel the flight", "my grades"] * 2,
                            padding="max_length", max_length=8, truncation=True, return_tensors="pt")
     batch = Batch(enc["input_ids"], enc["attention_mask"], torch.tensor([0, 1, 2, 0] * 2))
-    before = engine.get_state()
+    before, roles = engine.get_state({})
+    assert roles["head.weight"] == "head" and set(roles) == set(before)
+    assert set(engine.expected_state({})) == set(before)
     ev = engine.evaluate([batch])
-    assert all(torch.equal(v, engine.get_state()[k]) for k, v in before.items())
+    assert all(torch.equal(v, engine.get_state({})[0][k]) for k, v in before.items())
     assert ev.samples == 8 and 0 <= ev.accuracy <= 1
     stats = engine.train(iter([batch] * 40), steps=40, lr=0.05, weight_decay=0.0)
     assert stats.steps == 40 and stats.samples == 320
     assert engine.evaluate([batch]).loss < ev.loss
-    engine.set_state(before)
-    assert all(torch.equal(v, engine.get_state()[k]) for k, v in before.items())
+    engine.set_state(before, {})
+    assert all(torch.equal(v, engine.get_state({})[0][k]) for k, v in before.items())
+    assert engine.embeddings([batch], {}) == {}
     with pytest.raises(ConfigError, match="unknown engine"):
         make_engine("warp", _task(tiny_model))

@@ -1,10 +1,11 @@
 """Aggregation methods, selectable by name with ``--method``."""
 
 from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, Strategy, weighted_average
+from aggregator.strategies.fedamole import FedAMoLE
 from aggregator.strategies.fedit import FedIT
 from edgemole.errors import ConfigError
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT,)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT, FedAMoLE)}
 
 
 def strategy_class(name: str) -> type[Strategy]:
@@ -19,6 +20,7 @@ __all__ = [
     "STRATEGIES",
     "Assignment",
     "ClientUpdate",
+    "FedAMoLE",
     "FedIT",
     "RoundPlan",
     "Strategy",

@@ -9,10 +9,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from edgemole.config import TaskSpec
 from edgemole.protocol import TensorSpec
 
 
@@ -32,6 +33,8 @@ class Assignment:
 
     tensors: dict[str, torch.Tensor]
     expect: dict[str, TensorSpec]
+    body: dict[str, Any] = field(default_factory=dict)
+    """Client-specific fields of the assignment message (e.g. the experts it holds)."""
 
 
 @dataclass
@@ -39,6 +42,8 @@ class RoundPlan:
     phase: str
     assignments: dict[str, Assignment]
     hparams: dict[str, float | int | str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    """What the round record should show about the plan (e.g. every client's expert sets)."""
 
 
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -59,9 +64,9 @@ class Strategy(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, initial_state: dict[str, torch.Tensor], roles: dict[str, str], seed: int = 0) -> None:
+    def __init__(self, initial_state: dict[str, torch.Tensor], roles: dict[str, str], task: TaskSpec) -> None:
         self.roles = dict(roles)
-        self.seed = seed
+        self.task = task
 
     @abstractmethod
     def configure_train(self, rnd: int, clients: Sequence[str]) -> RoundPlan:

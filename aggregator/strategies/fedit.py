@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, Strategy, weighted_average
+from edgemole.config import TaskSpec
 from edgemole.protocol import spec_of
 
 
@@ -15,8 +16,8 @@ class FedIT(Strategy):
 
     name = "fedit"
 
-    def __init__(self, initial_state: dict[str, torch.Tensor], roles: dict[str, str], seed: int = 0) -> None:
-        super().__init__(initial_state, roles, seed)
+    def __init__(self, initial_state: dict[str, torch.Tensor], roles: dict[str, str], task: TaskSpec) -> None:
+        super().__init__(initial_state, roles, task)
         self.global_state = {k: v.detach().clone() for k, v in initial_state.items()}
 
     def configure_train(self, rnd: int, clients: Sequence[str]) -> RoundPlan:

@@ -46,22 +46,22 @@ class TrainingEngine(ABC):
     #: the Hugging Face tokenizer of the task's model; the client tokenises its data with it
     tokenizer: object
 
-    @property
     @abstractmethod
-    def roles(self) -> dict[str, str]:
-        """Wire role of every trainable tensor (``lora_A``, ``lora_B``, ``head``)."""
+    def expected_state(self, body: dict) -> dict[str, TensorSpec]:
+        """Names, shapes, dtypes and roles of the tensors an assignment with this body must carry
+        (raises ProtocolError when the body's expert map does not fit the model's slots)."""
 
     @abstractmethod
-    def expected_state(self) -> dict[str, TensorSpec]:
-        """Names, shapes, dtypes and roles of the trainable tensors an assignment must carry."""
+    def set_state(self, state: dict[str, torch.Tensor], body: dict) -> None:
+        """Load a validated assignment into the model (for AMoLE: experts into slots, mask the rest)."""
 
     @abstractmethod
-    def set_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load validated weights into the trainable tensors."""
+    def get_state(self, body: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The trained tensors to upload, keyed and with roles as on the wire."""
 
     @abstractmethod
-    def get_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the trainable tensors, keyed as in :meth:`expected_state`."""
+    def embeddings(self, batches: Iterable[Batch], body: dict) -> dict[str, torch.Tensor]:
+        """RSEA embeddings (t_c, e_ic per module) over ``batches`` with the current weights; {} without experts."""
 
     @abstractmethod
     def train(self, batches: Iterator[Batch], steps: int, lr: float, weight_decay: float) -> TrainStats:

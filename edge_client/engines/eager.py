@@ -9,15 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from edge_client.engines.base import Batch, EvalStats, TrainingEngine, TrainStats
+from edgemole.adapters.amole.rsea import collect_embeddings
 from edgemole.config import TaskSpec
-from edgemole.model import (
-    build_classifier,
-    load_trainable_state,
-    set_torch_threads,
-    trainable_roles,
-    trainable_state,
-)
-from edgemole.protocol import TensorSpec, spec_of
+from edgemole.model import WireState, build_classifier, set_torch_threads
+from edgemole.protocol import TensorSpec
 
 
 class EagerEngine(TrainingEngine):
@@ -29,21 +24,28 @@ class EagerEngine(TrainingEngine):
         set_torch_threads(threads)
         self.task = task
         self.model, self.tokenizer = build_classifier(task)
-        self._roles = trainable_roles(self.model)
-        self._spec = spec_of(trainable_state(self.model), self._roles)
+        self.wire = WireState(self.model, task)
 
-    def expected_state(self) -> dict[str, TensorSpec]:
-        return dict(self._spec)
+    def expected_state(self, body: dict) -> dict[str, TensorSpec]:
+        return self.wire.assignment_spec(body)
 
-    @property
-    def roles(self) -> dict[str, str]:
-        return dict(self._roles)
+    def set_state(self, state: dict[str, torch.Tensor], body: dict) -> None:
+        self.wire.load(state, body)
 
-    def set_state(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(self.model, state)
+    def get_state(self, body: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return self.wire.state(body)
 
-    def get_state(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.model)
+    @torch.no_grad()
+    def embeddings(self, batches: Iterable[Batch], body: dict) -> dict[str, torch.Tensor]:
+        if not self.wire.layers:
+            return {}
+        self.model.eval()
+
+        def run() -> None:
+            for batch in batches:
+                self.model(batch.input_ids, batch.attention_mask)
+
+        return collect_embeddings(self.wire.layers, self.wire.expert_sets(body), run)
 
     def train(self, batches: Iterator[Batch], steps: int, lr: float, weight_decay: float) -> TrainStats:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -53,7 +55,7 @@ class EagerEngine(TrainingEngine):
         for _ in range(steps):
             batch = next(batches)
             logits = self.model(batch.input_ids, batch.attention_mask)
-            loss = F.cross_entropy(logits, batch.labels)
+            loss = F.cross_entropy(logits, batch.labels) + self.wire.auxiliary_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -24,9 +24,16 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        init_lora_A(self.lora_A)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
         return self.base(x) + self.scaling * delta
+
+
+def init_lora_A(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Kaiming-uniform with a = sqrt(5) (bound 1/sqrt(d_in)) in place: the LoRA A init, for every A-like tensor."""
+    bound = 1.0 / math.sqrt(t.shape[-1])
+    with torch.no_grad():
+        return t.uniform_(-bound, bound, generator=generator)

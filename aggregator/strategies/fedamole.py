@@ -1,0 +1,156 @@
+"""FedAMoLE: every device holds its own set of AMoLE experts, chosen each round by reverse selection.
+
+Server side of DESIGN.md 5.1/5.2: each domain expert is averaged over the devices that held it this round,
+the shared expert, router and head over all participants (unweighted as in the paper, or by samples);
+then every expert scores every device from their RSEA embeddings and the b-matching solver assigns each
+expert to exactly C devices, each device between k and M experts, per module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from aggregator.assignment import assign_experts_all, check_feasible, random_assignment
+from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, Strategy, weighted_average
+from edgemole.adapters.amole.model import EMBEDDING_ROLE, expert_embedding_name, expert_name, token_embedding_name
+from edgemole.adapters.amole.rsea import expert_choice_probabilities
+from edgemole.config import TaskSpec
+from edgemole.errors import ConfigError
+from edgemole.protocol import TensorSpec, spec_of
+
+log = logging.getLogger("edgemole.aggregator")
+
+ExpertSets = dict[str, list[int]]  # module -> expert ids held
+
+
+class FedAMoLE(Strategy):
+    """Personal expert sets per device; reverse-selection assignment every round."""
+
+    name = "fedamole"
+
+    def __init__(self, initial_state: dict[str, torch.Tensor], roles: dict[str, str], task: TaskSpec) -> None:
+        super().__init__(initial_state, roles, task)
+        self.state = {k: v.detach().clone() for k, v in initial_state.items()}
+        self.cfg = task.amole
+        self.modules = sorted({n.split(".expert.")[0] for n in self.state if ".expert." in n})
+        if not self.modules:
+            raise ConfigError("fedamole needs a model built with AMoLE experts")
+        self.r = self.state[f"{self.modules[0]}.router"].shape[0]
+        self.common = [n for n in self.state if ".expert." not in n]  # shared experts, routers, head
+        #: latest e_i per module (E x r) and which experts have one; latest t_c per device and module
+        self.expert_embed = {m: torch.zeros(self.cfg.experts, self.r) for m in self.modules}
+        self.embedded = {m: torch.zeros(self.cfg.experts, dtype=torch.bool) for m in self.modules}
+        self.token_embed: dict[str, dict[str, torch.Tensor]] = {}
+        self.sets: dict[str, ExpertSets] = {}
+        self.rng = np.random.default_rng(task.seed)
+
+    # -- assignment ------------------------------------------------------------------------------
+    def _holders(self, n_clients: int) -> int:
+        """C, lowered or raised within the constraints when too few or too many devices answer."""
+        cfg = self.cfg
+        low, high = math.ceil(cfg.top_k * n_clients / cfg.experts), (cfg.slots * n_clients) // cfg.experts
+        holders = min(max(cfg.holders, low), high, n_clients)
+        if holders != cfg.holders:
+            log.warning("%d devices cannot hold %d experts x C=%d within [%d, %d] each: using C=%d this round",
+                        n_clients, cfg.experts, cfg.holders, cfg.top_k, cfg.slots, holders)
+        check_feasible(cfg.experts, n_clients, holders, cfg.top_k, cfg.slots)
+        return holders
+
+    def assign(self, clients: Sequence[str]) -> dict[str, ExpertSets]:
+        """Expert sets of ``clients``: reverse selection once embeddings exist, random before."""
+        cfg, n = self.cfg, len(clients)
+        holders = self._holders(n)
+        if not any(bool(e.any()) for e in self.embedded.values()):
+            xs = [random_assignment(cfg.experts, n, holders, cfg.top_k, cfg.slots, self.rng) for _ in self.modules]
+        else:
+            xs = assign_experts_all([self.probabilities(m, clients) for m in self.modules], holders, cfg.top_k,
+                                    cfg.slots)
+        return {c: {m: np.flatnonzero(x[:, j]).tolist() for m, x in zip(self.modules, xs, strict=True)}
+                for j, c in enumerate(clients)}
+
+    def probabilities(self, module: str, clients: Sequence[str]) -> np.ndarray:
+        """P for one module: experts' preferences over ``clients`` (devices never seen get the mean t)."""
+        known = [self.token_embed[c][module] for c in clients if c in self.token_embed]
+        fallback = torch.stack(known).mean(0) if known else torch.zeros(self.r)
+        tokens = torch.stack([self.token_embed.get(c, {}).get(module, fallback) for c in clients])
+        return expert_choice_probabilities(self.expert_embed[module], tokens).numpy()
+
+    # -- rounds ----------------------------------------------------------------------------------
+    def _tensors(self, sets: ExpertSets) -> dict[str, torch.Tensor]:
+        held = {expert_name(m, e, f): self.state[expert_name(m, e, f)]
+                for m, ids in sets.items() for e in ids for f in ("lora_A", "lora_B")}
+        return {**held, **{n: self.state[n] for n in self.common}}
+
+    def _plan(self, phase: str, clients: Sequence[str]) -> RoundPlan:
+        sets = self.assign(clients)
+        self.sets.update(sets)
+        assignments = {}
+        for c in clients:
+            tensors = self._tensors(sets[c])
+            expect: dict[str, TensorSpec] = {}
+            if phase != "eval":
+                expect = spec_of(tensors, self.roles)
+                for m, ids in sets[c].items():
+                    expect[token_embedding_name(m)] = TensorSpec((self.r,), role=EMBEDDING_ROLE)
+                    expect.update({expert_embedding_name(m, e): TensorSpec((self.r,), role=EMBEDDING_ROLE)
+                                   for e in ids})
+            assignments[c] = Assignment(tensors, expect, {"experts": sets[c]})
+        return RoundPlan(phase, assignments, info={"experts": sets, **expert_set_stats(sets)})
+
+    def configure_train(self, rnd: int, clients: Sequence[str]) -> RoundPlan:
+        return self._plan("train", clients)
+
+    def configure_evaluate(self, clients: Sequence[str]) -> RoundPlan:
+        return self._plan("eval", clients)
+
+    def aggregate(self, rnd: int, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
+        def weight(u: ClientUpdate) -> float:
+            return float(u.num_samples) if self.cfg.sample_weighted else 1.0
+
+        for name in list(self.state):
+            holders = [u for u in updates if name in u.tensors]
+            if holders:  # domain experts: their holders this round; shared, router, head: everyone
+                self.state[name] = weighted_average([u.tensors[name] for u in holders], [weight(u) for u in holders])
+        for m in self.modules:
+            for eid in range(self.cfg.experts):
+                vectors = [u.tensors[expert_embedding_name(m, eid)] for u in updates
+                           if expert_embedding_name(m, eid) in u.tensors]
+                if vectors:
+                    self.expert_embed[m][eid] = torch.stack(vectors).mean(0)
+                    self.embedded[m][eid] = True
+        for u in updates:
+            self.token_embed[u.client] = {m: u.tensors[token_embedding_name(m)] for m in self.modules}
+        return {}
+
+    def model_for(self, client: str) -> dict[str, torch.Tensor]:
+        return self._tensors(self.sets[client])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.state, **{f"rsea.{m}.experts": self.expert_embed[m] for m in self.modules}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state) | {f"rsea.{m}.experts" for m in self.modules}
+        if set(state) != expected:
+            raise ValueError("checkpoint tensors do not match this model's experts")
+        for m in self.modules:
+            self.expert_embed[m] = state[f"rsea.{m}.experts"].clone()
+            self.embedded[m] = self.expert_embed[m].abs().sum(1) > 0
+        self.state = {k: v.clone() for k, v in state.items() if not k.startswith("rsea.")}
+
+
+def expert_set_stats(sets: dict[str, ExpertSets]) -> dict[str, Any]:
+    """How many experts devices hold and how many distinct architectures the fleet has this round."""
+    counts = [len(ids) for per_module in sets.values() for ids in per_module.values()]
+    signatures = {tuple(tuple(ids) for _, ids in sorted(per_module.items())) for per_module in sets.values()}
+    return {
+        "experts_per_module_mean": float(np.mean(counts)) if counts else 0.0,
+        "experts_per_module_min": min(counts, default=0),
+        "experts_per_module_max": max(counts, default=0),
+        "distinct_architectures": len(signatures),
+    }

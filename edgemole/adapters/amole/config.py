@@ -1,0 +1,48 @@
+"""Configuration of AMoLE, FedAMoLE's adaptive mixture of LoRA experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgemole.errors import ConfigError
+
+
+@dataclass
+class AMoLEConfig:
+    """Expert counts and routing of AMoLE; rank, alpha, dropout and targets come from ``[lora]``.
+
+    Defaults are sized for the edge (E=8 experts, M=4 slots per device); the paper's setting is E=30,
+    M=8, C=2, k=2 (with r=8 in ``[lora]``).
+    """
+
+    experts: int = 8
+    """E: domain experts per target module in the whole fleet."""
+    slots: int = 4
+    """M: expert slots per module on a device, the most experts one device holds."""
+    holders: int = 2
+    """C: devices that hold each expert in a round."""
+    top_k: int = 2
+    """k: experts mixed per token; also the fewest experts a device holds."""
+    load_balance_weight: float = 0.001
+    sample_weighted: bool = False
+    """Average experts, shared expert and router by sample count instead of unweighted (the paper's)."""
+    dp_eta: float = 0.0
+    """Differential privacy on the RSEA embeddings: Gamma-scaled uniform noise with rate eta (0: off)."""
+    aux_fraction: float = 0.05
+    aux_max: int = 200
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.experts <= 1024:
+            raise ConfigError("amole.experts must be in [1, 1024]")
+        if not 1 <= self.top_k <= self.slots <= 64:
+            raise ConfigError("amole needs 1 <= top_k <= slots <= 64")
+        if self.slots > self.experts:
+            raise ConfigError("amole.slots cannot exceed amole.experts")
+        if self.holders < 1:
+            raise ConfigError("amole.holders must be >= 1")
+        if not 0 <= self.load_balance_weight < 10:
+            raise ConfigError("amole.load_balance_weight must be in [0, 10)")
+        if self.dp_eta < 0:
+            raise ConfigError("amole.dp_eta must be >= 0 (0 turns the noise off)")
+        if not 0 < self.aux_fraction <= 1 or self.aux_max < 1:
+            raise ConfigError("amole.aux_fraction must be in (0, 1] and amole.aux_max >= 1")
