@@ -2,34 +2,35 @@
 
 The problem, for one module: maximise ``sum P_ic X_ic`` over binary ``X`` (experts x clients) such that every expert
 is held by exactly ``C`` clients and every client holds between ``k`` and ``M`` experts. It is a bipartite
-b-matching, so its LP relaxation is integral, but generic LP or flow solvers are 10-100x too slow at thousands of
-clients. :func:`assign_experts` exploits the shape instead (few experts, many clients):
+b-matching, so its LP relaxation is integral, but at 10,000 clients a generic LP (HiGHS: seconds) or min-cost flow
+(OR-tools: about 0.25 s) per module misses the budget of 2 s for a round's 24 modules. :func:`assign_experts`
+exploits the shape instead (few experts, many clients) and takes about 30 ms per module there:
 
 1. *Dummy expert.* A client that holds fewer than ``M`` experts fills its other slots with copies of a dummy expert
    (profit 0, at most ``M - k`` copies per client). Every client then takes exactly ``M`` items, a transportation
    problem with ``E + 1`` sources whose dual has only ``E`` free prices ``u`` (the dummy's is 0).
 2. *Dual prices (Jacobi market clearing).* Given prices, a client's best response is its ``M`` best items by
-   reduced profit ``P_ic - u_i``. Each iteration sets every price to the value that clears its own market given the
-   others (a C-th largest critical value); starting from a common price level that clears the total, this reaches
-   an almost balanced best response in a handful of vectorised passes, each O(E N).
+   reduced profit ``P_ic - u_i``. Each iteration shifts all prices to the common level at which the total held is
+   E*C, then sets every price to the value that clears its own market given the others (a C-th largest critical
+   value). This reaches an almost balanced best response in a handful of vectorised passes, each O(E N).
 3. *Exact finish (successive shortest paths).* The best response is optimal for the amounts each expert actually
    got, so the few experts left over- or under-held are balanced by shortest augmenting paths in the residual graph,
    compressed to the ``E + 1`` expert nodes: the arc ``j -> i`` is the cheapest client that swaps ``j`` for ``i``.
-   Clients whose margin between their last taken and first left item is large cannot carry a cheap arc, so arcs are
-   computed over the few smallest-margin clients, with the margin as an exact lower bound for the rest; a path that
-   leans on a bound widens the set and is recomputed, so every path is a true shortest path and the result is
-   exactly optimal.
+   Most clients are far from indifferent and cannot carry a cheap arc, so each row of arcs is computed over its few
+   most nearly indifferent clients, with an exact lower bound for the rest; a path that leans on a bound gets those
+   arcs computed over every client and is searched again, so every augmentation follows a true shortest path and
+   the result is optimal. Typical cost: a few passes of step 2 and a few dozen tiny shortest-path problems.
 
-Ties (identical rows, uniform scores) would make the best responses degenerate and the finish slow, so the scores
-are perturbed by at most ``TIE_BREAK * mean(P)`` per entry (fixed pseudo-random pattern, deterministic result).
-Since the optimum is at least ``C * E * mean(P)`` for non-negative scores, the returned objective is within
-``TIE_BREAK`` (1e-13) relative of the true optimum, and exactly optimal whenever distinct objective values differ
-by more than that; the constraints always hold exactly.
+Exact ties (identical rows, uniform or coarsely rounded scores) make best responses degenerate and the finish slow,
+so the scores are perturbed by less than ``TIE_BREAK * mean(P)`` per entry (a fixed pseudo-random pattern, so the
+result is deterministic). Permuting the clients of any feasible assignment shows that the optimum is at least
+``C * E * mean(P)`` for non-negative scores, so the returned objective is within ``TIE_BREAK`` (1e-10) relative of
+the true optimum (plus float rounding: the measured gaps to HiGHS are about 1e-14), and exactly optimal whenever
+distinct objective values differ by more than that. The constraints always hold exactly.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -40,13 +41,12 @@ from scipy.optimize import linprog
 
 from edgemole.errors import ConfigError
 
-TIE_BREAK = 1e-13
+TIE_BREAK = 1e-10
 """Largest perturbation of a score, relative to the mean score: the objective's relative tolerance."""
 
-_MAX_DUAL_ITERS = 60
-_STALL_ITERS = 6
-_GOOD_ENOUGH = 2
-_ROW_CANDIDATES = 32
+_MAX_MARKET_ITERS = 60
+_PROGRESS = 0.75
+_CANDIDATES_PER_ROW = 32
 
 
 def check_feasible(num_experts: int, num_clients: int, holders: int, min_experts: int, max_experts: int) -> None:
@@ -84,8 +84,9 @@ def _scores(P: np.ndarray) -> np.ndarray:
     """P as a C-contiguous float64 E x N array, or ValueError saying what is wrong with it."""
     arr = np.asarray(P)
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"expert assignment: scores must be a non-empty 2-D array (experts x clients), got shape "
-                         f"{arr.shape}")
+        raise ValueError(
+            f"expert assignment: scores must be a non-empty 2-D array (experts x clients), got shape {arr.shape}"
+        )
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"expert assignment: scores must be real numbers, got dtype {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float64)
@@ -101,7 +102,7 @@ def assignment_objective(P: np.ndarray, X: np.ndarray) -> float:
     return float(np.sum(np.asarray(P, dtype=np.float64), where=np.asarray(X, dtype=bool)))
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=4)
 def _tie_pattern(num_experts: int, num_clients: int) -> np.ndarray:
     """A fixed pseudo-random pattern in [0, 1), cached per shape so that repeated rounds do not pay for it."""
     pattern = np.random.default_rng(0x5EA).random((num_experts, num_clients))
@@ -109,19 +110,33 @@ def _tie_pattern(num_experts: int, num_clients: int) -> np.ndarray:
     return pattern
 
 
-def _clearing_quantities(
-    R: np.ndarray, k: int, M: int, D: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per client: the M-th and (M+1)-th largest reduced profit among its items (dummy copies at 0), and sorted R.
+def _common_level(S: np.ndarray, C: int, k: int, M: int) -> float:
+    """The shift t of every price at which the clients hold E*C experts in all (S: reduced profits sorted per client).
 
-    ``q_M`` is the worst item a client keeps and ``q_M1`` the best it leaves; everything the market step and the
-    exact finish need follows from them.
+    A client keeps its k best experts and, of its next M - k, those with profit above t (the dummy's 0 after the
+    shift), so t is a quantile of those next ranks. It fixes the price level, which Jacobi steps adjust slowly.
     """
-    E = R.shape[0]
-    S = np.sort(R, axis=0)  # ascending: the m-th largest is S[E - m]
+    E, N = S.shape
+    extra = S[E - M : E - k].ravel()
+    need = E * C - k * N
+    if need <= 0:
+        return float(extra.max())
+    if need >= extra.size:
+        return float(np.nextafter(extra.min(), -np.inf))
+    part = np.partition(extra, extra.size - need)
+    return 0.5 * float(part[extra.size - need] + part[: extra.size - need].max())
+
+
+def _thresholds(r: np.ndarray, S: np.ndarray, M: int, D: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per client: the M-th and (M+1)-th largest reduced profit among its items, dummy copies at 0 included.
+
+    ``q_m`` is the worst item a client keeps and ``q_m1`` the best it leaves (S is r sorted per client); the market
+    step and the exact finish both follow from them.
+    """
+    E = r.shape[0]
     if D == 0:
-        return S[E - M], S[E - M - 1], S
-    nonneg = np.count_nonzero(R >= 0, axis=0)
+        return S[E - M], S[E - M - 1]
+    nonneg = np.count_nonzero(r >= 0, axis=0)
 
     def q(m: int) -> np.ndarray:
         real_above = S[max(E - m, 0)]  # the m-th largest real, when m <= nonneg
@@ -129,74 +144,80 @@ def _clearing_quantities(
         out = np.where(m <= nonneg, real_above, 0.0)
         return np.where(m > nonneg + D, real_below, out)
 
-    return q(M), q(M + 1), S
+    return q(M), q(M + 1)
 
 
-def _dual_prices(P: np.ndarray, C: int, k: int, M: int, D: int) -> np.ndarray:
-    """Expert prices whose best response is nearly balanced (Jacobi market clearing from a common price level)."""
+def _market_prices(
+    P: np.ndarray, C: int, k: int, M: int, D: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Expert prices whose best response is nearly balanced (Jacobi market clearing, see the module docstring).
+
+    Stops once few holders are off (max(8, N/600): the exact finish then costs less than another O(E N) pass) or
+    when progress slows (the iteration can settle into a small oscillation that the exact finish removes anyway).
+    Returns the prices u and, at u, the reduced profits with a zero dummy row appended ((E+1) x N), the same sorted
+    per client, and both client thresholds, so that the caller does not recompute them.
+    """
     E, N = P.shape
-    if D > 0:
-        # Common level t: clients keep k items, then those of their next M - k whose profit exceeds t; pick t so
-        # that the total held equals E*C (a quantile of the ranks k+1..M).
-        S = np.sort(P, axis=0)
-        extra = S[E - M : E - k].ravel()
-        need = E * C - k * N
-        if need <= 0:
-            level = float(extra.max()) + 1.0
-        elif need >= extra.size:
-            level = float(extra.min()) - 1.0
-        else:
-            part = np.partition(extra, extra.size - need)
-            level = 0.5 * (part[extra.size - need] + part[: extra.size - need].max())
-        u = np.full(E, level)
-    else:
-        u = np.zeros(E)  # without dummies only price differences matter
-    best_u, best_imbalance, since_best = u, None, 0
-    for _ in range(_MAX_DUAL_ITERS):
-        R = P - u[:, None]
-        q_m, q_m1, _ = _clearing_quantities(R, k, M, D)
-        keeps = R >= q_m
+    u = np.zeros(E)
+    best: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    best_imbalance = 0
+    for _ in range(_MAX_MARKET_ITERS):
+        r_ext = np.empty((E + 1, N))
+        r = r_ext[:E]
+        np.subtract(P, u[:, None], out=r)
+        r_ext[E] = 0.0
+        S = np.sort(r, axis=0)
+        if D > 0:  # without dummies only price differences matter
+            level = _common_level(S, C, k, M)
+            u, r, S = u + level, np.subtract(r, level, out=r), np.subtract(S, level, out=S)
+        q_m, q_m1 = _thresholds(r, S, M, D)
+        keeps = r >= q_m
         imbalance = int(np.abs(np.count_nonzero(keeps, axis=1) - C).sum())
-        if best_imbalance is None or imbalance < best_imbalance:
-            best_u, best_imbalance, since_best = u, imbalance, 0
-        else:
-            since_best += 1
-        if imbalance <= _GOOD_ENOUGH or since_best >= _STALL_ITERS:
+        slow = best is not None and imbalance > _PROGRESS * best_imbalance
+        if best is None or imbalance < best_imbalance:
+            best, best_imbalance = (u, r_ext, S, q_m, q_m1), imbalance
+        if imbalance <= max(8, N // 600) or slow:
             break
-        # Client c takes expert i iff u_i < P_ic - (its best alternative threshold): price i at the C-th largest.
-        critical = P - q_m[None, :] - keeps * (q_m1 - q_m)[None, :]
-        part = np.partition(critical, N - C, axis=1)
-        u = 0.5 * (part[:, N - C] + part[:, : N - C].max(axis=1))
-    return best_u
+        # Client c takes expert i iff u_i < P_ic - (the worst item it would keep without i): the critical value is
+        # r_ic - q_m1_c + u_i if it keeps i now, else r_ic - q_m_c + u_i. Price i at the C-th largest one.
+        critical = r - q_m[None, :]
+        critical -= keeps * (q_m1 - q_m)[None, :]
+        critical.partition(N - C, axis=1)
+        u = u + 0.5 * (critical[:, N - C] + critical[:, : N - C].max(axis=1))
+    assert best is not None
+    return best
 
 
-def _best_response(R: np.ndarray, S: np.ndarray, k: int, M: int) -> np.ndarray:
-    """Each client's M best items at reduced profits R (dummies on ties at 0): the E x N set of real experts."""
-    E = R.shape[0]
-    n_real = np.clip(np.count_nonzero(R > 0, axis=0), k, M)
+def _best_response(r: np.ndarray, S: np.ndarray, k: int, M: int) -> np.ndarray:
+    """Each client's M best items at reduced profits r (dummies on ties at 0): the E x N set of real experts."""
+    E = r.shape[0]
+    n_real = np.clip(np.count_nonzero(r > 0, axis=0), k, M)
     cut = np.take_along_axis(S, (E - n_real)[None, :], axis=0)[0]  # the n_real-th largest real
-    X = R >= cut
+    X = r >= cut
     cols = np.flatnonzero(np.count_nonzero(X, axis=0) > n_real)
     if cols.size:  # exact ties at the cut: keep only as many tied experts as there are places left
-        sub, at = R[:, cols], cut[cols]
+        sub, at = r[:, cols], cut[cols]
         tied = sub == at
         left = n_real[cols] - np.count_nonzero(sub > at, axis=0)
         X[:, cols] = (sub > at) | (tied & (np.cumsum(tied, axis=0) <= left))
     return X
 
 
-def _balance(R: np.ndarray, u: np.ndarray, X: np.ndarray, q_m1: np.ndarray, C: int, M: int, D: int) -> np.ndarray:
+def _balance(
+    r_ext: np.ndarray, u: np.ndarray, X: np.ndarray, q_m: np.ndarray, q_m1: np.ndarray, C: int, M: int, D: int
+) -> np.ndarray:
     """Make every expert's holder count C by successive shortest paths; X must be a best response at prices u.
 
-    Nodes are the E experts and the dummy (index E). The arc j -> i is the cheapest client that gives up j and
-    takes i; in reduced terms (profits R = P - u) that client costs R_jc - R_ic >= R_jc - q_m1_c =: slack_jc >= 0,
-    since i is no better than the best item it left. Row j is first computed over the few clients with the
-    smallest slack_jc (plus every client already moved), and the next smallest slack bounds the rest of the row
-    from below. A path that uses a bound is not trusted: those arcs are computed over all clients and the search
-    reruns, so every augmentation follows a true shortest path and the final X is optimal.
+    Nodes are the E experts and the dummy (index E, reduced profit 0 in the last row of ``r_ext``). The arc
+    j -> i is the cheapest client that gives up j and takes i. In reduced terms a client that has not moved yet
+    costs r_jc - r_ic >= r_jc - q_m1_c =: slack_jc >= 0, since i is no better than the best item it left. So row j
+    is computed over its clients of smallest slack (and every client already moved), and the next smallest slack
+    bounds the rest of the row from below. A path that leans on a bound is not trusted: those arcs are computed over
+    every client and the search reruns, so every augmentation follows a true shortest path and the final X is
+    optimal (the classic successive-shortest-path invariant: no negative cycle in the residual graph).
     """
-    E, N = R.shape
-    n = E + 1
+    n, N = r_ext.shape
+    E = n - 1
     units = np.empty((n, N), dtype=np.int8)
     units[:E] = X
     units[E] = M - np.count_nonzero(X, axis=0)
@@ -207,12 +228,12 @@ def _balance(R: np.ndarray, u: np.ndarray, X: np.ndarray, q_m1: np.ndarray, C: i
     excess[E] = -excess[:E].sum()
     if not excess.any():
         return X
-    R_ext = np.vstack([R, np.zeros((1, N))])
-    slack = R_ext - q_m1[None, :]
+    slack = r_ext - q_m1[None, :]
     slack[units < 1] = np.inf
-    size = min(N - 1, _ROW_CANDIDATES)
+    size = min(N - 1, _CANDIDATES_PER_ROW)
     part = np.argpartition(slack, size, axis=1)
-    cand, bound = part[:, :size], np.take_along_axis(slack, part[:, size : size + 1], axis=1)[:, 0]
+    cand = part[:, :size]
+    bound = np.take_along_axis(slack, part[:, size : size + 1], axis=1)  # per row, as a column
     u_ext = np.append(u, 0.0)
     shift = u_ext[:, None] - u_ext[None, :]  # true arc cost = reduced arc cost + shift
     nodes = np.arange(n)
@@ -224,44 +245,49 @@ def _balance(R: np.ndarray, u: np.ndarray, X: np.ndarray, q_m1: np.ndarray, C: i
     known = np.zeros((n, n), dtype=bool)
 
     def row(j: int) -> None:
-        cols = cand[j][~moved[cand[j]] & (units[j, cand[j]] >= 1)]
+        at_j = cand[j][~moved[cand[j]] & (units[j, cand[j]] >= 1)]
         base[j], base_pick[j] = np.inf, -1
-        if cols.size:
-            cost = R_ext[j, cols][None, :] - R_ext[:, cols]
-            cost[units[:, cols] >= cap[:, None]] = np.inf
+        if at_j.size:
+            cost = r_ext[j, at_j][None, :] - r_ext[:, at_j]
+            cost[units[:, at_j] >= cap[:, None]] = np.inf
             cost[j] = np.inf
             at = cost.argmin(axis=1)
             base[j] = cost[nodes, at]
-            base_pick[j] = np.where(np.isfinite(base[j]), cols[at], -1)
+            base_pick[j] = np.where(np.isfinite(base[j]), at_j[at], -1)
 
     def arc(j: int, i: int) -> None:
-        cols = np.flatnonzero((units[j] >= 1) & (units[i] < cap[i]) & ~moved)
+        at_ji = np.flatnonzero((units[j] >= 1) & (units[i] < cap[i]) & ~moved)
         full[j, i], full_pick[j, i], known[j, i] = np.inf, -1, True
-        if cols.size:
-            cost = R_ext[j, cols] - R_ext[i, cols]
+        if at_ji.size:
+            cost = r_ext[j, at_ji] - r_ext[i, at_ji]
             at = int(cost.argmin())
-            full[j, i], full_pick[j, i] = cost[at], cols[at]
+            full[j, i], full_pick[j, i] = cost[at], at_ji[at]
 
     for j in range(n):
         row(j)
+    tol = 64 * np.finfo(float).eps * float(np.abs(r_ext).max())
+    rounds, limit = 0, (n * n + 10) * (int(np.abs(excess).sum()) + 10)
     while excess.any():
         unmoved = np.where(known, full, base)
-        trusted = known | (unmoved <= bound[:, None])
-        arcs = np.where(trusted, unmoved, bound[:, None])
+        trusted = known | (unmoved <= bound)
+        arcs = np.where(trusted, unmoved, bound)
         pick = np.where(known, full_pick, base_pick)
         mv = np.flatnonzero(moved)
         if mv.size:
-            Rm = R_ext[:, mv]
-            cost = Rm[:, None, :] - Rm[None, :, :]
+            r_moved = r_ext[:, mv]
+            cost = r_moved[:, None, :] - r_moved[None, :, :]
             cost[~((units[:, mv] >= 1)[:, None, :] & (units[:, mv] < cap[:, None])[None, :, :])] = np.inf
             cost[nodes, nodes] = np.inf
             at = cost.argmin(axis=2)
             via_moved = np.take_along_axis(cost, at[:, :, None], axis=2)[:, :, 0]
             use_moved = via_moved < arcs
-            trusted |= use_moved  # below every bound of the unmoved clients
+            trusted |= use_moved  # below the bound on every unmoved client of the row
             arcs = np.where(use_moved, via_moved, arcs)
             pick = np.where(use_moved, mv[at], pick)
-        path = _shortest_path(arcs + shift, excess)
+        rounds += 1
+        if rounds > limit:
+            raise RuntimeError("expert assignment: the exact finish did not converge (please report this instance)")
+        path = _shortest_path(arcs + shift, excess, tol)
         if path is None:
             raise RuntimeError("expert assignment: no augmenting path although the problem is feasible")
         steps = list(zip(path[:-1], path[1:], strict=True))
@@ -283,24 +309,41 @@ def _balance(R: np.ndarray, u: np.ndarray, X: np.ndarray, q_m1: np.ndarray, C: i
     return units[:E] >= 1
 
 
-def _shortest_path(arcs: np.ndarray, excess: np.ndarray) -> list[int] | None:
+def _shortest_path(arcs: np.ndarray, excess: np.ndarray, tol: float) -> list[int] | None:
     """Cheapest path from an over-held node to an under-held one (Bellman-Ford), or a negative cycle if one shows up.
 
-    A returned cycle (first node == last) is an improving exchange; None means no path within the given arcs.
+    Only improvements larger than ``tol`` count, so rounding-level cycles cannot loop. A returned cycle (first
+    node == last) costs less than zero: the caller either cancels it or, when it leans on lower bounds, computes
+    those arcs exactly. None means that no under-held node can be reached.
     """
     n = arcs.shape[0]
     dist = np.where(excess > 0, 0.0, np.inf)
     pred = np.full(n, -1)
     cols = np.arange(n)
-    for _ in range(n + 1):
+    history: list[tuple[np.ndarray, np.ndarray]] = []
+    for _ in range(n):
         cand = dist[:, None] + arcs
         via = cand.argmin(axis=0)
         best = cand[via, cols]
-        better = best < dist
+        better = best < dist - tol
         if not better.any():
             break
-        dist[better] = best[better]
-        pred[better] = via[better]
+        history.append((better, via))
+        dist = np.where(better, best, dist)
+        pred = np.where(better, via, pred)
+    else:
+        # Still improving at pass n: the walk that improved a node has n arcs, so it repeats a node, and the stretch
+        # between the repeats is a negative cycle. Rebuild that walk backwards from the passes' predecessors.
+        walk = [int(np.flatnonzero(history[-1][0])[0])]
+        for better, via in reversed(history):
+            if better[walk[-1]]:
+                walk.append(int(via[walk[-1]]))
+        first: dict[int, int] = {}
+        for pos, node in enumerate(walk):
+            if node in first:
+                return walk[first[node] : pos + 1][::-1]
+            first[node] = pos
+        raise RuntimeError("expert assignment: Bellman-Ford did not converge but found no cycle")
     sinks = np.flatnonzero(excess < 0)
     target = int(sinks[np.argmin(dist[sinks])])
     if not np.isfinite(dist[target]):
@@ -308,9 +351,8 @@ def _shortest_path(arcs: np.ndarray, excess: np.ndarray) -> list[int] | None:
     path, seen = [target], {target}
     while pred[path[-1]] != -1:
         node = int(pred[path[-1]])
-        if node in seen:  # a negative cycle (rounding-level): cancel it instead
-            cycle = path[path.index(node) :] + [node]
-            return cycle[::-1]
+        if node in seen:  # a cycle among the predecessors is negative too
+            return [*path[path.index(node) :], node][::-1]
         path.append(node)
         seen.add(node)
     return path[::-1]
@@ -328,23 +370,25 @@ def assign_experts(P: np.ndarray, holders: int, min_experts: int, max_experts: i
     if C == N:
         return np.ones((E, N), dtype=bool)
     D = M - k
-    scores = scores + (TIE_BREAK * float(scores.mean())) * _tie_pattern(E, N)
-    u = _dual_prices(scores, C, k, M, D)
-    R = scores - u[:, None]
-    _, q_m1, S = _clearing_quantities(R, k, M, D)
-    X = _best_response(R, S, k, M)
-    return _balance(R, u, X, q_m1, C, M, D)
+    scale = float(scores.mean()) or 1.0  # all-zero scores: every assignment is optimal, any tie-break will do
+    scores = scores + (TIE_BREAK * scale) * _tie_pattern(E, N)
+    u, r_ext, S, q_m, q_m1 = _market_prices(scores, C, k, M, D)
+    X = _best_response(r_ext[:E], S, k, M)
+    return _balance(r_ext, u, X, q_m, q_m1, C, M, D)
 
 
 def assign_experts_all(
-    Ps: Sequence[np.ndarray], holders: int, min_experts: int, max_experts: int, workers: int | None = None
+    Ps: Sequence[np.ndarray], holders: int, min_experts: int, max_experts: int, workers: int = 1
 ) -> list[np.ndarray]:
-    """:func:`assign_experts` for every module of a round, in ``workers`` threads (default: the CPU count).
+    """:func:`assign_experts` for every module of a round (the modules are independent), in ``workers`` threads.
 
-    The modules are independent and numpy releases the GIL in the heavy steps, so threads overlap them without
-    copying score matrices to other processes; ``workers=1`` runs them in order.
+    One module takes about 5 ms at 1,000 clients and 30 ms at 10,000 (E=30), so a round of 24 modules fits the
+    budget on one core, and that is the default. Threads overlap only the numpy-heavy half of the work (sorts,
+    selections, O(E N) arithmetic release the GIL; the exact finish is many small calls that hold it): on an idle
+    multi-core machine they can save up to about a third, but on a busy 2-core machine they measured slower than one
+    thread. The result never depends on ``workers``.
     """
-    workers = min(len(Ps), workers if workers is not None else (os.cpu_count() or 1))
+    workers = min(len(Ps), workers)
     if workers <= 1:
         return [assign_experts(P, holders, min_experts, max_experts) for P in Ps]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -354,25 +398,47 @@ def assign_experts_all(
 def random_assignment(
     num_experts: int, num_clients: int, holders: int, min_experts: int, max_experts: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """A random feasible assignment (round 0, before any scores exist): the exact optimum for i.i.d. random scores.
+    """A random feasible assignment for round 0, before any scores exist (bool E x N).
 
-    Continuous random scores make the optimum unique almost surely, so the result is random, and it satisfies the
-    constraints exactly because it comes from the same solver as every later round.
+    Client degrees: every client gets ``k`` experts plus a uniform random choice, without replacement, of the
+    ``E*C - k*N`` remaining places among all clients' ``M - k`` optional ones, so degrees stay near their mean.
+    Then the experts, in random order, each pick ``C`` clients with probability proportional to the places those
+    clients still have open (sequential importance sampling, close to uniform over graphs with these degrees),
+    always taking the clients that need every remaining expert. With equal expert degrees that is all Gale-Ryser
+    asks, so the construction never gets stuck and the constraints hold exactly.
     """
     check_feasible(num_experts, num_clients, holders, min_experts, max_experts)
-    return assign_experts(rng.random((num_experts, num_clients)), holders, min_experts, max_experts)
+    E, N, C, k = int(num_experts), int(num_clients), int(holders), int(min_experts)
+    optional = min(int(max_experts), E) - k
+    degree = np.full(N, k, dtype=np.int64)
+    need = E * C - k * N
+    if need:
+        chosen = rng.choice(N * optional, size=need, replace=False)
+        degree += np.bincount(chosen // optional, minlength=N)
+    X = np.zeros((E, N), dtype=bool)
+    for placed, expert in enumerate(rng.permutation(E)):
+        with np.errstate(divide="ignore"):
+            key = np.log(degree) + rng.gumbel(size=N)  # Gumbel top-C: weighted sampling without replacement
+        key[degree == E - placed] = np.inf
+        pick = np.argpartition(-key, C - 1)[:C]
+        X[expert, pick] = True
+        degree[pick] -= 1
+    return X
 
 
 def assignment_lp(P: np.ndarray, holders: int, min_experts: int, max_experts: int) -> tuple[np.ndarray, float]:
     """Reference optimum from the LP relaxation with scipy's HiGHS: (rounded X, LP objective on the given P).
 
-    Scores about 1/N sit below HiGHS's 1e-7 tolerances, so the LP is solved on ``P * N / mean-row-sum``; the
-    relaxation of a bipartite b-matching is integral, so rounding the solution only removes solver noise.
+    Scores about 1/N sit below HiGHS's default 1e-7 tolerances, so the LP is solved on ``P * N / mean row sum``
+    (entries about 1) with feasibility tolerances of 1e-10: with the defaults it stopped up to 3e-10 relative short
+    of the optimum on peaked scores. The relaxation of a bipartite b-matching is integral, so rounding the solution
+    only removes solver noise. Seconds at 10,000 clients: a reference for tests and benchmarks, not for rounds.
     """
     scores = _scores(P)
     E, N = scores.shape
     check_feasible(E, N, holders, min_experts, max_experts)
-    scale = N / max(float(scores.sum(axis=1).mean()), np.finfo(float).tiny)
+    row_sum = float(scores.sum(axis=1).mean())
+    scale = N / row_sum if row_sum > 0 else 1.0
     per_expert = sparse.kron(sparse.identity(E, format="csr"), np.ones((1, N)), format="csr")
     per_client = sparse.kron(np.ones((1, E)), sparse.identity(N, format="csr"), format="csr")
     result = linprog(
@@ -383,7 +449,8 @@ def assignment_lp(P: np.ndarray, holders: int, min_experts: int, max_experts: in
         b_eq=np.full(E, float(holders)),
         bounds=(0.0, 1.0),
         method="highs",
+        options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10},
     )
     if result.status != 0:
         raise RuntimeError(f"expert assignment LP failed: {result.message}")
-    return result.x.reshape(E, N) > 0.5, float(-result.fun / scale)
+    return result.x.reshape(E, N) > 0.5, float(-result.fun / scale) + 0.0
