@@ -169,3 +169,29 @@ def test_fedamole_strategy_averages_experts_over_holders_only(tiny_model: str) -
     assert all(2 <= len(nxt[c][m]) <= 3 for c in clients for m in strategy.modules)
     with pytest.raises(ConfigError):
         strategy.configure_train(3, ["a"])  # one device cannot hold 4 experts x C >= 1 with at most 3 slots
+
+
+def test_amole_wraps_a_llama_style_decoder(tmp_path, tiny_model: str) -> None:  # noqa: ANN001
+    """Decoder families work too: AMoLE on q_proj/v_proj of a tiny randomly initialised Llama."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaModel(config).save_pretrained(tmp_path)
+    for f in Path(tiny_model).glob("*"):
+        if "token" in f.name or f.name == "vocab.txt" or f.name == "special_tokens_map.json":
+            shutil.copy(f, tmp_path / f.name)
+    task = TaskSpec(labels=["a", "b"], method="fedamole", model=ModelConfig(name=str(tmp_path), max_length=8),
+                    lora=LoRAConfig(r=2, alpha=4.0, dropout=0.0, target_modules=("q_proj", "v_proj")),
+                    amole=AMoLEConfig(experts=4, slots=2, holders=2))
+    model, tokenizer = build_classifier(task)
+    wire = WireState(model, task)
+    assert len(wire.layers) == 4 and all(m.endswith(("q_proj", "v_proj")) for m in wire.layers)
+    enc = tokenizer(["hello there", "a b c"], padding="max_length", max_length=8, return_tensors="pt")
+    model(enc["input_ids"], enc["attention_mask"]).sum().backward()
+    layer = next(iter(wire.layers.values()))
+    assert layer.router.grad is not None and layer.base.weight.grad is None
