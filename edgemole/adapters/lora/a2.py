@@ -1,0 +1,99 @@
+"""LoRA-A2's math (arXiv 2410.22815, DESIGN.md 5.3): alternating factors and adaptive rank selection.
+
+One function per formula, called by both the device (scores, selection, masks, slicing) and the aggregator
+(scatter of the slices), so the two sides cannot drift apart. Module names key every dict; A is (r, d_in),
+B is (d_out, r); "rank i" is column i of B and row i of A.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+TRAIN_B, TRAIN_A = "train-B", "train-A"
+
+
+def phase_for_round(rnd: int) -> str:
+    """Odd rounds train B with A frozen, even rounds train A with B frozen (B starts at zero, so B first)."""
+    if rnd < 1:
+        raise ValueError("rounds are numbered from 1")
+    return TRAIN_B if rnd % 2 == 1 else TRAIN_A
+
+
+def active_factor(phase: str) -> str:
+    """``lora_B`` or ``lora_A``: the only factor a device trains and uploads in ``phase``."""
+    if phase not in (TRAIN_A, TRAIN_B):
+        raise ValueError(f"not an alternating phase: {phase!r}")
+    return "lora_B" if phase == TRAIN_B else "lora_A"
+
+
+def rank_scores(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+                phase: str) -> dict[str, torch.Tensor]:
+    """Importance of every rank of every module after a probe pass from the global weights.
+
+    B round: S_i = ||dB[:, i]|| * ||A[i, :]||; A round: S_i = ||B[:, i]|| * ||dA[i, :]|| (zero where B[:, i] = 0).
+    ``delta`` holds the probe's change of the active factor per module.
+    """
+    scores = {}
+    for m in A:
+        if active_factor(phase) == "lora_B":
+            scores[m] = delta[m].norm(dim=0) * A[m].norm(dim=1)
+        else:
+            scores[m] = B[m].norm(dim=0) * delta[m].norm(dim=1)
+    return scores
+
+
+def select_ranks(scores: Mapping[str, torch.Tensor], budget: int) -> dict[str, list[int]]:
+    """The device's top ``budget`` (module, rank) pairs over all modules; a module may get none.
+
+    ``budget`` is r_c times the number of modules (the device's upload rank budget). Ties are broken by module
+    order, then rank index, so both sides of a test agree.
+    """
+    pairs = [(float(s), -k, -i, m, i) for k, (m, row) in enumerate(scores.items()) for i, s in enumerate(row)]
+    if budget < 0:
+        raise ValueError("budget must be >= 0")
+    chosen = sorted(pairs, reverse=True)[:budget]
+    selection: dict[str, list[int]] = {m: [] for m in scores}
+    for *_, m, i in chosen:
+        selection[m].append(i)
+    return {m: sorted(ranks) for m, ranks in selection.items()}
+
+
+def rank_mask(shape: Sequence[int], ranks: Sequence[int], factor: str) -> torch.Tensor:
+    """Boolean mask of the entries of factor ``lora_A`` (rows) or ``lora_B`` (columns) that may change."""
+    mask = torch.zeros(tuple(shape), dtype=torch.bool)
+    index = torch.as_tensor(list(ranks), dtype=torch.long)
+    if factor == "lora_B":
+        mask[:, index] = True
+    elif factor == "lora_A":
+        mask[index, :] = True
+    else:
+        raise ValueError(f"unknown factor {factor!r}")
+    return mask
+
+
+@torch.no_grad()
+def reapply_mask(param: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor) -> None:
+    """Put every entry outside ``mask`` back to ``reference`` (call after each optimizer step: AdamW's decay and
+    momentum would move them otherwise)."""
+    param.copy_(torch.where(mask, param, reference))
+
+
+def slice_factor(t: torch.Tensor, ranks: Sequence[int], factor: str) -> torch.Tensor:
+    """The selected columns of B (d_out, k) or rows of A (k, d_in): what crosses the wire."""
+    index = torch.as_tensor(list(ranks), dtype=torch.long)
+    return t[:, index].clone() if factor == "lora_B" else t[index, :].clone()
+
+
+def scatter_weighted_sum(slices: Sequence[tuple[torch.Tensor, Sequence[int], float]], shape: Sequence[int],
+                         factor: str) -> torch.Tensor:
+    """sum_c w_c * zero-filled(slice_c): the server's LoRA-A2 aggregation of one module's active factor."""
+    out = torch.zeros(tuple(shape), dtype=torch.float64)
+    for values, ranks, weight in slices:
+        index = torch.as_tensor(list(ranks), dtype=torch.long)
+        if factor == "lora_B":
+            out[:, index] += weight * values.to(torch.float64)
+        else:
+            out[index, :] += weight * values.to(torch.float64)
+    return out.to(slices[0][0].dtype if slices else torch.float32)
