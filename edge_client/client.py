@@ -185,35 +185,42 @@ class EdgeClient:
         if self.pending is not None:
             self._on_assignment(self.pending)
 
-    def _check_assignment(self, msg: Message) -> int | None:
-        """Validate an assignment; its number of local steps, or None when it was rejected."""
+    def _check_assignment(self, msg: Message) -> tuple[int, list[str] | None] | None:
+        """Validate an assignment; its local steps and the roles to train (None: all), or None if rejected."""
         assert self.engine is not None and self.task is not None
         try:
+            expected = self.engine.expected_state(msg.body)
             validate_assignment(
                 msg,
                 fleet=self.opts.fleet,
                 run=self.run_id or "",
                 client=self.opts.client_id,
                 after_round=self.last_round,
-                expected=self.engine.expected_state(msg.body),
+                expected=expected,
             )
             if msg.phase not in ("train", "eval"):
                 raise ProtocolError(f"phase {msg.phase!r} is not supported by this client")
             steps = msg.body.get("local_steps", self.task.train.local_steps)
             if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_LOCAL_STEPS:
                 raise ProtocolError(f"local_steps must be an integer in [1, {MAX_LOCAL_STEPS}], got {steps!r}")
+            roles = msg.body.get("train_roles")
+            known = {spec.role for spec in expected.values()}
+            if roles is not None and (not isinstance(roles, list) or not roles or not set(roles) <= known
+                                      or not all(isinstance(r, str) for r in roles)):
+                raise ProtocolError(f"train_roles must be a non-empty list of roles among {sorted(known)}")
         except ProtocolError as exc:
             self._reject(f"assignment for round {msg.round}", str(exc))
             if msg.round > self.last_round:  # a QoS 1 redelivery of an answered round is no failure to report
                 self._publish_status("error", f"round {msg.round}: {exc}")
             return None
-        return steps
+        return steps, roles
 
     def _on_assignment(self, msg: Message) -> None:
         self.pending = None
-        steps = self._check_assignment(msg)
-        if steps is None:
+        checked = self._check_assignment(msg)
+        if checked is None:
             return
+        steps, train_roles = checked
         assert self.engine is not None and self.task is not None
         self.engine.set_state(msg.tensors, msg.body)
         train = self.task.train
@@ -226,11 +233,14 @@ class EdgeClient:
         if msg.phase == "train":
             batches = self.data.train_batches(train.batch_size, batch_seed(self.task.seed, self.opts.client_id,
                                                                            msg.round))
-            stats = self.engine.train(batches, steps, train.lr, train.weight_decay)
+            stats = self.engine.train(batches, steps, train.lr, train.weight_decay, train_roles)
             after = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
             metrics.update(train_loss=stats.loss, train_s=stats.seconds, steps=stats.steps,
                            acc_after=after.accuracy, loss_after=after.loss, eval_s=before.seconds + after.seconds)
             tensors, roles = self.engine.get_state(msg.body)
+            if train_roles is not None:  # only what was trained travels back
+                tensors = {n: t for n, t in tensors.items() if roles[n] in train_roles}
+                roles = {n: roles[n] for n in tensors}
             embeddings = self._embeddings(msg)
             tensors.update(embeddings)
             roles.update(dict.fromkeys(embeddings, EMBEDDING_ROLE))

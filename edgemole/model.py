@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from edgemole.adapters.amole.model import (
+    ROUTER_ROLE,
     amole_layers,
     auxiliary_loss,
     fleet_initial_state,
@@ -147,6 +148,15 @@ class WireState:
         roles = {n: s.role for n, s in state_specs(self.layers, every).items()}
         head = {n: p.detach().clone() for n, p in self._head.items()}
         return {**experts, **head}, {**roles, **dict.fromkeys(head, HEAD_ROLE)}
+
+    def parameter_roles(self) -> dict[str, str]:
+        """Wire role of every trainable parameter of the model (by parameter name), to train only some roles."""
+        if not self.layers:
+            return trainable_roles(self.model)
+        by_attr = {"experts_A": "lora_A", "experts_B": "lora_B", "shared_A": "lora_A", "shared_B": "lora_B",
+                   "router": ROUTER_ROLE}
+        return {n: HEAD_ROLE if n.startswith("head.") else by_attr[n.rsplit(".", 1)[-1]]
+                for n, p in self.model.named_parameters() if p.requires_grad}
 
     def auxiliary_loss(self) -> torch.Tensor:
         """The weighted load-balance loss of the last forward (zero without experts)."""

@@ -267,3 +267,19 @@ def test_fedamole_fleet_gives_devices_their_own_expert_sets(tmp_path: Path, mosq
             assert trained == set(assigns[c].tensors)
             assert sum(".embed.token" in n for n in updates[c].tensors) == len(sets[c])
     assert summary["rejected"] == {}
+
+
+def test_ffa_lora_fleet_sends_only_b_and_keeps_a(tmp_path: Path, mosquitto: str, tiny_model: str) -> None:
+    fleet = Fleet(tmp_path, mosquitto, tiny_model, sizes=[20, 40, 30], method="ffa-lora")
+    summary = fleet.run()
+    assign1, assign2 = fleet.messages(Kind.ASSIGN, 1), fleet.messages(Kind.ASSIGN, 2)
+    updates = fleet.messages(Kind.UPDATE, 1)
+    assert all(set(u.roles.values()) == {"lora_B", "head"} for u in updates.values())
+    for name, value in assign2["c0"].tensors.items():
+        if name.endswith("lora_A"):
+            assert torch.equal(value, assign1["c0"].tensors[name])
+        else:
+            clients = [updates[c] for c in ("c0", "c1", "c2")]
+            expected = weighted_average([u.tensors[name] for u in clients], [20, 40, 30])
+            assert torch.allclose(value, expected, atol=1e-6), name
+    assert summary["rejected"] == {}

@@ -42,7 +42,7 @@ def test_fedit_averages_every_tensor_by_samples() -> None:
     with pytest.raises(ValueError):
         fedit.load_state_dict({"other": torch.zeros(1)})
     assert strategy_class("fedit") is FedIT
-    with pytest.raises(ConfigError, match="available: fedamole, fedit"):
+    with pytest.raises(ConfigError, match="available: fedamole, fedit, ffa-lora"):
         strategy_class("fedavg-magic")
 
 
@@ -132,3 +132,33 @@ def test_eager_engine_trains_and_evaluates_without_side_effects(tiny_model: str)
     assert engine.embeddings([batch], {}) == {}
     with pytest.raises(ConfigError, match="unknown engine"):
         make_engine("warp", _task(tiny_model))
+
+
+def test_training_only_some_roles_leaves_the_others_untouched(tiny_model: str) -> None:
+    engine = make_engine("eager", _task(tiny_model), threads=1)
+    enc = engine.tokenizer(["book a doctor", "block my card"] * 4, padding="max_length", max_length=8,
+                           truncation=True, return_tensors="pt")
+    batch = Batch(enc["input_ids"], enc["attention_mask"], torch.tensor([0, 1] * 4))
+    before, roles = engine.get_state({})
+    engine.train(iter([batch] * 5), steps=5, lr=0.05, weight_decay=0.1, roles=["lora_B"])
+    after, _ = engine.get_state({})
+    for name, value in before.items():
+        moved = not torch.equal(value, after[name])
+        assert moved == (roles[name] == "lora_B"), name
+
+
+def test_ffa_lora_trains_b_only_and_keeps_a_frozen() -> None:
+    from aggregator.strategies import FFALoRA
+
+    init = {"m.lora_A": torch.randn(2, 3), "m.lora_B": torch.zeros(4, 2), "head.weight": torch.zeros(2, 4)}
+    roles = {"m.lora_A": "lora_A", "m.lora_B": "lora_B", "head.weight": "head"}
+    ffa = FFALoRA(init, roles, TaskSpec(labels=["a", "b"]))
+    plan = ffa.configure_train(1, ["x", "y"])
+    assert set(plan.assignments["x"].tensors) == set(init)  # devices get A (to use it), send back only B, head
+    assert set(plan.assignments["x"].expect) == {"m.lora_B", "head.weight"}
+    assert plan.assignments["x"].body == {"train_roles": ["lora_B", "head"]}
+    ffa.aggregate(1, plan, [ClientUpdate("x", 1, {"m.lora_B": torch.ones(4, 2), "head.weight": torch.ones(2, 4)}),
+                            ClientUpdate("y", 3, {"m.lora_B": torch.zeros(4, 2), "head.weight": torch.ones(2, 4)})])
+    state = ffa.model_for("x")
+    assert torch.equal(state["m.lora_A"], init["m.lora_A"])
+    assert torch.allclose(state["m.lora_B"], torch.full((4, 2), 0.25))

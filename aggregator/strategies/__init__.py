@@ -3,9 +3,10 @@
 from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, Strategy, weighted_average
 from aggregator.strategies.fedamole import FedAMoLE
 from aggregator.strategies.fedit import FedIT
+from aggregator.strategies.ffa_lora import FFALoRA
 from edgemole.errors import ConfigError
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT, FedAMoLE)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, FedAMoLE)}
 
 
 def strategy_class(name: str) -> type[Strategy]:
@@ -21,6 +22,7 @@ __all__ = [
     "Assignment",
     "ClientUpdate",
     "FedAMoLE",
+    "FFALoRA",
     "FedIT",
     "RoundPlan",
     "Strategy",

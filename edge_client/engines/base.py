@@ -8,7 +8,7 @@ the wire format and the aggregator stay unchanged when the engine changes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +64,10 @@ class TrainingEngine(ABC):
         """RSEA embeddings (t_c, e_ic per module) over ``batches`` with the current weights; {} without experts."""
 
     @abstractmethod
-    def train(self, batches: Iterator[Batch], steps: int, lr: float, weight_decay: float) -> TrainStats:
-        """Take ``steps`` optimizer steps on batches drawn from ``batches`` (a fresh optimizer per call)."""
+    def train(self, batches: Iterator[Batch], steps: int, lr: float, weight_decay: float,
+              roles: Collection[str] | None = None) -> TrainStats:
+        """Take ``steps`` optimizer steps on batches drawn from ``batches`` (a fresh optimizer per call), changing
+        only tensors whose wire role is in ``roles`` (all trainable tensors when None)."""
 
     @abstractmethod
     def evaluate(self, batches: Iterable[Batch]) -> EvalStats:

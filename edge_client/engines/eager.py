@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,11 @@ class EagerEngine(TrainingEngine):
 
         return collect_embeddings(self.wire.layers, self.wire.expert_sets(body), run)
 
-    def train(self, batches: Iterator[Batch], steps: int, lr: float, weight_decay: float) -> TrainStats:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+    def train(self, batches: Iterator[Batch], steps: int, lr: float, weight_decay: float,
+              roles: Collection[str] | None = None) -> TrainStats:
+        param_roles = self.wire.parameter_roles()
+        params = [p for n, p in self.model.named_parameters()
+                  if p.requires_grad and (roles is None or param_roles[n] in roles)]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         self.model.train()
         start, total, samples = time.perf_counter(), 0.0, 0
