@@ -42,7 +42,7 @@ def test_fedit_averages_every_tensor_by_samples() -> None:
     with pytest.raises(ValueError):
         fedit.load_state_dict({"other": torch.zeros(1)})
     assert strategy_class("fedit") is FedIT
-    with pytest.raises(ConfigError, match="available: fedamole, fedit, ffa-lora"):
+    with pytest.raises(ConfigError, match="available: fedamole, fedit, ffa-lora, flexlora"):
         strategy_class("fedavg-magic")
 
 
@@ -162,3 +162,29 @@ def test_ffa_lora_trains_b_only_and_keeps_a_frozen() -> None:
     state = ffa.model_for("x")
     assert torch.equal(state["m.lora_A"], init["m.lora_A"])
     assert torch.allclose(state["m.lora_B"], torch.full((4, 2), 0.25))
+
+
+def test_flexlora_svd_reconstructs_the_averaged_product_at_full_rank() -> None:
+    from aggregator.strategies import FlexLoRA
+    from aggregator.strategies.flexlora import svd_redistribute
+    from edgemole.adapters.lora import LoRAConfig as Lora
+
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    B, A = svd_redistribute(W, 4, 2.0)
+    assert torch.allclose(2.0 * B @ A, W, atol=1e-10)  # full rank: exact
+    B1, A1 = svd_redistribute(W, 1, 2.0)
+    S = torch.linalg.svdvals(W)
+    assert torch.isclose(torch.linalg.matrix_norm(W - 2.0 * B1 @ A1), S[1:].norm())  # best rank-1 (Eckart-Young)
+    task = TaskSpec(labels=["a", "b"], lora=Lora(r=2, alpha=4.0))
+    init = {"m.lora_A": torch.randn(2, 3, generator=gen), "m.lora_B": torch.zeros(4, 2)}
+    flex = FlexLoRA(init, {"m.lora_A": "lora_A", "m.lora_B": "lora_B"}, task)
+    plan = flex.configure_train(1, ["x", "y"])
+    ups = [ClientUpdate(c, n, {"m.lora_A": torch.randn(2, 3, generator=gen),
+                               "m.lora_B": torch.randn(4, 2, generator=gen)}) for c, n in (("x", 1), ("y", 3))]
+    flex.aggregate(1, plan, ups)
+    avg = sum(w * 2.0 * u.tensors["m.lora_B"] @ u.tensors["m.lora_A"] for w, u in zip((0.25, 0.75), ups, strict=True))
+    got = flex.model_for("x")
+    # the average of two rank-2 products has rank up to 3 > r = 2: the result is its best rank-2 approximation
+    approx = 2.0 * got["m.lora_B"] @ got["m.lora_A"]
+    assert torch.isclose(torch.linalg.matrix_norm(avg - approx), torch.linalg.svdvals(avg)[2:].norm(), atol=1e-5)

@@ -4,9 +4,10 @@ from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, Stra
 from aggregator.strategies.fedamole import FedAMoLE
 from aggregator.strategies.fedit import FedIT
 from aggregator.strategies.ffa_lora import FFALoRA
+from aggregator.strategies.flexlora import FlexLoRA
 from edgemole.errors import ConfigError
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, FedAMoLE)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, FlexLoRA, FedAMoLE)}
 
 
 def strategy_class(name: str) -> type[Strategy]:
@@ -24,6 +25,7 @@ __all__ = [
     "FedAMoLE",
     "FFALoRA",
     "FedIT",
+    "FlexLoRA",
     "RoundPlan",
     "Strategy",
     "strategy_class",
