@@ -154,19 +154,19 @@ class AggregatorService:
         return self.status.get(client, {}).get("state") in LIVE_STATES
 
     # -- rounds --------------------------------------------------------------------------------
-    def _wait_for_clients(self) -> None:
+    def _wait_for_clients(self, needed: int) -> None:
         deadline = time.monotonic() + self.fleet.wait_clients_s
-        while len(self.ready_clients()) < self.fleet.min_clients:
+        while len(self.ready_clients()) < needed:
             if time.monotonic() > deadline:
                 raise EdgemoleError(
-                    f"only {len(self.ready_clients())} of the required {self.fleet.min_clients} clients were "
+                    f"only {len(self.ready_clients())} of the required {needed} clients were "
                     f"ready within {self.fleet.wait_clients_s:.0f} s"
                 )
             self._pump(0.5)
 
-    def _select(self) -> list[str]:
+    def _select(self, at_least: int) -> list[str]:
         ready = self.ready_clients()
-        k = max(1, math.ceil(self.fleet.clients_per_round * len(ready)))
+        k = max(at_least, math.ceil(self.fleet.clients_per_round * len(ready)))
         return sorted(self.rng.sample(ready, k)) if k < len(ready) else ready
 
     def _announce(self, rnd: int, phase: str, selected: list[str], deadline_s: float,
@@ -180,7 +180,7 @@ class AggregatorService:
         """One round: announce, assign, collect until done or deadline + quorum, aggregate."""
         started = time.monotonic()
         self._pump(0.0)
-        selected = self.ready_clients() if evaluate else self._select()
+        selected = self.ready_clients() if evaluate else self._select(strategy.min_clients)
         if not selected:
             raise RoundFailed(f"round {rnd}: no ready client to select")
         plan = strategy.configure_evaluate(selected) if evaluate else strategy.configure_train(rnd, selected)
@@ -282,10 +282,11 @@ class AggregatorService:
         task_body = {"run": self.run_id, "task": self.task.to_body()}
         self.link.publish(self.topics.task, encode(Message(Kind.TASK, self.fleet.fleet, body=task_body)),
                           retain=True)
+        needed = max(self.fleet.min_clients, strategy.min_clients)
         log.info("run %s: method %s, %d rounds, waiting for %d client(s)", self.run_id, self.fleet.method,
-                 self.fleet.rounds, self.fleet.min_clients)
+                 self.fleet.rounds, needed)
         try:
-            self._wait_for_clients()
+            self._wait_for_clients(needed)
             for rnd in range(first, self.fleet.rounds + 1):
                 record = self.run_round(strategy, rnd)
                 log.info("round %d: %d/%d answered, acc %.3f -> %.3f, up %d B, down %d B", rnd,

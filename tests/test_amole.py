@@ -195,3 +195,15 @@ def test_amole_wraps_a_llama_style_decoder(tmp_path, tiny_model: str) -> None:  
     model(enc["input_ids"], enc["attention_mask"]).sum().backward()
     layer = next(iter(wire.layers.values()))
     assert layer.router.grad is not None and layer.base.weight.grad is None
+
+
+def test_fedamole_needs_enough_devices_to_hold_every_expert(tiny_model: str) -> None:
+    from aggregator.strategies import FedAMoLE
+
+    task = _task(tiny_model, experts=4, slots=3, holders=2)
+    model, _ = build_classifier(task)
+    strategy = FedAMoLE(*WireState(model, task).initial_fleet_state(), task)
+    assert strategy.min_clients == 2  # ceil(E / M): the aggregator waits for (and selects) at least this many
+    sets = strategy.configure_train(1, ["a", "b"]).info["experts"]  # C lowered to 1 with a warning, still valid
+    for m in strategy.modules:
+        assert sorted(e for c in "ab" for e in sets[c][m]) == [0, 1, 2, 3]

@@ -88,6 +88,11 @@ class Strategy(ABC):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
+    @property
+    def min_clients(self) -> int:
+        """The fewest clients a round of this method can run with."""
+        return 1
+
     def configure_evaluate(self, clients: Sequence[str]) -> RoundPlan:
         """Evaluation only: every client gets its model and sends metrics, no tensors."""
         return RoundPlan("eval", {c: Assignment(self.model_for(c), {}) for c in clients})

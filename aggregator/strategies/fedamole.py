@@ -50,6 +50,11 @@ class FedAMoLE(Strategy):
         self.sets: dict[str, ExpertSets] = {}
         self.rng = np.random.default_rng(task.seed)
 
+    @property
+    def min_clients(self) -> int:
+        """E experts need at least ceil(E / M) devices of M slots to be held at all."""
+        return math.ceil(self.cfg.experts / self.cfg.slots)
+
     # -- assignment ------------------------------------------------------------------------------
     def _holders(self, n_clients: int) -> int:
         """C, lowered or raised within the constraints when too few or too many devices answer."""
