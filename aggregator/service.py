@@ -15,7 +15,6 @@ import statistics
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,6 @@ class AggregatorService:
         resume: bool = False,
         summary_path: str | Path | None = None,
         connect_timeout_s: float = 30.0,
-        on_round: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.fleet = fleet
         self.task = task
@@ -67,7 +65,6 @@ class AggregatorService:
         self.resume = resume
         self.summary_path = Path(summary_path) if summary_path else None
         self.connect_timeout_s = connect_timeout_s
-        self.on_round = on_round
         self.run_id = uuid.uuid4().hex[:12]
         self.status: dict[str, dict[str, Any]] = {}
         self.rejected: Counter[str] = Counter()
@@ -271,8 +268,6 @@ class AggregatorService:
         self.records.append(record)
         self.link.publish(self.topics.metrics, encode(Message(Kind.METRICS, self.fleet.fleet, record["round"],
                                                               record["phase"], body=record)))
-        if self.on_round:
-            self.on_round(record)
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()

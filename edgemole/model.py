@@ -6,7 +6,6 @@ Clients, the aggregator (for initial weights and shapes) and the exporter all ca
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -191,5 +190,3 @@ def set_torch_threads(threads: int | None) -> None:
     """Pin intra-op threads so that several emulated devices do not oversubscribe the cores."""
     if threads:
         torch.set_num_threads(threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    logging.getLogger(__name__).debug("torch threads: %d", torch.get_num_threads())
