@@ -24,7 +24,7 @@ from aggregator.strategies import ClientUpdate, RoundPlan, Strategy, strategy_cl
 from edgemole.config import FleetConfig, TaskSpec
 from edgemole.errors import EdgemoleError, ProtocolError
 from edgemole.model import WireState, build_classifier
-from edgemole.mqtt import Inbound, MqttLink
+from edgemole.mqtt import Inbound, Link, MqttLink
 from edgemole.protocol import DONE, Kind, Message, Topics, decode, encode, validate_update
 
 log = logging.getLogger("edgemole.aggregator")
@@ -50,8 +50,9 @@ class AggregatorService:
         self,
         fleet: FleetConfig,
         task: TaskSpec,
-        broker: str,
+        broker: str | None = None,
         *,
+        link: Link | None = None,
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
         summary_path: str | Path | None = None,
@@ -69,7 +70,12 @@ class AggregatorService:
         self.status: dict[str, dict[str, Any]] = {}
         self.rejected: Counter[str] = Counter()
         self.rng = random.Random(fleet.seed)
-        self.link = MqttLink(broker, self.topics.mqtt_client_id("aggregator"), clean_session=False)
+        if link is None and broker is None:
+            raise ValueError("AggregatorService needs a broker URL or a link")
+        #: the transport: MQTT, or the in-memory link of ``edgemole bench``
+        self.link: Link = link or MqttLink(broker or "", self.topics.mqtt_client_id("aggregator"), clean_session=False)
+        #: the run's strategy once :meth:`run` built it (the bench evaluates its models after the run)
+        self.strategy: Strategy | None = None
         self.records: list[dict[str, Any]] = []
         # filled while a round is open
         self._open: tuple[int, str, RoundPlan] | None = None
@@ -131,6 +137,7 @@ class AggregatorService:
         self._updates[client] = ClientUpdate(client, msg.body["num_samples"], msg.tensors,
                                              dict(msg.body.get("metrics", {})))
         self._updates[client].metrics["bytes_up"] = len(payload)
+        self._updates[client].metrics["params_up"] = sum(t.numel() for t in msg.tensors.values())
         self._bytes_up += len(payload)
 
     def _pump(self, timeout_s: float) -> None:
@@ -183,12 +190,13 @@ class AggregatorService:
         plan = strategy.configure_evaluate(selected) if evaluate else strategy.configure_train(rnd, selected)
         self._announce(rnd, plan.phase, selected, self.fleet.round_deadline_s, plan.hparams)
         self._open, self._updates, self._bytes_up = (rnd, plan.phase, plan), {}, 0
-        bytes_down = 0
+        bytes_down = params_down = 0
         for client, assignment in plan.assignments.items():
             body = {"run": self.run_id, **plan.hparams, **assignment.body}
             payload = encode(Message(Kind.ASSIGN, self.fleet.fleet, rnd, plan.phase, client, body,
                                      assignment.tensors, {k: strategy.roles.get(k, "") for k in assignment.tensors}))
             bytes_down += self.link.publish(self.topics.assign(client), payload)
+            params_down += sum(t.numel() for t in assignment.tensors.values())
         quorum = max(1, math.ceil(self.fleet.quorum * len(selected)))
         deadline = started + self.fleet.round_deadline_s
         hard_deadline = deadline + self.fleet.round_deadline_s
@@ -212,11 +220,12 @@ class AggregatorService:
         t0 = time.perf_counter()
         extra = {} if evaluate else strategy.aggregate(rnd, plan, updates)
         aggregate_s = time.perf_counter() - t0
-        return self._record(rnd, plan.phase, selected, updates, bytes_down, aggregate_s,
+        return self._record(rnd, plan.phase, selected, updates, (bytes_down, params_down), aggregate_s,
                             time.monotonic() - started, {**plan.info, **extra})
 
-    def _record(self, rnd: int, phase: str, selected: list[str], updates: list[ClientUpdate], bytes_down: int,
-                aggregate_s: float, wall_s: float, extra: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, rnd: int, phase: str, selected: list[str], updates: list[ClientUpdate],
+                down: tuple[int, int], aggregate_s: float, wall_s: float, extra: dict[str, Any]) -> dict[str, Any]:
+        """The round's record; ``down`` is what the assignments carried: (payload bytes, tensor elements)."""
         def stat(key: str) -> tuple[float | None, float | None]:
             return _mean_std([u.metrics[key] for u in updates if key in u.metrics])
 
@@ -234,7 +243,9 @@ class AggregatorService:
             "accuracy_after_local_std": acc_after_std,
             "train_loss": loss,
             "bytes_up": self._bytes_up,
-            "bytes_down": bytes_down,
+            "params_up": sum(u.metrics.get("params_up", 0) for u in updates),
+            "bytes_down": down[0],
+            "params_down": down[1],
             "train_s_max": max((u.metrics.get("train_s", 0.0) for u in updates), default=0.0),
             "client_compute_s_max": max(
                 (u.metrics.get("train_s", 0.0) + u.metrics.get("eval_s", 0.0) for u in updates), default=0.0
@@ -272,6 +283,7 @@ class AggregatorService:
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         strategy, first = self._build_strategy()
+        self.strategy = strategy
         self.link.connect(self.connect_timeout_s)
         self.link.subscribe(self.topics.all_status, self.topics.all_updates)
         task_body = {"run": self.run_id, "task": self.task.to_body()}
@@ -315,6 +327,8 @@ class AggregatorService:
             "accuracy_curve": [r["accuracy_before"] for r in train_rounds] + [final["accuracy_before"]],
             "bytes_up_total": sum(r["bytes_up"] for r in self.records),
             "bytes_down_total": sum(r["bytes_down"] for r in self.records),
+            "params_up_total": sum(r["params_up"] for r in self.records),
+            "params_down_total": sum(r["params_down"] for r in self.records),
             "aggregate_s_total": sum(r["aggregate_s"] for r in self.records),
             "rounds_wall_s_total": sum(r["wall_s"] for r in self.records),
             "rejected": dict(self.rejected),

@@ -9,21 +9,34 @@ from __future__ import annotations
 import logging
 import signal
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from edge_client.engines import TrainingEngine, make_engine
+from edge_client.engines import Batch, TrainingEngine, TrainStats, make_engine
 from edge_client.local_data import LocalData
-from edgemole.adapters.amole.model import EMBEDDING_ROLE
+from edgemole.adapters.amole.model import EMBEDDING_ROLE, adapter_module
 from edgemole.adapters.amole.rsea import privatize
+from edgemole.adapters.lora.a2 import (
+    TRAIN_A,
+    TRAIN_B,
+    active_factor,
+    adapter_prefixes,
+    encode_slices,
+    factor_deltas,
+    score_state,
+    select_ranks,
+    selection_masks,
+)
 from edgemole.config import TaskSpec
 from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
-from edgemole.mqtt import Inbound, MqttLink
+from edgemole.mqtt import Inbound, Link, MqttLink
 from edgemole.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DONE,
+    RANKS_ROLE,
     Kind,
     Message,
     Topics,
@@ -54,6 +67,14 @@ class ClientOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: stay connected after a run ends and join the next one (device services); otherwise exit with 0
     keep_serving: bool = False
+    #: LoRA-A2 upload rank budget r_c of this device (None: the task's ``a2.upload_rank``)
+    upload_rank: int | None = None
+
+
+@dataclass
+class A2Stats(TrainStats):
+    probe_s: float = 0.0
+    ranks: int = 0
 
 
 def batch_seed(task_seed: int, client_id: str, round_: int) -> int:
@@ -64,7 +85,11 @@ def batch_seed(task_seed: int, client_id: str, round_: int) -> int:
 class EdgeClient:
     """One device of the fleet."""
 
-    def __init__(self, opts: ClientOptions) -> None:
+    def __init__(self, opts: ClientOptions, *, link: Link | None = None,
+                 engine_factory: Callable[[TaskSpec], TrainingEngine] | None = None) -> None:
+        """``link`` replaces the MQTT connection (``edgemole bench`` runs a fleet in memory); ``engine_factory``
+        builds the engine for a task (the bench lets its in-process clients share one engine, which is safe because
+        every assignment loads the whole trainable state and clients run one at a time)."""
         check_name(opts.client_id, "client id")
         self.opts = opts
         self.topics = Topics(opts.fleet, opts.topic_prefix)
@@ -83,12 +108,12 @@ class EdgeClient:
         self.pending: Message | None = None
         self.rejected = 0
         self._stop = False
-        will = self._status_payload("offline")
-        self.link = MqttLink(
+        self._engine_factory = engine_factory or (lambda task: make_engine(opts.engine, task, threads=opts.threads))
+        self.link: Link = link or MqttLink(
             opts.broker,
             self.topics.device_mqtt_id(opts.client_id),
             clean_session=False,
-            will=(self.topics.status(opts.client_id), will),
+            will=(self.topics.status(opts.client_id), self._status_payload("offline")),
         )
 
     # -- messages ------------------------------------------------------------------------------
@@ -115,23 +140,42 @@ class EdgeClient:
         """Serve until the aggregator announces the end of the run (or a signal arrives)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        self.start()
+        try:
+            while not self._stop:
+                inbound = self.link.receive(0.5)
+                if inbound is not None:
+                    self.handle(inbound)
+        finally:
+            self.stop()
+        return 0
+
+    def start(self) -> None:
+        """Connect, subscribe to the fleet's task, rounds and this device's assignments, and announce it online."""
         self.link.connect(self.opts.connect_timeout_s)
         self.link.subscribe(self.topics.task, self.topics.round, self.topics.assign(self.opts.client_id))
         self._publish_status("online")
         log.info("client %s online: %d train / %d test examples", self.opts.client_id,
                  self.data.num_train, self.data.num_test)
+
+    def handle(self, inbound: Inbound) -> None:
+        """Handle one inbound message (an assignment: a whole round of local work). An error the device cannot
+        recover from (e.g. local labels outside the fleet's) is reported to the aggregator, then raised."""
         try:
-            while not self._stop:
-                inbound = self.link.receive(0.5)
-                if inbound is not None:
-                    self._handle(inbound)
-        except EdgemoleError as exc:  # e.g. local labels outside the fleet's: tell the aggregator, then exit
+            self._handle(inbound)
+        except EdgemoleError as exc:
             self._publish_status("error", str(exc))
             raise
-        finally:
-            self._publish_status("offline")
-            self.link.close()
-        return 0
+
+    @property
+    def finished(self) -> bool:
+        """The run this device took part in has ended (or a signal asked it to stop)."""
+        return self._stop
+
+    def stop(self) -> None:
+        """Announce this device offline and disconnect."""
+        self._publish_status("offline")
+        self.link.close()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stop = True
@@ -178,7 +222,7 @@ class EdgeClient:
         if self.engine is None or task != self.task:
             log.info("building %s engine for model %s with %d labels", self.opts.engine, task.model.name,
                      len(task.labels))
-            self.engine = make_engine(self.opts.engine, task, threads=self.opts.threads)
+            self.engine = self._engine_factory(task)
             self.data.prepare(task.labels, self.engine.tokenizer, task.model.max_length)
         self.task, self.run_id, self.last_round = task, run, 0
         self._publish_status("ready")
@@ -198,7 +242,7 @@ class EdgeClient:
                 after_round=self.last_round,
                 expected=expected,
             )
-            if msg.phase not in ("train", "eval"):
+            if msg.phase not in ("train", "eval", TRAIN_A, TRAIN_B):
                 raise ProtocolError(f"phase {msg.phase!r} is not supported by this client")
             steps = msg.body.get("local_steps", self.task.train.local_steps)
             if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_LOCAL_STEPS:
@@ -208,6 +252,11 @@ class EdgeClient:
             if roles is not None and (not isinstance(roles, list) or not roles or not set(roles) <= known
                                       or not all(isinstance(r, str) for r in roles)):
                 raise ProtocolError(f"train_roles must be a non-empty list of roles among {sorted(known)}")
+            if msg.phase in (TRAIN_A, TRAIN_B):
+                factor = active_factor(msg.phase)
+                frozen = "lora_A" if factor == "lora_B" else "lora_B"
+                if roles is None or factor not in roles or frozen in roles:
+                    raise ProtocolError(f"a {msg.phase} round must train {factor} and not {frozen}")
         except ProtocolError as exc:
             self._reject(f"assignment for round {msg.round}", str(exc))
             if msg.round > self.last_round:  # a QoS 1 redelivery of an answered round is no failure to report
@@ -230,17 +279,19 @@ class EdgeClient:
         tensors: dict = {}
         roles: dict = {}
         num_samples = max(before.samples, 1)
-        if msg.phase == "train":
-            batches = self.data.train_batches(train.batch_size, batch_seed(self.task.seed, self.opts.client_id,
-                                                                           msg.round))
-            stats = self.engine.train(batches, steps, train.lr, train.weight_decay, train_roles)
+        if msg.phase != "eval":
+            if msg.phase == "train":
+                stats = self.engine.train(self._batches(msg.round), steps, train.lr, train.weight_decay, train_roles)
+                tensors, roles = self.engine.get_state(msg.body)
+                if train_roles is not None:  # only what was trained travels back
+                    tensors = {n: t for n, t in tensors.items() if roles[n] in train_roles}
+                    roles = {n: roles[n] for n in tensors}
+            else:
+                stats, tensors, roles = self._train_a2(msg, steps, train_roles)
+                metrics.update(probe_s=stats.probe_s, ranks_uploaded=stats.ranks)
             after = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
             metrics.update(train_loss=stats.loss, train_s=stats.seconds, steps=stats.steps,
                            acc_after=after.accuracy, loss_after=after.loss, eval_s=before.seconds + after.seconds)
-            tensors, roles = self.engine.get_state(msg.body)
-            if train_roles is not None:  # only what was trained travels back
-                tensors = {n: t for n, t in tensors.items() if roles[n] in train_roles}
-                roles = {n: roles[n] for n in tensors}
             embeddings = self._embeddings(msg)
             tensors.update(embeddings)
             roles.update(dict.fromkeys(embeddings, EMBEDDING_ROLE))
@@ -252,6 +303,54 @@ class EdgeClient:
         self.last_round = msg.round
         log.info("round %d %s: acc %.3f -> %s, sent %d bytes", msg.round, msg.phase, before.accuracy,
                  f"{metrics['acc_after']:.3f}" if "acc_after" in metrics else "-", len(payload))
+
+    def _batches(self, round_: int) -> Iterator[Batch]:
+        assert self.task is not None
+        return self.data.train_batches(self.task.train.batch_size, batch_seed(self.task.seed, self.opts.client_id,
+                                                                               round_))
+
+    def upload_rank(self) -> int:
+        """r_c: this device's own budget, else the task's, else the LoRA rank."""
+        assert self.task is not None
+        return self.opts.upload_rank or self.task.a2.upload_rank or self.task.lora.r
+
+    def _train_a2(self, msg: Message, steps: int, train_roles: list[str] | None) -> tuple[A2Stats, dict, dict]:
+        """LoRA-A2's round (DESIGN.md 5.3): a probe from the global weights scores every rank of every adapter,
+        the top r_c x modules are kept, then training restarts from the global weights with everything else
+        of the active factor held in place after each step. Returns the stats and the tensors to upload."""
+        assert self.engine is not None and self.task is not None
+        engine, body, phase, a2 = self.engine, msg.body, msg.phase, self.task.a2
+        factor = active_factor(phase)
+        roles_trained = train_roles or [factor]
+        role_lr = {"lora_B": a2.b_lr_multiplier}
+        train = self.task.train
+        global_state, wire_roles = engine.get_state(body)
+        prefixes = adapter_prefixes(global_state)
+        probe = engine.train(self._batches(msg.round), a2.probe_steps or steps, train.lr, train.weight_decay,
+                             roles_trained, role_lr=role_lr)
+        probed, _ = engine.get_state(body)
+        scores = score_state(global_state, factor_deltas(global_state, probed, prefixes, phase), phase)
+        budget = self.upload_rank() * len({adapter_module(p) for p in prefixes})
+        selection = select_ranks(scores, budget)
+        masks = selection_masks(global_state, selection, phase)
+
+        def hold_unselected() -> None:
+            current, _ = engine.get_state(body)
+            current.update({n: torch.where(m, current[n], global_state[n]) for n, m in masks.items()})
+            engine.set_state(current, body)
+
+        engine.set_state(global_state, body)
+        stats = engine.train(self._batches(msg.round), steps, train.lr, train.weight_decay, roles_trained,
+                             role_lr=role_lr, after_step=hold_unselected)
+        trained, _ = engine.get_state(body)
+        adapter_factors = {f"{p}.{f}" for p in prefixes for f in ("lora_A", "lora_B")}
+        tensors = {n: t for n, t in trained.items() if wire_roles[n] in roles_trained and n not in adapter_factors}
+        roles = {n: wire_roles[n] for n in tensors}
+        slices = encode_slices(trained, selection, phase)
+        tensors.update(slices)
+        roles.update({n: RANKS_ROLE if n.endswith(".ranks") else factor for n in slices})
+        ranks = sum(len(r) for r in selection.values())
+        return A2Stats(stats.loss, stats.steps, stats.samples, stats.seconds, probe.seconds, ranks), tensors, roles
 
     def _embeddings(self, msg: Message) -> dict:
         """RSEA vectors on the aux set with the post-training weights, with DP noise when configured."""

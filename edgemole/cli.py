@@ -23,6 +23,13 @@ def _csv(text: str) -> list[str]:
     return items
 
 
+def _int_csv(text: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fleet and rounds")
     g.add_argument("--config", help="TOML or JSON config file (sections fleet, model, lora, train, data, simulate)")
@@ -50,6 +57,10 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--holders", type=int, help="C: devices holding each expert per round (default 2)")
     g.add_argument("--top-k", type=int, help="k: experts mixed per token, fewest a device holds (default 2)")
     g.add_argument("--dp-eta", type=float, help="differential privacy on RSEA embeddings, rate eta (0: off)")
+    g = p.add_argument_group("alternating freeze and rank selection (lora-a2, fedamole-a2)")
+    g.add_argument("--upload-rank", type=int, help="r_c: ranks per module a device uploads (default: the LoRA rank)")
+    g.add_argument("--b-lr-multiplier", type=float, help="learning rate of B as a multiple of A's (default 5)")
+    g.add_argument("--probe-steps", type=int, help="steps of the rank-scoring probe (default: the local steps)")
     g = p.add_argument_group("local training")
     g.add_argument("--local-steps", type=int, help="optimizer steps per round (default 10)")
     g.add_argument("--batch-size", type=int, help="batch size (default 16)")
@@ -87,9 +98,12 @@ def _overrides(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "data": {"dataset": get("dataset"), "text_column": get("text_column"), "label_column": get("label_column"),
                  "partition": get("partition"), "test_fraction": get("test_fraction"),
                  "samples_per_domain": get("samples_per_domain"), "labels": get("labels")},
-        "simulate": {"clients": get("clients"), "engine": get("engine"), "threads": get("threads")},
+        "simulate": {"clients": get("clients"), "engine": get("engine"), "threads": get("threads"),
+                     "upload_ranks": get("upload_ranks")},
         "amole": {"experts": get("experts"), "slots": get("slots"), "holders": get("holders"),
                   "top_k": get("top_k"), "dp_eta": get("dp_eta")},
+        "a2": {"upload_rank": get("upload_rank"), "b_lr_multiplier": get("b_lr_multiplier"),
+               "probe_steps": get("probe_steps")},
     }
 
 
@@ -111,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", help="write the run's results as JSON to this file")
     p.add_argument("--plot", help="write accuracy and traffic per round as a PNG to this file")
     p.add_argument("--work-dir", help="keep partitions, logs and checkpoints here (default: a temporary folder)")
+    p.add_argument("--upload-ranks", type=_int_csv,
+                   help="per-device upload rank budgets, e.g. 8,4,2,1, given to the clients in turn (lora-a2)")
     _add_task_flags(p)
     _add_data_flags(p, simulate=True)
 
@@ -136,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="eager", help="training engine (default eager)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to keep retrying the broker")
+    p.add_argument("--upload-rank", type=int,
+                   help="this device's upload rank budget r_c in lora-a2/fedamole-a2 (default: the task's)")
     p.add_argument("--keep-serving", action="store_true",
                    help="after a run ends, wait for the next one instead of exiting (for device services)")
     return parser
@@ -174,10 +192,13 @@ def _run_client(a: argparse.Namespace) -> int:
         raise ConfigError(f"unknown engine {a.engine!r} (available: {', '.join(ENGINES)})")
     if not 0 <= a.test_fraction < 1:
         raise ConfigError("--test-fraction must be in [0, 1)")
+    if a.upload_rank is not None and not 1 <= a.upload_rank <= 4096:
+        raise ConfigError("--upload-rank must be in [1, 4096]")
     return run_client(ClientOptions(
         broker=a.broker, client_id=a.client_id, data=a.data, test_data=a.test_data, test_fraction=a.test_fraction,
         text_column=a.text_column, label_column=a.label_column, fleet=a.fleet, topic_prefix=a.topic_prefix,
         engine=a.engine, threads=a.threads, connect_timeout_s=a.connect_timeout, keep_serving=a.keep_serving,
+        upload_rank=a.upload_rank,
     ))
 
 

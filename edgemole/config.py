@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edgemole.adapters.amole.config import AMoLEConfig
-from edgemole.adapters.lora.config import LoRAConfig
+from edgemole.adapters.lora.config import A2Config, LoRAConfig
 from edgemole.errors import ConfigError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 #: methods whose devices hold a personal set of AMoLE experts instead of one LoRA per module
 EXPERT_METHODS = ("fedamole", "fedamole-a2")
+#: methods that alternate the trained LoRA factor and upload only each device's top ranks (LoRA-A2)
+A2_METHODS = ("lora-a2", "fedamole-a2")
 
 T = TypeVar("T")
 
@@ -110,10 +112,13 @@ class SimulateConfig:
     clients: int = 4
     engine: str = "eager"
     threads: int = 0
+    upload_ranks: list[int] = field(default_factory=list)
+    """Per-device LoRA-A2 upload rank budgets, given to the clients in turn (empty: the task's for all)."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.clients <= 256, "simulate.clients must be in [1, 256]")
         _require(self.threads >= 0, "simulate.threads must be >= 0")
+        _require(all(1 <= r <= 4096 for r in self.upload_ranks), "simulate.upload_ranks must be in [1, 4096]")
 
 
 @dataclass
@@ -127,6 +132,7 @@ class TaskSpec:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     amole: AMoLEConfig = field(default_factory=AMoLEConfig)
+    a2: A2Config = field(default_factory=A2Config)
 
     @property
     def uses_experts(self) -> bool:
@@ -211,10 +217,11 @@ class Settings:
     data: DataConfig = field(default_factory=DataConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     amole: AMoLEConfig = field(default_factory=AMoLEConfig)
+    a2: A2Config = field(default_factory=A2Config)
 
     def task(self, labels: list[str]) -> TaskSpec:
         return TaskSpec(labels=labels, method=self.fleet.method, seed=self.fleet.seed, model=self.model,
-                        lora=self.lora, train=self.train, amole=self.amole)
+                        lora=self.lora, train=self.train, amole=self.amole, a2=self.a2)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

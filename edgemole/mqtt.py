@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -49,6 +50,23 @@ class Inbound:
     topic: str
     payload: bytes
     retain: bool
+
+
+class Link(Protocol):
+    """What the roles need from a transport: :class:`MqttLink` here, or the bench's in-memory link."""
+
+    birth: tuple[str, bytes] | None
+    bytes_in: int
+    bytes_out: int
+
+    def connect(self, timeout_s: float = 30.0) -> None: ...
+    def subscribe(self, *topics: str) -> None: ...
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, wait_s: float | None = 30.0) -> int: ...
+    def receive(self, timeout_s: float) -> Inbound | None: ...
+    def close(self) -> None: ...
+
+    @property
+    def connected(self) -> bool: ...
 
 
 class MqttLink:

@@ -179,6 +179,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
                 "--test-data", str(work / "data" / f"{name}.test.jsonl"),
                 "--fleet", settings.fleet.fleet, "--topic-prefix", settings.fleet.topic_prefix,
                 "--engine", settings.simulate.engine, "--threads", str(threads),
+                *(["--upload-rank", str(ranks[i % len(ranks)])] if (ranks := settings.simulate.upload_ranks) else []),
             ], work / "logs" / f"{name}.log", threads))
         procs.extend(clients)
         stack.callback(stop_processes, procs)

@@ -27,7 +27,8 @@ class Fleet:
     """Aggregator + clients as processes, plus an observer that records every fleet message."""
 
     def __init__(self, tmp: Path, broker: str, model: str, sizes: list[int], train: dict | None = None,
-                 amole: dict | None = None, **fleet: object) -> None:
+                 amole: dict | None = None, client_flags: dict[str, list[str]] | None = None,
+                 **fleet: object) -> None:
         self.tmp, self.broker = tmp, broker
         files, labels = write_client_data(tmp, sizes)
         self.config = write_config(tmp / "config.json", model, labels, train, amole, min_clients=len(sizes),
@@ -43,7 +44,7 @@ class Fleet:
                                  str(self.summary_path)], tmp / "aggregator.log")
         self.clients = [
             spawn(["client", "--broker", broker, "--client-id", f"c{k}", "--data", str(tr), "--test-data", str(te),
-                   "--fleet", "t", "--threads", "1"], tmp / f"c{k}.log")
+                   "--fleet", "t", "--threads", "1", *(client_flags or {}).get(f"c{k}", [])], tmp / f"c{k}.log")
             for k, (tr, te) in enumerate(files)
         ]
 
@@ -282,4 +283,70 @@ def test_ffa_lora_fleet_sends_only_b_and_keeps_a(tmp_path: Path, mosquitto: str,
             clients = [updates[c] for c in ("c0", "c1", "c2")]
             expected = weighted_average([u.tensors[name] for u in clients], [20, 40, 30])
             assert torch.allclose(value, expected, atol=1e-6), name
+    assert summary["rejected"] == {}
+
+
+def test_lora_a2_fleet_alternates_factors_and_uploads_only_selected_ranks(tmp_path: Path, mosquitto: str,
+                                                                          tiny_model: str) -> None:
+    budgets = {"c0": 4, "c1": 2, "c2": 1}  # heterogeneous upload ranks, from each device's own flag
+    fleet = Fleet(tmp_path, mosquitto, tiny_model, sizes=[20, 40, 30], method="lora-a2", rounds=4,
+                  client_flags={c: ["--upload-rank", str(b)] for c, b in budgets.items()})
+    summary = fleet.run()
+    assert [r["phase"] for r in summary["rounds"]] == ["train-B", "train-A", "train-B", "train-A"]
+    weights = {"c0": 20, "c1": 40, "c2": 30}
+    for rnd in (1, 2, 3, 4):
+        assigned = fleet.messages(Kind.ASSIGN, rnd)["c0"].tensors
+        following = fleet.messages(Kind.ASSIGN, rnd + 1)["c0"].tensors
+        updates = fleet.messages(Kind.UPDATE, rnd)
+        active, frozen = ("lora_B", "lora_A") if rnd % 2 else ("lora_A", "lora_B")
+        modules = [n[: -len(".lora_A")] for n in assigned if n.endswith(".lora_A")]
+        for c, u in updates.items():
+            assert {u.roles[n] for n in u.tensors} <= {active, "ranks", "head"}
+            assert sum(t.numel() for n, t in u.tensors.items() if n.endswith(".ranks")) == budgets[c] * len(modules)
+        for m in modules:
+            # the frozen factor does not move; the active one moves by the zero-filled weighted sum of changes
+            assert torch.equal(following[f"{m}.{frozen}"], assigned[f"{m}.{frozen}"])
+            expected = assigned[f"{m}.{active}"].double().clone()
+            for c, u in updates.items():
+                if f"{m}.ranks" in u.tensors:
+                    ranks = u.tensors[f"{m}.ranks"]
+                    start = assigned[f"{m}.{active}"]
+                    old = start[:, ranks] if active == "lora_B" else start[ranks]
+                    change = (u.tensors[f"{m}.{active}"] - old).double() * weights[c] / 90
+                    if active == "lora_B":
+                        expected[:, ranks] += change
+                    else:
+                        expected[ranks] += change
+            assert torch.allclose(following[f"{m}.{active}"].double(), expected, atol=1e-6), (rnd, m)
+    # fewer bytes than FedIT's update (every factor in full), and fewer for a smaller budget
+    full = fleet.messages(Kind.ASSIGN, 1)["c0"].tensors
+    fedit_bytes = len(encode(Message(Kind.UPDATE, "t", 1, "train", "c0", {"run": "0" * 12}, full)))
+    sizes = {(m.client, m.round): size for _, m, size in fleet.observed if m.kind == Kind.UPDATE and m.round <= 4}
+    assert all(size < fedit_bytes for size in sizes.values())
+    assert all(sizes["c2", rnd] < sizes["c1", rnd] < sizes["c0", rnd] for rnd in (1, 2, 3, 4))
+    assert summary["rejected"] == {}
+
+
+def test_fedamole_a2_fleet_alternates_and_selects_ranks_over_held_experts(tmp_path: Path, mosquitto: str,
+                                                                          tiny_model: str) -> None:
+    fleet = Fleet(tmp_path, mosquitto, tiny_model, sizes=[30, 30, 30, 30], method="fedamole-a2", rounds=4,
+                  amole={"experts": 4, "slots": 3, "holders": 2, "top_k": 2})
+    summary = fleet.run()
+    assert [r["phase"] for r in summary["rounds"]] == ["train-B", "train-A", "train-B", "train-A"]
+    for rnd in (1, 2, 3, 4):
+        active, frozen = ("lora_B", "lora_A") if rnd % 2 else ("lora_A", "lora_B")
+        assigns, updates = fleet.messages(Kind.ASSIGN, rnd), fleet.messages(Kind.UPDATE, rnd)
+        for c, u in updates.items():
+            assert {u.roles[n] for n in u.tensors} == {active, "ranks", "router", "head", "embedding"}
+            modules = {n.split(".router")[0] for n in u.tensors if n.endswith(".router")}
+            # budget r_c x modules (r_c = r = 4), spread over the shared expert and every held expert
+            assert sum(t.numel() for n, t in u.tensors.items() if n.endswith(".ranks")) == 4 * len(modules)
+            sent = {n.rsplit(".", 1)[0] for n in u.tensors if n.endswith(".ranks")}
+            held = {n.rsplit(".", 1)[0] for n in assigns[c].tensors if n.endswith(".lora_A")}
+            assert sent <= held
+        following = fleet.messages(Kind.ASSIGN, rnd + 1)
+        for c in set(following) & set(assigns):  # frozen factors never move, whichever device holds them
+            for n, t in following[c].tensors.items():
+                if n.endswith(frozen) and n in assigns[c].tensors:
+                    assert torch.equal(t, assigns[c].tensors[n]), (rnd, n)
     assert summary["rejected"] == {}

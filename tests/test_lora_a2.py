@@ -8,6 +8,9 @@ import torch
 
 from edgemole.adapters.lora.a2 import (
     active_factor,
+    adapter_prefixes,
+    aggregate_slices,
+    encode_slices,
     phase_for_round,
     rank_mask,
     rank_scores,
@@ -15,7 +18,10 @@ from edgemole.adapters.lora.a2 import (
     scatter_weighted_sum,
     select_ranks,
     slice_factor,
+    slice_specs,
 )
+from edgemole.errors import ProtocolError
+from edgemole.protocol import RANKS_ROLE, Kind, Message, check_tensors, decode, encode, spec_of
 
 
 def test_phases_alternate_starting_with_b() -> None:
@@ -90,3 +96,84 @@ def test_slices_round_trip_and_scatter_is_a_zero_filled_weighted_sum() -> None:
     assert torch.allclose(out, expected)
     A = torch.arange(10.0).reshape(2, 5)
     assert torch.equal(scatter_weighted_sum([(slice_factor(A, [1], "lora_A"), [1], 1.0)], (2, 5), "lora_A")[1], A[1])
+
+
+# -- the wire: slices with their indices, validated and aggregated ------------------------------------------
+def _update(tensors: dict[str, torch.Tensor], roles: dict[str, str]) -> Message:
+    return decode(encode(Message(Kind.UPDATE, "f", 1, "train-B", "c", {"run": "r", "num_samples": 5},
+                                 tensors, roles)))
+
+
+def test_slices_with_indices_round_trip_over_the_wire_and_aggregate_exactly() -> None:
+    gen = torch.Generator().manual_seed(0)
+    state = {"m1.lora_A": torch.randn(3, 5, generator=gen), "m1.lora_B": torch.randn(4, 3, generator=gen),
+             "m2.lora_A": torch.randn(3, 5, generator=gen), "m2.lora_B": torch.randn(4, 3, generator=gen),
+             "head.weight": torch.randn(2, 4, generator=gen)}
+    prefixes = adapter_prefixes(state)
+    assert prefixes == ["m1", "m2"]
+    # two devices trained B from the global state; each changed only its selected columns
+    selections = [{"m1": [0, 2], "m2": []}, {"m1": [2], "m2": [1]}]
+    weights = [0.25, 0.75]
+    trained = []
+    for sel in selections:
+        t = {k: v.clone() for k, v in state.items()}
+        for p, ranks in sel.items():
+            t[f"{p}.lora_B"][:, ranks] += torch.randn(4, len(ranks), generator=gen)
+        trained.append(t)
+    specs = slice_specs(spec_of(state, {k: k.rsplit(".", 1)[-1] for k in state}), prefixes, "train-B")
+    received = []
+    for t, sel in zip(trained, selections, strict=True):
+        wire = encode_slices(t, sel, "train-B")
+        assert "m2.lora_B" not in wire if not sel["m2"] else wire["m2.lora_B"].shape == (4, len(sel["m2"]))
+        roles = {n: RANKS_ROLE if n.endswith(".ranks") else "lora_B" for n in wire}
+        msg = _update(wire, roles)
+        check_tensors(msg, specs)  # optional, variable-rank slices pass the validator
+        received.append(msg.tensors)
+    for p in prefixes:  # zero-filled weighted sum of changes == weighted average of the full trained factors
+        got = aggregate_slices(state[f"{p}.lora_B"], list(zip(received, weights, strict=True)), p, "train-B")
+        want = sum(w * t[f"{p}.lora_B"] for w, t in zip(weights, trained, strict=True))
+        assert torch.allclose(got, want, atol=1e-6), p
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"m1.lora_B": torch.zeros(4, 2)}, "sent together"),  # slice without indices
+    ({"m1.ranks": torch.tensor([0])}, "sent together"),  # indices without slice
+    ({"m1.lora_B": torch.zeros(4, 2), "m1.ranks": torch.tensor([0])}, "increasing rank indices"),  # count differs
+    ({"m1.lora_B": torch.zeros(4, 2), "m1.ranks": torch.tensor([2, 1])}, "increasing rank indices"),
+    ({"m1.lora_B": torch.zeros(4, 2), "m1.ranks": torch.tensor([1, 1])}, "increasing rank indices"),
+    ({"m1.lora_B": torch.zeros(4, 1), "m1.ranks": torch.tensor([3])}, "increasing rank indices"),  # out of range
+    ({"m1.lora_B": torch.zeros(4, 1), "m1.ranks": torch.tensor([-1])}, "increasing rank indices"),
+    ({"m1.lora_B": torch.zeros(4, 4), "m1.ranks": torch.tensor([0, 1, 2, 3])}, "shape"),  # more than r ranks
+    ({"m1.lora_B": torch.zeros(5, 1), "m1.ranks": torch.tensor([0])}, "shape"),
+    ({"m1.lora_B": torch.zeros(4, 1), "m1.ranks": torch.tensor([0.0])}, "dtype"),
+    ({"m1.lora_A": torch.zeros(1, 5), "m1.ranks": torch.tensor([0])}, "unexpected"),  # the frozen factor
+])
+def test_bad_rank_slices_are_rejected(bad: dict, why: str) -> None:
+    state = {"m1.lora_A": torch.zeros(3, 5), "m1.lora_B": torch.zeros(4, 3)}
+    specs = slice_specs(spec_of(state, {"m1.lora_A": "lora_A", "m1.lora_B": "lora_B"}), ["m1"], "train-B")
+    roles = {n: RANKS_ROLE if n.endswith(".ranks") else n.rsplit(".", 1)[-1] for n in bad}
+    with pytest.raises(ProtocolError, match=why):
+        check_tensors(_update(bad, roles), specs)
+
+
+def test_lora_a2_strategy_alternates_and_adds_weighted_slice_changes() -> None:
+    from aggregator.strategies import ClientUpdate, strategy_class
+    from edgemole.config import TaskSpec
+
+    task = TaskSpec(labels=["a", "b"], method="lora-a2")
+    state = {"m.lora_A": torch.randn(2, 3), "m.lora_B": torch.zeros(4, 2), "head.weight": torch.zeros(2, 4)}
+    roles = {"m.lora_A": "lora_A", "m.lora_B": "lora_B", "head.weight": "head"}
+    strategy = strategy_class("lora-a2")(state, roles, task)
+    plans = [strategy.configure_train(t, ["c0", "c1"]) for t in (1, 2)]
+    assert [p.phase for p in plans] == ["train-B", "train-A"]
+    assert plans[0].assignments["c0"].body["train_roles"] == ["lora_B", "head"]
+    assert plans[1].assignments["c0"].body["train_roles"] == ["lora_A", "head"]
+    assert set(plans[0].assignments["c0"].expect) == {"m.lora_B", "m.ranks", "head.weight"}
+    updates = [ClientUpdate("c0", 10, {"m.lora_B": torch.ones(4, 1), "m.ranks": torch.tensor([1]),
+                                       "head.weight": torch.ones(2, 4)}),
+               ClientUpdate("c1", 30, {"head.weight": torch.zeros(2, 4)})]  # c1 selected no rank of m
+    strategy.aggregate(1, plans[0], updates)
+    B = strategy.model_for("c0")["m.lora_B"]
+    assert torch.allclose(B[:, 1], torch.full((4,), 0.25)) and torch.equal(B[:, 0], torch.zeros(4))
+    assert torch.equal(strategy.model_for("c0")["m.lora_A"], state["m.lora_A"])  # frozen in a B round
+    assert torch.allclose(strategy.model_for("c0")["head.weight"], torch.full((2, 4), 0.25))

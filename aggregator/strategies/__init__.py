@@ -5,9 +5,11 @@ from aggregator.strategies.fedamole import FedAMoLE
 from aggregator.strategies.fedit import FedIT
 from aggregator.strategies.ffa_lora import FFALoRA
 from aggregator.strategies.flexlora import FlexLoRA
+from aggregator.strategies.lora_a2 import FedAMoLEA2, LoRAA2
 from edgemole.errors import ConfigError
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, FlexLoRA, FedAMoLE)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, FlexLoRA, LoRAA2, FedAMoLE,
+                                                               FedAMoLEA2)}
 
 
 def strategy_class(name: str) -> type[Strategy]:
@@ -23,9 +25,11 @@ __all__ = [
     "Assignment",
     "ClientUpdate",
     "FedAMoLE",
+    "FedAMoLEA2",
     "FFALoRA",
     "FedIT",
     "FlexLoRA",
+    "LoRAA2",
     "RoundPlan",
     "Strategy",
     "strategy_class",

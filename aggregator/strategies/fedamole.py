@@ -100,13 +100,21 @@ class FedAMoLE(Strategy):
             tensors = self._tensors(sets[c])
             expect: dict[str, TensorSpec] = {}
             if phase != "eval":
-                expect = spec_of(tensors, self.roles)
+                expect = self.expected_tensors(phase, tensors)
                 for m, ids in sets[c].items():
                     expect[token_embedding_name(m)] = TensorSpec((self.r,), role=EMBEDDING_ROLE)
                     expect.update({expert_embedding_name(m, e): TensorSpec((self.r,), role=EMBEDDING_ROLE)
                                    for e in ids})
-            assignments[c] = Assignment(tensors, expect, {"experts": sets[c]})
+            assignments[c] = Assignment(tensors, expect, {"experts": sets[c], **self.assignment_body(phase)})
         return RoundPlan(phase, assignments, info={"experts": sets, **expert_set_stats(sets)})
+
+    def expected_tensors(self, phase: str, tensors: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
+        """What a device must send back for the weights it received (RSEA embeddings are added to it)."""
+        return spec_of(tensors, self.roles)
+
+    def assignment_body(self, phase: str) -> dict[str, Any]:
+        """Fields every assignment of a round carries besides the expert map."""
+        return {}
 
     def configure_train(self, rnd: int, clients: Sequence[str]) -> RoundPlan:
         return self._plan("train", clients)
@@ -114,14 +122,21 @@ class FedAMoLE(Strategy):
     def configure_evaluate(self, clients: Sequence[str]) -> RoundPlan:
         return self._plan("eval", clients)
 
-    def aggregate(self, rnd: int, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
-        def weight(u: ClientUpdate) -> float:
-            return float(u.num_samples) if self.cfg.sample_weighted else 1.0
+    def weight(self, update: ClientUpdate) -> float:
+        """A device's weight in every average: 1 (the paper's) or its sample count."""
+        return float(update.num_samples) if self.cfg.sample_weighted else 1.0
 
+    def aggregate(self, rnd: int, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
         for name in list(self.state):
             holders = [u for u in updates if name in u.tensors]
             if holders:  # domain experts: their holders this round; shared, router, head: everyone
-                self.state[name] = weighted_average([u.tensors[name] for u in holders], [weight(u) for u in holders])
+                self.state[name] = weighted_average([u.tensors[name] for u in holders],
+                                                    [self.weight(u) for u in holders])
+        self.update_embeddings(updates)
+        return {}
+
+    def update_embeddings(self, updates: Sequence[ClientUpdate]) -> None:
+        """Keep the latest RSEA vectors: e_i averaged over this round's holders, t_c per device."""
         for m in self.modules:
             for eid in range(self.cfg.experts):
                 vectors = [u.tensors[expert_embedding_name(m, eid)] for u in updates
@@ -131,7 +146,6 @@ class FedAMoLE(Strategy):
                     self.embedded[m][eid] = True
         for u in updates:
             self.token_embed[u.client] = {m: u.tensors[token_embedding_name(m)] for m in self.modules}
-        return {}
 
     def model_for(self, client: str) -> dict[str, torch.Tensor]:
         return self._tensors(self.sets[client])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +48,15 @@ class EagerEngine(TrainingEngine):
         return collect_embeddings(self.wire.layers, self.wire.expert_sets(body), run)
 
     def train(self, batches: Iterator[Batch], steps: int, lr: float, weight_decay: float,
-              roles: Collection[str] | None = None) -> TrainStats:
+              roles: Collection[str] | None = None, *, role_lr: Mapping[str, float] | None = None,
+              after_step: Callable[[], None] | None = None) -> TrainStats:
         param_roles = self.wire.parameter_roles()
-        params = [p for n, p in self.model.named_parameters()
-                  if p.requires_grad and (roles is None or param_roles[n] in roles)]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        groups: dict[float, list[torch.nn.Parameter]] = {}
+        for n, p in self.model.named_parameters():
+            if p.requires_grad and (roles is None or param_roles[n] in roles):
+                groups.setdefault(lr * (role_lr or {}).get(param_roles[n], 1.0), []).append(p)
+        optimizer = torch.optim.AdamW([{"params": ps, "lr": group_lr} for group_lr, ps in groups.items()],
+                                      lr=lr, weight_decay=weight_decay)
         self.model.train()
         start, total, samples = time.perf_counter(), 0.0, 0
         for _ in range(steps):
@@ -62,6 +66,8 @@ class EagerEngine(TrainingEngine):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             total += float(loss.detach())
             samples += len(batch.labels)
         return TrainStats(total / steps, steps, samples, time.perf_counter() - start)

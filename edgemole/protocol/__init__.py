@@ -12,7 +12,9 @@ from edgemole.protocol.messages import (
 )
 from edgemole.protocol.topics import Topics, check_name
 from edgemole.protocol.validate import (
+    RANKS_ROLE,
     TensorSpec,
+    check_rank_slices,
     check_tensors,
     spec_of,
     validate_assignment,
@@ -23,12 +25,14 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DONE",
     "PHASES",
+    "RANKS_ROLE",
     "SCHEMA_VERSION",
     "Kind",
     "Message",
     "TensorSpec",
     "Topics",
     "check_name",
+    "check_rank_slices",
     "check_tensors",
     "decode",
     "encode",

@@ -18,13 +18,23 @@ from edgemole.protocol.messages import PHASES, Kind, Message, finite_number
 MAX_SAMPLES = 10**9
 
 
+#: role of the int64 index tensor ``<adapter>.ranks`` that says which ranks a LoRA-A2 slice holds
+RANKS_ROLE = "ranks"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """Expected shape, dtype and role of one named tensor."""
+    """Expected shape, dtype and role of one named tensor.
 
-    shape: tuple[int, ...]
+    A ``None`` in ``shape`` is a variable dimension of size 1..``bound`` (the ranks of a LoRA-A2 slice);
+    an ``optional`` tensor may be absent (an adapter of which a device selected no rank).
+    """
+
+    shape: tuple[int | None, ...]
     dtype: torch.dtype = torch.float32
     role: str = ""
+    optional: bool = False
+    bound: int = 0
 
 
 def spec_of(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str] | None = None) -> dict[str, TensorSpec]:
@@ -36,19 +46,54 @@ def spec_of(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str] | None
 def check_tensors(msg: Message, expected: Mapping[str, TensorSpec]) -> None:
     """Exactly the expected names, each with its shape, dtype and role, and only finite values."""
     names = set(msg.tensors)
-    missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+    missing = sorted(n for n, spec in expected.items() if n not in names and not spec.optional)
+    extra = sorted(names - set(expected))
     if missing or extra:
         raise ProtocolError(f"tensor names differ from expected: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, spec in expected.items():
+        if name not in names:
+            continue
         t = msg.tensors[name]
-        if tuple(t.shape) != spec.shape:
-            raise ProtocolError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {spec.shape}")
+        if not _shape_fits(tuple(t.shape), spec):
+            raise ProtocolError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {_show(spec)}")
         if t.dtype != spec.dtype:
             raise ProtocolError(f"tensor {name!r} has dtype {t.dtype}, expected {spec.dtype}")
         if spec.role and msg.roles.get(name, "") != spec.role:
             raise ProtocolError(f"tensor {name!r} has role {msg.roles.get(name)!r}, expected {spec.role!r}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ProtocolError(f"tensor {name!r} contains NaN or Inf")
+    check_rank_slices(msg.tensors, expected)
+
+
+def _shape_fits(shape: tuple[int, ...], spec: TensorSpec) -> bool:
+    return len(shape) == len(spec.shape) and all(
+        want == got if want is not None else 1 <= got <= spec.bound for got, want in zip(shape, spec.shape,
+                                                                                          strict=True))
+
+
+def _show(spec: TensorSpec) -> str:
+    dims = ", ".join(f"1..{spec.bound}" if d is None else str(d) for d in spec.shape)
+    return f"({dims})"
+
+
+def check_rank_slices(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, TensorSpec]) -> None:
+    """Every LoRA-A2 slice comes with its ``.ranks``: as many distinct, increasing indices in [0, r) as the slice
+    has ranks, and no index tensor without its slice (so that the server's scatter cannot go out of bounds)."""
+    sliced = {n.rsplit(".", 1)[0]: n for n, spec in expected.items() if None in spec.shape and spec.role != RANKS_ROLE}
+    for name, spec in expected.items():
+        if spec.role != RANKS_ROLE:
+            continue
+        prefix = name.rsplit(".", 1)[0]
+        slice_name = sliced.get(prefix)
+        if (name in tensors) != (slice_name is not None and slice_name in tensors):
+            raise ProtocolError(f"{prefix!r}: a rank slice and its '.ranks' must be sent together")
+        if name not in tensors or slice_name is None:
+            continue
+        ranks = tensors[name]
+        k = tensors[slice_name].shape[expected[slice_name].shape.index(None)]
+        if ranks.numel() != k or (k > 1 and not bool((ranks[1:] > ranks[:-1]).all())) or \
+                int(ranks.min()) < 0 or int(ranks.max()) >= spec.bound:
+            raise ProtocolError(f"{name!r} must hold {k} increasing rank indices in [0, {spec.bound})")
 
 
 def _check_header(msg: Message, kind: Kind, fleet: str) -> None:

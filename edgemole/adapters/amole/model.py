@@ -40,6 +40,14 @@ def expert_name(module: str, expert: int, factor: str) -> str:
     return f"{module}.expert.{expert}.{factor}"
 
 
+def adapter_module(prefix: str) -> str:
+    """The target module an adapter belongs to: ``<module>`` of ``<module>.expert.<id>`` or ``<module>.shared``
+    (a plain LoRA's prefix is its module)."""
+    if ".expert." in prefix:
+        return prefix.rsplit(".expert.", 1)[0]
+    return prefix.removesuffix(".shared")
+
+
 def expert_embedding_name(module: str, expert: int) -> str:
     return f"{module}.embed.expert.{expert}"
 

@@ -35,3 +35,26 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+
+@dataclass
+class A2Config:
+    """LoRA-A2 on the device: alternating freeze and adaptive rank upload (DESIGN.md 5.3).
+
+    ``upload_rank`` is r_c, the device's upload rank budget (r_c x modules (module, rank) pairs per round);
+    0 means the LoRA rank. A device may override it in its own config (heterogeneous budgets).
+    """
+
+    upload_rank: int = 0
+    b_lr_multiplier: float = 5.0
+    """Learning rate of B as a multiple of A's (LoRA+ style); applied in B rounds."""
+    probe_steps: int = 0
+    """Steps of the rank-scoring probe from the global weights; 0 means the round's local steps."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.upload_rank <= 4096:
+            raise ConfigError("a2.upload_rank must be in [0, 4096] (0: the LoRA rank)")
+        if not 0 < self.b_lr_multiplier <= 1000:
+            raise ConfigError("a2.b_lr_multiplier must be in (0, 1000]")
+        if not 0 <= self.probe_steps <= 1_000_000:
+            raise ConfigError("a2.probe_steps must be in [0, 1000000] (0: the round's local steps)")
