@@ -15,28 +15,18 @@ from pathlib import Path
 
 import torch
 
-from edge_client.engines import Batch, TrainingEngine, TrainStats, make_engine
+from edge_client.alternating import train_alternating
+from edge_client.engines import Batch, TrainingEngine, make_engine
 from edge_client.local_data import LocalData
-from edgemole.adapters.amole.model import EMBEDDING_ROLE, adapter_module
+from edgemole.adapters.amole.model import EMBEDDING_ROLE
 from edgemole.adapters.amole.rsea import privatize
-from edgemole.adapters.lora.a2 import (
-    TRAIN_A,
-    TRAIN_B,
-    active_factor,
-    adapter_prefixes,
-    encode_slices,
-    factor_deltas,
-    score_state,
-    select_ranks,
-    selection_masks,
-)
+from edgemole.adapters.lora.a2 import TRAIN_A, TRAIN_B, active_factor
 from edgemole.config import TaskSpec
 from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
 from edgemole.mqtt import Inbound, Link, MqttLink
 from edgemole.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DONE,
-    RANKS_ROLE,
     Kind,
     Message,
     Topics,
@@ -69,12 +59,6 @@ class ClientOptions:
     keep_serving: bool = False
     #: LoRA-A2 upload rank budget r_c of this device (None: the task's ``a2.upload_rank``)
     upload_rank: int | None = None
-
-
-@dataclass
-class A2Stats(TrainStats):
-    probe_s: float = 0.0
-    ranks: int = 0
 
 
 def batch_seed(task_seed: int, client_id: str, round_: int) -> int:
@@ -287,8 +271,10 @@ class EdgeClient:
                     tensors = {n: t for n, t in tensors.items() if roles[n] in train_roles}
                     roles = {n: roles[n] for n in tensors}
             else:
-                stats, tensors, roles = self._train_a2(msg, steps, train_roles)
-                metrics.update(probe_s=stats.probe_s, ranks_uploaded=stats.ranks)
+                a2 = train_alternating(self.engine, msg.body, msg.phase, lambda: self._batches(msg.round),
+                                       self.task, steps, self.upload_rank(), train_roles)
+                stats, tensors, roles = a2.stats, a2.tensors, a2.roles
+                metrics.update(probe_s=a2.probe_s, ranks_uploaded=a2.ranks)
             after = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
             metrics.update(train_loss=stats.loss, train_s=stats.seconds, steps=stats.steps,
                            acc_after=after.accuracy, loss_after=after.loss, eval_s=before.seconds + after.seconds)
@@ -313,44 +299,6 @@ class EdgeClient:
         """r_c: this device's own budget, else the task's, else the LoRA rank."""
         assert self.task is not None
         return self.opts.upload_rank or self.task.a2.upload_rank or self.task.lora.r
-
-    def _train_a2(self, msg: Message, steps: int, train_roles: list[str] | None) -> tuple[A2Stats, dict, dict]:
-        """LoRA-A2's round (DESIGN.md 5.3): a probe from the global weights scores every rank of every adapter,
-        the top r_c x modules are kept, then training restarts from the global weights with everything else
-        of the active factor held in place after each step. Returns the stats and the tensors to upload."""
-        assert self.engine is not None and self.task is not None
-        engine, body, phase, a2 = self.engine, msg.body, msg.phase, self.task.a2
-        factor = active_factor(phase)
-        roles_trained = train_roles or [factor]
-        role_lr = {"lora_B": a2.b_lr_multiplier}
-        train = self.task.train
-        global_state, wire_roles = engine.get_state(body)
-        prefixes = adapter_prefixes(global_state)
-        probe = engine.train(self._batches(msg.round), a2.probe_steps or steps, train.lr, train.weight_decay,
-                             roles_trained, role_lr=role_lr)
-        probed, _ = engine.get_state(body)
-        scores = score_state(global_state, factor_deltas(global_state, probed, prefixes, phase), phase)
-        budget = self.upload_rank() * len({adapter_module(p) for p in prefixes})
-        selection = select_ranks(scores, budget)
-        masks = selection_masks(global_state, selection, phase)
-
-        def hold_unselected() -> None:
-            current, _ = engine.get_state(body)
-            current.update({n: torch.where(m, current[n], global_state[n]) for n, m in masks.items()})
-            engine.set_state(current, body)
-
-        engine.set_state(global_state, body)
-        stats = engine.train(self._batches(msg.round), steps, train.lr, train.weight_decay, roles_trained,
-                             role_lr=role_lr, after_step=hold_unselected)
-        trained, _ = engine.get_state(body)
-        adapter_factors = {f"{p}.{f}" for p in prefixes for f in ("lora_A", "lora_B")}
-        tensors = {n: t for n, t in trained.items() if wire_roles[n] in roles_trained and n not in adapter_factors}
-        roles = {n: wire_roles[n] for n in tensors}
-        slices = encode_slices(trained, selection, phase)
-        tensors.update(slices)
-        roles.update({n: RANKS_ROLE if n.endswith(".ranks") else factor for n in slices})
-        ranks = sum(len(r) for r in selection.values())
-        return A2Stats(stats.loss, stats.steps, stats.samples, stats.seconds, probe.seconds, ranks), tensors, roles
 
     def _embeddings(self, msg: Message) -> dict:
         """RSEA vectors on the aux set with the post-training weights, with DP noise when configured."""

@@ -34,7 +34,7 @@ def test_unknown_subcommand_and_flag(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_unknown_method(capsys: pytest.CaptureFixture[str]) -> None:
     line = _one_line_error(capsys, ["simulate", "--method", "fedmagic"])
-    assert "unknown method 'fedmagic'" in line and "fedamole, fedit, ffa-lora, flexlora" in line
+    assert "unknown method 'fedmagic'" in line and "fedamole, fedamole-a2, fedit, ffa-lora, flexlora, lora-a2" in line
 
 
 @pytest.mark.parametrize(

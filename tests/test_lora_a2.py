@@ -3,6 +3,8 @@ that hold under AdamW, slices that round-trip."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -177,3 +179,47 @@ def test_lora_a2_strategy_alternates_and_adds_weighted_slice_changes() -> None:
     assert torch.allclose(B[:, 1], torch.full((4,), 0.25)) and torch.equal(B[:, 0], torch.zeros(4))
     assert torch.equal(strategy.model_for("c0")["m.lora_A"], state["m.lora_A"])  # frozen in a B round
     assert torch.allclose(strategy.model_for("c0")["head.weight"], torch.full((2, 4), 0.25))
+
+
+@pytest.mark.parametrize("phase", ["train-B", "train-A"])
+def test_device_round_moves_only_selected_ranks_of_the_active_factor(tiny_model: str, phase: str) -> None:
+    from edge_client.alternating import train_alternating
+    from edge_client.engines import Batch
+    from edge_client.engines.eager import EagerEngine
+    from edgemole.adapters.lora.config import A2Config, LoRAConfig
+    from edgemole.config import ModelConfig, TaskSpec, TrainConfig
+
+    task = TaskSpec(labels=["a", "b", "c"], method="lora-a2", model=ModelConfig(tiny_model, 8),
+                    lora=LoRAConfig(r=4, dropout=0.0), train=TrainConfig(lr=0.05, weight_decay=0.1),
+                    a2=A2Config(probe_steps=2))
+    engine = EagerEngine(task, threads=1)
+    state, _ = engine.get_state({})
+    gen = torch.Generator().manual_seed(1)
+    state = {n: torch.randn(t.shape, generator=gen) * 0.1 for n, t in state.items()}  # B != 0 for A scores
+    engine.set_state(state, {})
+
+    def batches() -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(2)
+        while True:
+            yield Batch(torch.randint(5, 90, (4, 8), generator=g), torch.ones(4, 8, dtype=torch.long),
+                        torch.randint(0, 3, (4,), generator=g))
+
+    result = train_alternating(engine, {}, phase, batches, task, steps=4, upload_rank=1,
+                               train_roles=[active_factor(phase), "head"])
+    trained, _ = engine.get_state({})
+    factor = active_factor(phase)
+    frozen = "lora_A" if factor == "lora_B" else "lora_B"
+    prefixes = adapter_prefixes(state)
+    assert result.ranks == len(prefixes)  # budget r_c x modules = 1 x modules
+    for p in prefixes:
+        assert torch.equal(trained[f"{p}.{frozen}"], state[f"{p}.{frozen}"])
+        mask = rank_mask(state[f"{p}.{factor}"].shape, result.selection[p], factor)
+        moved = trained[f"{p}.{factor}"] != state[f"{p}.{factor}"]
+        assert not bool((moved & ~mask).any()), p  # AdamW with weight decay moved nothing outside the mask
+        if result.selection[p]:
+            assert bool(moved.any())
+            assert torch.equal(result.tensors[f"{p}.{factor}"],
+                               slice_factor(trained[f"{p}.{factor}"], result.selection[p], factor))
+        else:
+            assert f"{p}.{factor}" not in result.tensors
+    assert {result.roles[n] for n in result.tensors} == {factor, "ranks", "head"}

@@ -42,7 +42,7 @@ def test_fedit_averages_every_tensor_by_samples() -> None:
     with pytest.raises(ValueError):
         fedit.load_state_dict({"other": torch.zeros(1)})
     assert strategy_class("fedit") is FedIT
-    with pytest.raises(ConfigError, match="available: fedamole, fedit, ffa-lora, flexlora"):
+    with pytest.raises(ConfigError, match="available: fedamole, fedamole-a2, fedit, ffa-lora, flexlora, lora-a2"):
         strategy_class("fedavg-magic")
 
 

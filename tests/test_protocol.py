@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from edgemole.adapters.amole.config import AMoLEConfig
+from edgemole.adapters.lora.config import A2Config
 from edgemole.config import (
     FleetConfig,
     LoRAConfig,
@@ -295,8 +296,9 @@ def test_task_vector_body_is_a_valid_task_spec() -> None:
     task = TaskSpec.from_body(body["task"])
     assert task.labels == ["negative", "positive"]
     assert task.lora.target_modules == ("query", "value")
-    # the vector predates expert methods: an absent `amole` object takes its defaults
-    assert json.loads(json.dumps(task.to_body())) == {**TASK_BODY, "amole": dataclasses.asdict(AMoLEConfig())}
+    # the vector predates expert methods and LoRA-A2: absent `amole` and `a2` objects take their defaults
+    assert json.loads(json.dumps(task.to_body())) == {**TASK_BODY, "amole": dataclasses.asdict(AMoLEConfig()),
+                                                      "a2": dataclasses.asdict(A2Config())}
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE_VECTORS))
