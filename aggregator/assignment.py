@@ -49,6 +49,21 @@ _PROGRESS = 0.75
 _CANDIDATES_PER_ROW = 32
 
 
+def feasible_holders(num_experts: int, num_clients: int, holders: int, min_experts: int, max_experts: int) -> int:
+    """C as configured, or the nearest C that lets ``num_clients`` devices hold between k and M experts each
+    (k*N <= E*C <= M*N, C <= N): a fleet larger or smaller than the configuration was sized for still runs.
+    Raises :class:`ConfigError` when no C works (e.g. fewer than E/M devices)."""
+    low = -(-min_experts * num_clients // num_experts)
+    high = min((max_experts * num_clients) // num_experts, num_clients)
+    if low > high or holders < 1:
+        raise ConfigError(f"expert assignment infeasible: no number of holders C lets {num_clients} device(s) hold "
+                          f"{num_experts} experts with {min_experts} to {max_experts} each (need N >= E/M = "
+                          f"{num_experts}/{max_experts} devices)")
+    chosen = min(max(holders, low), high)
+    check_feasible(num_experts, num_clients, chosen, min_experts, max_experts)
+    return chosen
+
+
 def check_feasible(num_experts: int, num_clients: int, holders: int, min_experts: int, max_experts: int) -> None:
     """Raise :class:`ConfigError` unless some assignment satisfies the constraints (E*C within [k*N, M*N], C <= N)."""
     named = {

@@ -59,6 +59,9 @@ class ClientOptions:
     keep_serving: bool = False
     #: LoRA-A2 upload rank budget r_c of this device (None: the task's ``a2.upload_rank``)
     upload_rank: int | None = None
+    #: also evaluate after local training (the ``acc_after`` metric); benchmarks that only need the received
+    #: model's accuracy turn it off to save a pass over the test split
+    eval_after_training: bool = True
 
 
 def batch_seed(task_seed: int, client_id: str, round_: int) -> int:
@@ -150,11 +153,6 @@ class EdgeClient:
         except EdgemoleError as exc:
             self._publish_status("error", str(exc))
             raise
-
-    @property
-    def finished(self) -> bool:
-        """The run this device took part in has ended (or a signal asked it to stop)."""
-        return self._stop
 
     def stop(self) -> None:
         """Announce this device offline and disconnect."""
@@ -275,9 +273,10 @@ class EdgeClient:
                                        self.task, steps, self.upload_rank(), train_roles)
                 stats, tensors, roles = a2.stats, a2.tensors, a2.roles
                 metrics.update(probe_s=a2.probe_s, ranks_uploaded=a2.ranks)
-            after = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
-            metrics.update(train_loss=stats.loss, train_s=stats.seconds, steps=stats.steps,
-                           acc_after=after.accuracy, loss_after=after.loss, eval_s=before.seconds + after.seconds)
+            metrics.update(train_loss=stats.loss, train_s=stats.seconds, steps=stats.steps)
+            if self.opts.eval_after_training:
+                after = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
+                metrics.update(acc_after=after.accuracy, loss_after=after.loss, eval_s=before.seconds + after.seconds)
             embeddings = self._embeddings(msg)
             tensors.update(embeddings)
             roles.update(dict.fromkeys(embeddings, EMBEDDING_ROLE))

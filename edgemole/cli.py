@@ -1,7 +1,8 @@
-"""The ``edgemole`` command line: ``simulate`` (an emulated fleet), ``aggregator`` and ``client``.
+"""The ``edgemole`` command line: ``simulate`` (an emulated fleet), ``bench`` (methods compared), ``aggregator`` and
+``client``.
 
-Every user mistake ends as one line ``error: ...`` on stderr and exit status 2; the CLI is the only
-place in the shared package that reaches into the role packages, and it does so lazily.
+Every user mistake ends as one line ``error: ...`` on stderr and exit status 2. The CLI reaches into the
+role packages (and into ``edgemole.bench``, which imports them) only lazily, in the runner of a command.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _int_csv(text: str) -> list[int]:
 def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fleet and rounds")
     g.add_argument("--config", help="TOML or JSON config file (sections fleet, model, lora, train, data, simulate)")
-    g.add_argument("--method", help="aggregation method (default fedit)")
+    g.add_argument("--method", help="fedamole-a2 (default), fedamole, lora-a2, fedit, ffa-lora or flexlora")
     g.add_argument("--rounds", type=int, help="training rounds (default 5)")
     g.add_argument("--fleet", help="fleet name, part of every topic (default 'default')")
     g.add_argument("--topic-prefix", help="topic prefix (default 'edgemole')")
@@ -156,6 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this device's upload rank budget r_c in lora-a2/fedamole-a2 (default: the task's)")
     p.add_argument("--keep-serving", action="store_true",
                    help="after a run ends, wait for the next one instead of exiting (for device services)")
+
+    p = sub.add_parser("bench", help="compare methods over a grid of ranks, Dirichlet alphas and seeds (in memory)")
+    g = p.add_argument_group("grid (also the [bench] section of --config)")
+    g.add_argument("--methods", help="comma-separated methods, e.g. fedit,ffa-lora,flexlora,lora-a2,fedamole")
+    g.add_argument("--ranks", help="comma-separated LoRA ranks; for lora-a2/fedamole-a2 the upload rank budgets "
+                   "(their LoRA rank is --rank)")
+    g.add_argument("--alphas", help="comma-separated Dirichlet label-skew alphas, e.g. 0.5,0.1,0.01")
+    g.add_argument("--seeds", help="comma-separated seeds (initial weights, partitions, selection)")
+    g.add_argument("--out", help="results folder (default bench-results/); runs already there are skipped")
+    g.add_argument("--global-test-size", type=int,
+                   help="examples of the test split for global accuracy, a fixed subsample (default 1000; 0: all)")
+    g.add_argument("--clients", type=int, help="clients per run (default 4)")
+    g.add_argument("--jobs", type=int, help="runs in parallel, in worker processes (default 1)")
+    g.add_argument("--threads", type=int, dest="bench_threads", metavar="THREADS",
+                   help="torch threads per process (default 1)")
+    _add_task_flags(p)
+    _add_data_flags(p, simulate=True)
     return parser
 
 
@@ -212,10 +230,10 @@ def _run_simulate(a: argparse.Namespace) -> int:
     settings = load_settings(a.config, _overrides(a))
     strategy_class(settings.fleet.method)
     if settings.fleet.method in EXPERT_METHODS:
-        from aggregator.assignment import check_feasible
+        from aggregator.assignment import feasible_holders
 
         am = settings.amole
-        check_feasible(am.experts, settings.simulate.clients, am.holders, am.top_k, am.slots)
+        feasible_holders(am.experts, settings.simulate.clients, am.holders, am.top_k, am.slots)
     if settings.simulate.engine not in ENGINES:
         raise ConfigError(f"unknown engine {settings.simulate.engine!r} (available: {', '.join(ENGINES)})")
     if a.plot and not a.plot.lower().endswith(".png"):
@@ -225,15 +243,35 @@ def _run_simulate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(a: argparse.Namespace) -> int:
+    from edgemole.bench import bench, load_bench_settings, parse_list
+    from edgemole.errors import ConfigError
+
+    for dest, flag, instead in (("method", "--method", "--methods"), ("seed", "--seed", "--seeds"),
+                                ("upload_rank", "--upload-rank", "--ranks"),
+                                ("partition", "--partition", "--alphas"), ("min_clients", "--min-clients", "--clients"),
+                                ("deadline", "--deadline", "nothing: rounds end when every client answered")):
+        if getattr(a, dest, None) is not None:
+            raise ConfigError(f"bench takes {instead} instead of {flag}")
+    lists = {"methods": str, "ranks": int, "alphas": float, "seeds": int}
+    grid = {name: None if getattr(a, name) is None else parse_list(getattr(a, name), kind, f"--{name}")
+            for name, kind in lists.items()}
+    grid.update(out=a.out, global_test_size=a.global_test_size, jobs=a.jobs, threads=a.bench_threads)
+    settings, cfg = load_bench_settings(a.config, _overrides(a), grid)
+    bench(settings, cfg)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     a = parser.parse_args(argv)
-    a.log_level = a.log_level or ("WARNING" if a.command == "simulate" else "INFO")
+    a.log_level = a.log_level or ("WARNING" if a.command in ("simulate", "bench") else "INFO")
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     for noisy in ("torchao", "torch.utils._pytree"):  # optional-kernel notices from executorch's torchao
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    runners = {"simulate": _run_simulate, "aggregator": _run_aggregator, "client": _run_client}
+    runners = {"simulate": _run_simulate, "aggregator": _run_aggregator, "client": _run_client,
+               "bench": _run_bench}
     try:
         code = runners[a.command](a)
     except EdgemoleError as exc:

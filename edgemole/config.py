@@ -64,7 +64,8 @@ class FleetConfig:
 
     fleet: str = "default"
     topic_prefix: str = "edgemole"
-    method: str = "fedit"
+    #: personal expert sets (FedAMoLE) trained with alternating factors and rank-selective upload (LoRA-A2)
+    method: str = "fedamole-a2"
     rounds: int = 5
     min_clients: int = 1
     clients_per_round: float = 1.0

@@ -71,8 +71,8 @@ def write_client_data(directory: Path, sizes: list[int], seed: int = 0) -> tuple
 def write_config(path: Path, model: str, labels: list[str], train: dict | None = None, amole: dict | None = None,
                  **fleet: object) -> Path:
     cfg = {
-        "fleet": {"fleet": "t", "rounds": 2, "min_clients": 3, "round_deadline_s": 60.0, "wait_clients_s": 90.0,
-                  **fleet},
+        "fleet": {"fleet": "t", "method": "fedit", "rounds": 2, "min_clients": 3, "round_deadline_s": 60.0,
+                  "wait_clients_s": 90.0, **fleet},
         "model": {"name": model, "max_length": 16},
         "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0},
         "train": {"local_steps": 3, "batch_size": 8, "lr": 0.01, **(train or {})},

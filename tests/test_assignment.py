@@ -269,3 +269,16 @@ def test_random_assignment_is_random() -> None:
     degrees = np.array([d.sum(axis=0) for d in draws])
     assert set(np.unique(degrees)) >= {3, 4}  # client degrees vary (mean E*C/N = 2.5, capped at M = 4)
     assert np.bincount(degrees.ravel()).argmax() in (2, 3)
+
+
+def test_feasible_holders_adapts_c_to_the_fleet_size_or_says_why_not() -> None:
+    from aggregator.assignment import feasible_holders
+
+    assert feasible_holders(8, 4, 2, 2, 4) == 2  # as configured
+    assert feasible_holders(8, 10, 2, 2, 4) == 3  # k*N = 20 > E*C = 16: raised to the smallest feasible C
+    assert feasible_holders(8, 2, 2, 2, 4) == 1  # E*C = 16 > M*N = 8: lowered
+    for n in range(2, 17):
+        c = feasible_holders(8, n, 2, 2, 4)
+        check_feasible(8, n, c, 2, 4)
+    with pytest.raises(ConfigError, match="need N >= E/M"):
+        feasible_holders(8, 1, 2, 2, 4)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aggregator.assignment import assign_experts_all, check_feasible, random_assignment
+from aggregator.assignment import assign_experts_all, feasible_holders, random_assignment
 from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, Strategy, weighted_average
 from edgemole.adapters.amole.model import EMBEDDING_ROLE, expert_embedding_name, expert_name, token_embedding_name
 from edgemole.adapters.amole.rsea import expert_choice_probabilities
@@ -59,12 +59,10 @@ class FedAMoLE(Strategy):
     def _holders(self, n_clients: int) -> int:
         """C, lowered or raised within the constraints when too few or too many devices answer."""
         cfg = self.cfg
-        low, high = math.ceil(cfg.top_k * n_clients / cfg.experts), (cfg.slots * n_clients) // cfg.experts
-        holders = min(max(cfg.holders, low), high, n_clients)
+        holders = feasible_holders(cfg.experts, n_clients, cfg.holders, cfg.top_k, cfg.slots)
         if holders != cfg.holders:
             log.warning("%d devices cannot hold %d experts x C=%d within [%d, %d] each: using C=%d this round",
                         n_clients, cfg.experts, cfg.holders, cfg.top_k, cfg.slots, holders)
-        check_feasible(cfg.experts, n_clients, holders, cfg.top_k, cfg.slots)
         return holders
 
     def assign(self, clients: Sequence[str]) -> dict[str, ExpertSets]:

@@ -1,0 +1,535 @@
+"""``edgemole bench``: federated methods side by side on one dataset, over a grid of methods x ranks x Dirichlet
+alphas x seeds, each run an in-memory fleet in this process (or in one of ``jobs`` worker processes).
+
+A run is the fleet's own code (``EdgeClient``, ``AggregatorService``, the strategies, ``edgemole.protocol``) over
+:mod:`edgemole.memory_link`, so accuracy and the bytes on the wire are what an MQTT fleet would see; what it saves is
+the processes, the broker and the waiting, which lets a grid fit the time budget of DESIGN.md 7a. The clients of a
+run share one engine (one model in memory), and skip the evaluation after local training, which no figure here uses
+(personalised accuracy is the received model's, measured at the start of the next round), so their updates carry two
+metrics fewer. Every method of an (alpha, seed) cell sees the same partitions.
+
+Results are keyed by their whole configuration, so rerunning with a larger grid into the same folder only runs what
+is missing, then rewrites the tables and plots from all runs (:mod:`edgemole.bench_report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from aggregator.assignment import feasible_holders
+from aggregator.service import AggregatorService
+from aggregator.strategies import Strategy, strategy_class
+from edge_client.client import ClientOptions, EdgeClient
+from edge_client.engines import ENGINES, TrainingEngine, make_engine
+from edge_client.local_data import LocalData
+from edgemole import __version__
+from edgemole.config import A2_METHODS, EXPERT_METHODS, SECTIONS, Settings, TaskSpec, from_dict
+from edgemole.data import TextDataset, load_table, write_jsonl
+from edgemole.data.source import load_source
+from edgemole.errors import ConfigError, EdgemoleError
+from edgemole.memory_link import MemoryBroker, MemoryLink
+from edgemole.mqtt import Inbound
+from edgemole.protocol import Topics, decode
+from edgemole.simulate import _fmt_bytes, _fmt_pct, prepare_partitions
+
+RESULTS_FILE = "results.json"
+RESULTS_VERSION = 1
+#: a round of an in-memory fleet ends when every client answered: no message is ever lost, and a deadline would
+#: only cut off the clients whose turn comes late in a long round (a dead fleet is caught by the memory broker)
+IN_MEMORY_DEADLINE_S = 7 * 24 * 3600.0
+#: the fixed seed of the global test subsample, so that every run of a dataset is measured on the same examples
+GLOBAL_TEST_SEED = 0
+
+OnRound = Callable[[int, float | None], None]
+
+
+@dataclass
+class BenchConfig:
+    """The ``[bench]`` section: the grid, the global test subsample, parallelism and where results go."""
+
+    methods: list[str] = field(default_factory=lambda: ["fedit", "fedamole"])
+    #: the LoRA rank r, or for lora-a2 / fedamole-a2 the device upload rank budget r_c (r is ``lora.r``)
+    ranks: list[int] = field(default_factory=lambda: [8])
+    alphas: list[float] = field(default_factory=lambda: [0.5])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    out: str = "bench-results"
+    #: examples of the dataset's test split for global accuracy (fixed subsample; 0: all)
+    global_test_size: int = 1000
+    jobs: int = 1
+    #: torch threads per process (a run, or a worker)
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("methods", "ranks", "alphas", "seeds"):
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(f"bench.{name} must not be empty")
+            setattr(self, name, list(dict.fromkeys(values)))
+        for method in self.methods:
+            strategy_class(method)
+        if not all(1 <= r <= 256 for r in self.ranks):
+            raise ConfigError(f"bench.ranks must be in [1, 256], got {self.ranks}")
+        if not all(math.isfinite(a) and a > 0 for a in self.alphas):
+            raise ConfigError(f"bench.alphas must be positive Dirichlet concentrations, got {self.alphas}")
+        if not all(s >= 0 for s in self.seeds):
+            raise ConfigError(f"bench.seeds must be >= 0, got {self.seeds}")
+        if not self.out:
+            raise ConfigError("bench.out must name a folder")
+        if self.global_test_size < 0:
+            raise ConfigError("bench.global_test_size must be >= 0 (0: the whole test split)")
+        if not 1 <= self.jobs <= 64:
+            raise ConfigError("bench.jobs must be in [1, 64]")
+        if not 1 <= self.threads <= 256:
+            raise ConfigError("bench.threads must be in [1, 256]")
+
+
+def parse_list(text: str | list[str], kind: type, flag: str) -> list[Any]:
+    """A comma-separated flag value as a list of ``kind`` (int or float), or a one-line ConfigError."""
+    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    try:
+        values = [kind(t) for t in items if t]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated {kind.__name__}s, got {','.join(items)!r}") from None
+    if not values:
+        raise ConfigError(f"{flag} must not be empty")
+    return values
+
+
+def _read_config(path: str | Path) -> dict[str, Any]:
+    """A TOML or JSON config file: the sections of :class:`Settings` plus ``bench``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    if p.suffix not in (".toml", ".json"):
+        raise ConfigError(f"config file '{p}' must end in .toml or .json")
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file '{p}' is malformed: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a table of sections")
+    unknown = sorted(set(data) - {*SECTIONS, "bench"})
+    if unknown:
+        raise ConfigError(f"config file '{p}' has unknown section '{unknown[0]}'")
+    return data
+
+
+def load_bench_settings(path: str | Path | None, overrides: dict[str, dict[str, Any]],
+                        bench_overrides: dict[str, Any]) -> tuple[Settings, BenchConfig]:
+    """Settings and the bench grid from an optional config file, with flags (non-None values) on top."""
+    data = _read_config(path) if path else {}
+    for section, values in {**overrides, "bench": bench_overrides}.items():
+        if not isinstance(data.setdefault(section, {}), dict):
+            raise ConfigError(f"config section '{section}' must be a table")
+        data[section].update({k: v for k, v in values.items() if v is not None})
+    bench = from_dict(BenchConfig, data.pop("bench"), "bench")
+    return from_dict(Settings, data, ""), bench
+
+
+# -- the grid ---------------------------------------------------------------------------------------------------
+@dataclass
+class RunSpec:
+    """One run of the grid; plain data, so that it can be sent to a worker process."""
+
+    method: str
+    rank: int
+    alpha: float
+    seed: int
+    settings: dict[str, Any]
+    key: str
+    setup: str
+    global_test_size: int
+    threads: int
+    #: filled once the run's (alpha, seed) cell is prepared
+    labels: list[str] = field(default_factory=list)
+    data_dir: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} r{self.rank} a{self.alpha:g} s{self.seed}"
+
+    def build(self) -> Settings:
+        return from_dict(Settings, self.settings, "")
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_settings(base: Settings, method: str, rank: int, alpha: float, seed: int) -> Settings:
+    """``base`` with the grid's point applied; the grid rank is ``a2.upload_rank`` for LoRA-A2 methods, else
+    ``lora.r``. Built through :func:`from_dict` so that every value is validated again."""
+    d = base.to_dict()
+    d["fleet"].update(method=method, seed=seed, min_clients=d["simulate"]["clients"],
+                      round_deadline_s=IN_MEMORY_DEADLINE_S, wait_clients_s=IN_MEMORY_DEADLINE_S)
+    d["data"]["partition"] = f"dirichlet:{alpha:g}"
+    if method in A2_METHODS:
+        d["a2"]["upload_rank"] = rank
+    else:
+        d["lora"]["r"] = rank
+    return from_dict(Settings, d, "")
+
+
+def _identity(settings: dict[str, Any], global_test_size: int) -> tuple[str, str]:
+    """(key of the run, key of its setup): the run's whole config; the setup is that config without the grid's
+    axes, so that the runs of one grid share a setup and summaries never mix runs of different setups."""
+    config = json.loads(json.dumps(settings))
+    config["simulate"].pop("threads", None)  # how fast, not what
+    config["global_test_size"] = global_test_size
+    setup = json.loads(json.dumps(config))
+    for section, name in (("fleet", "method"), ("fleet", "seed"), ("data", "partition"), ("lora", "r"),
+                          ("a2", "upload_rank")):
+        setup[section].pop(name, None)
+    return _digest(config), _digest(setup)
+
+
+def plan_runs(base: Settings, bench: BenchConfig) -> list[RunSpec]:
+    """Every run of the grid, cells (alpha, seed) outermost so that a cell's partitions are made once."""
+    if base.simulate.engine not in ENGINES:
+        raise ConfigError(f"unknown engine {base.simulate.engine!r} (available: {', '.join(ENGINES)})")
+    for method in bench.methods:
+        if method in EXPERT_METHODS:
+            am = base.amole
+            feasible_holders(am.experts, base.simulate.clients, am.holders, am.top_k, am.slots)
+    specs = []
+    for alpha in bench.alphas:
+        for seed in bench.seeds:
+            for method in bench.methods:
+                for rank in bench.ranks:
+                    settings = run_settings(base, method, rank, alpha, seed).to_dict()
+                    key, setup = _identity(settings, bench.global_test_size)
+                    specs.append(RunSpec(method, rank, alpha, seed, settings, key, setup, bench.global_test_size,
+                                         bench.threads))
+    return specs
+
+
+def prepare_cell(settings: Settings, directory: Path, global_test_size: int) -> dict[str, Any]:
+    """Partitions of one (alpha, seed) cell and its global test set (the dataset's test split, or the union of the
+    clients' test splits when it has none), subsampled with a fixed seed; returns the data report."""
+    directory.mkdir(parents=True, exist_ok=True)
+    report = prepare_partitions(settings, directory)
+    _, test = load_source(settings.data, settings.fleet.seed)
+    source = "test split"
+    if test is None:
+        test = TextDataset.concat([load_table(directory / f"{c}.test.jsonl") for c in report["clients"]])
+        source = "union of the clients' test splits"
+    if len(test) == 0:
+        raise EdgemoleError(f"dataset {settings.data.dataset!r} leaves no examples for global accuracy")
+    if 0 < global_test_size < len(test):
+        test = test.subset(sorted(random.Random(GLOBAL_TEST_SEED).sample(range(len(test)), global_test_size)))
+    write_jsonl(directory / "global_test.jsonl", test)
+    return {**report, "global_test": {"source": source, "examples": len(test)}}
+
+
+def prepare_cells(specs: list[RunSpec], work: Path) -> list[RunSpec]:
+    """``specs`` with their data: each (alpha, seed) cell is partitioned once, into a folder under ``work``."""
+    cells: dict[tuple[float, int], dict[str, Any]] = {}
+    ready = []
+    for spec in specs:
+        directory = work / f"alpha{spec.alpha:g}-seed{spec.seed}"
+        if (spec.alpha, spec.seed) not in cells:
+            cells[spec.alpha, spec.seed] = prepare_cell(spec.build(), directory, spec.global_test_size)
+        cell = cells[spec.alpha, spec.seed]
+        ready.append(dataclasses.replace(spec, labels=cell["labels"], data_dir=str(directory), data=cell))
+    return ready
+
+
+# -- one run ----------------------------------------------------------------------------------------------------
+class SharedEngine:
+    """Engine factory for the clients of one run: one model for all of them.
+
+    Sharing is safe because clients run one at a time and every assignment loads the whole trainable state (for
+    AMoLE, the held experts into the first slots, the other slots zeroed and masked) before anything reads it.
+    """
+
+    def __init__(self, name: str, threads: int) -> None:
+        self.name, self.threads = name, threads
+        self.engine: TrainingEngine | None = None
+        self.task: TaskSpec | None = None
+
+    def __call__(self, task: TaskSpec) -> TrainingEngine:
+        if self.engine is None or task != self.task:
+            self.engine, self.task = make_engine(self.name, task, threads=self.threads), task
+        return self.engine
+
+
+def _global_accuracy(engine: TrainingEngine, strategy: Strategy, final: dict[str, Any], test_path: Path,
+                     uses_experts: bool, eval_batch_size: int, max_length: int,
+                     labels: list[str]) -> tuple[float, float | None, float]:
+    """DESIGN.md 5.5: the aggregated model on the global test set; for expert methods, the mean (and spread) over
+    clients of each client's own model. Returns (mean, std or None, seconds)."""
+    started = time.perf_counter()
+    data = LocalData(test_path, test_path=test_path)  # tokenised exactly like a device's test split
+    data.prepare(labels, engine.tokenizer, max_length)
+    clients = final["answered"] if uses_experts else final["answered"][:1]
+    accuracies = []
+    for client in clients:
+        body = {"experts": final["experts"][client]} if uses_experts else {}
+        engine.set_state(strategy.model_for(client), body)
+        accuracies.append(engine.evaluate(data.test_batches(eval_batch_size)).accuracy)
+    mean = sum(accuracies) / len(accuracies)
+    std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / len(accuracies)) if uses_experts else None
+    return mean, std, time.perf_counter() - started
+
+
+def run_one(spec: RunSpec, on_round: OnRound | None = None) -> dict[str, Any]:
+    """One in-memory fleet: aggregator and clients over a :class:`MemoryBroker`; returns the run's record."""
+    started = time.perf_counter()
+    settings = spec.build()
+    settings.data.labels = spec.labels
+    task = settings.task(spec.labels)
+    topics = Topics(settings.fleet.fleet, settings.fleet.topic_prefix)
+    broker = MemoryBroker()
+    engines = SharedEngine(settings.simulate.engine, spec.threads)
+    service = AggregatorService(settings.fleet, task, link=MemoryLink(broker, topics.mqtt_client_id("aggregator")))
+    clients = []
+    data = Path(spec.data_dir)
+    budgets = settings.simulate.upload_ranks  # per-device LoRA-A2 budgets, given in turn as simulate does
+    for i, name in enumerate(spec.data["clients"]):
+        opts = ClientOptions(broker="memory", client_id=name, data=str(data / f"{name}.train.jsonl"),
+                             test_data=str(data / f"{name}.test.jsonl"), fleet=settings.fleet.fleet,
+                             topic_prefix=settings.fleet.topic_prefix, engine=settings.simulate.engine,
+                             threads=spec.threads, eval_after_training=False,
+                             upload_rank=budgets[i % len(budgets)] if budgets else None)
+        link = MemoryLink(broker, topics.device_mqtt_id(name))
+        client = EdgeClient(opts, link=link, engine_factory=engines)
+        client.start()
+        link.serve(client.handle)
+        clients.append(client)
+    observer = MemoryLink(broker, topics.mqtt_client_id("observer"))  # the metrics topic, as simulate watches it
+    observer.connect()
+    observer.subscribe(topics.metrics)
+
+    def watch(inbound: Inbound) -> None:
+        if on_round is not None:
+            body = decode(inbound.payload, settings.fleet.max_message_bytes).body
+            on_round(int(body["round"]), body.get("accuracy_before"))
+
+    observer.serve(watch)
+    summary = service.run()
+    while observer.inbox:  # the final evaluation's record arrives after the aggregator's last receive
+        watch(observer.inbox.popleft())
+    for client in clients:
+        client.stop()
+    assert service.strategy is not None and engines.engine is not None
+    global_acc, global_std, global_s = _global_accuracy(
+        engines.engine, service.strategy, summary["final"], data / "global_test.jsonl", task.uses_experts,
+        settings.train.eval_batch_size, settings.model.max_length, spec.labels)
+    wall = time.perf_counter() - started
+    return {
+        "key": spec.key,
+        "setup": spec.setup,
+        "method": spec.method,
+        "rank": spec.rank,
+        "lora_r": settings.lora.r,
+        "alpha": spec.alpha,
+        "seed": spec.seed,
+        "dataset": settings.data.dataset,
+        "clients": settings.simulate.clients,
+        "rounds": settings.fleet.rounds,
+        "local_steps": settings.train.local_steps,
+        "personalised_accuracy": summary["final_personalised_accuracy"],
+        "personalised_accuracy_std": summary["final_personalised_accuracy_std"],
+        "global_accuracy": global_acc,
+        "global_accuracy_std": global_std,
+        "accuracy_curve": summary["accuracy_curve"],
+        "params_up": summary["params_up_total"],
+        "params_down": summary["params_down_total"],
+        "bytes_up": summary["bytes_up_total"],
+        "bytes_down": summary["bytes_down_total"],
+        "wall_s": wall,
+        "rounds_wall_s": summary["rounds_wall_s_total"],
+        "global_eval_s": global_s,
+        "global_test": spec.data["global_test"],
+        "threads": spec.threads,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "edgemole_version": __version__,
+        "config": {**spec.settings, "global_test_size": spec.global_test_size},
+        "data": {k: v for k, v in spec.data.items() if k != "labels"},
+        "service": summary,
+    }
+
+
+# -- worker processes -------------------------------------------------------------------------------------------
+_QUEUE: Any = None
+
+
+def _worker_init(queue: Any, threads: int) -> None:
+    global _QUEUE
+    import torch
+
+    _QUEUE = queue
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _worker_run(spec: RunSpec) -> dict[str, Any]:
+    return run_one(spec, lambda rnd, acc: _QUEUE.put((spec.key, rnd, acc)))
+
+
+def _execute(specs: list[RunSpec], jobs: int, threads: int, on_round: Callable[[RunSpec, int, float | None], None],
+             on_start: Callable[[RunSpec], None]) -> Iterator[dict[str, Any]]:
+    """Run ``specs`` here (one job) or in ``jobs`` spawned worker processes; yields records as runs finish."""
+    if jobs == 1 or len(specs) == 1:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for spec in specs:
+                on_start(spec)
+                yield run_one(spec, lambda rnd, acc, s=spec: on_round(s, rnd, acc))
+        finally:
+            torch.set_num_threads(before)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    by_key = {s.key: s for s in specs}
+    env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # read by the spawned interpreters at start-up
+    try:
+        with ProcessPoolExecutor(min(jobs, len(specs)), mp_context=ctx, initializer=_worker_init,
+                                 initargs=(queue, threads)) as pool:
+            futures: dict[Future, RunSpec] = {}
+            for spec in specs:
+                futures[pool.submit(_worker_run, spec)] = spec
+            started: set[str] = set()
+            try:
+                while futures:
+                    done, _ = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
+                    while not queue.empty():
+                        key, rnd, acc = queue.get()
+                        if key not in started:
+                            started.add(key)
+                            on_start(by_key[key])
+                        on_round(by_key[key], rnd, acc)
+                    for future in done:
+                        futures.pop(future)
+                        yield future.result()
+            finally:
+                for future in futures:
+                    future.cancel()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# -- results folder ---------------------------------------------------------------------------------------------
+def prepare_out(path: str) -> Path:
+    """The results folder, created if needed; a one-line error if it cannot be."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write results to '{out}': {exc.strerror or exc}") from None
+    return out
+
+
+def load_results(out: Path) -> list[dict[str, Any]]:
+    """The runs already in ``out/results.json`` (none if it does not exist)."""
+    path = out / RESULTS_FILE
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        runs = data["runs"]
+        if data.get("version") != RESULTS_VERSION or not all(isinstance(r, dict) and "key" in r for r in runs):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"'{path}' is not an edgemole bench results file; choose another --out") from None
+    return runs
+
+
+def save_results(out: Path, runs: list[dict[str, Any]]) -> None:
+    """Replace ``results.json`` atomically, so an interrupted bench never leaves half a file."""
+    tmp = out / f".{RESULTS_FILE}.tmp"
+    tmp.write_text(json.dumps({"version": RESULTS_VERSION, "runs": runs}, indent=1))
+    tmp.replace(out / RESULTS_FILE)
+
+
+def bench(settings: Settings, cfg: BenchConfig, *, console: Console | None = None) -> list[dict[str, Any]]:
+    """Run the grid's missing runs, then write the tables and plots of every run in ``cfg.out``; returns all runs."""
+    from edgemole.bench_report import print_summary, write_reports
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and CI: wide enough for the summary table
+            console = Console(width=140)
+    out = prepare_out(cfg.out)
+    runs = load_results(out)
+    done = {r["key"] for r in runs}
+    specs = plan_runs(settings, cfg)
+    pending = [s for s in specs if s.key not in done]
+    console.print(f"{len(specs)} runs in the grid: {len(specs) - len(pending)} already in {out / RESULTS_FILE}, "
+                  f"{len(pending)} to run ({settings.simulate.clients} clients, {settings.fleet.rounds} rounds, "
+                  f"{settings.train.local_steps} local steps, {cfg.jobs} job(s) x {cfg.threads} thread(s))")
+    try:
+        if pending:
+            _run_pending(settings, cfg, pending, runs, out, console)
+    finally:
+        if runs:
+            written = write_reports(out, runs)
+            print_summary(runs, console)
+            console.print(f"results in {out}: " + ", ".join(p.name for p in written))
+    return runs
+
+
+def _run_pending(settings: Settings, cfg: BenchConfig, pending: list[RunSpec], runs: list[dict[str, Any]],
+                 out: Path, console: Console) -> None:
+    with tempfile.TemporaryDirectory(prefix="edgemole-bench-") as work:
+        pending = prepare_cells(pending, Path(work))
+        rounds = settings.fleet.rounds + 1
+        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console)
+        runs_task = progress.add_task("runs", total=len(pending))
+        rounds_task = progress.add_task("rounds (+ final eval), all runs", total=len(pending) * rounds)
+
+        def on_start(spec: RunSpec) -> None:
+            progress.update(runs_task, description=f"runs (now: {spec.label})")
+
+        def on_round(spec: RunSpec, rnd: int, acc: float | None) -> None:
+            progress.advance(rounds_task)
+            progress.update(rounds_task, description=f"rounds: {spec.label} round {rnd} acc {_fmt_pct(acc)}")
+
+        with progress:
+            for record in _execute(pending, cfg.jobs, cfg.threads, on_round, on_start):
+                runs.append(record)
+                save_results(out, runs)
+                progress.advance(runs_task)
+                progress.console.print(
+                    f"{record['method']} r{record['rank']} a{record['alpha']:g} s{record['seed']}: personalised "
+                    f"{_fmt_pct(record['personalised_accuracy'])}, global {_fmt_pct(record['global_accuracy'])}, "
+                    f"up {_fmt_bytes(record['bytes_up'])}, down {_fmt_bytes(record['bytes_down'])}, "
+                    f"{record['wall_s']:.0f} s")
