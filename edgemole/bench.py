@@ -24,7 +24,6 @@ import os
 import random
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from edge_client.client import ClientOptions, EdgeClient
 from edge_client.engines import ENGINES, TrainingEngine, make_engine
 from edge_client.local_data import LocalData
 from edgemole import __version__
-from edgemole.config import A2_METHODS, EXPERT_METHODS, SECTIONS, Settings, TaskSpec, from_dict
+from edgemole.config import A2_METHODS, EXPERT_METHODS, Settings, TaskSpec, from_dict, read_config_file
 from edgemole.data import TextDataset, load_table, write_jsonl
 from edgemole.data.source import load_source
 from edgemole.errors import ConfigError, EdgemoleError
@@ -114,30 +113,10 @@ def parse_list(text: str | list[str], kind: type, flag: str) -> list[Any]:
     return values
 
 
-def _read_config(path: str | Path) -> dict[str, Any]:
-    """A TOML or JSON config file: the sections of :class:`Settings` plus ``bench``."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{p}' does not exist")
-    if p.suffix not in (".toml", ".json"):
-        raise ConfigError(f"config file '{p}' must end in .toml or .json")
-    try:
-        text = p.read_text(encoding="utf-8")
-        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file '{p}' is malformed: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{p}' must hold a table of sections")
-    unknown = sorted(set(data) - {*SECTIONS, "bench"})
-    if unknown:
-        raise ConfigError(f"config file '{p}' has unknown section '{unknown[0]}'")
-    return data
-
-
 def load_bench_settings(path: str | Path | None, overrides: dict[str, dict[str, Any]],
                         bench_overrides: dict[str, Any]) -> tuple[Settings, BenchConfig]:
     """Settings and the bench grid from an optional config file, with flags (non-None values) on top."""
-    data = _read_config(path) if path else {}
+    data = read_config_file(path, ("bench",)) if path else {}
     for section, values in {**overrides, "bench": bench_overrides}.items():
         if not isinstance(data.setdefault(section, {}), dict):
             raise ConfigError(f"config section '{section}' must be a table")

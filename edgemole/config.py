@@ -242,8 +242,9 @@ def load_settings(path: str | Path | None, overrides: dict[str, dict[str, Any]] 
     return from_dict(Settings, data, "")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML or JSON config file; its top-level tables are the sections of :class:`Settings`."""
+def read_config_file(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a TOML or JSON config file; its top-level tables are the sections of :class:`Settings` (and
+    ``extra_sections``, e.g. ``bench`` for ``edgemole bench``)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist")
@@ -259,7 +260,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{p}' is malformed: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold a table of sections")
-    unknown = sorted(set(data) - set(SECTIONS))
+    unknown = sorted(set(data) - {*SECTIONS, *extra_sections})
     if unknown:
         raise ConfigError(f"config file '{p}' has unknown section '{unknown[0]}'")
     return data
