@@ -16,6 +16,7 @@ import torch
 from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, weighted_average
 from aggregator.strategies.fedamole import FedAMoLE
 from aggregator.strategies.fedit import FedIT
+from edgemole.adapters.amole.model import ROUTER_ROLE
 from edgemole.adapters.lora.a2 import (
     active_factor,
     adapter_prefixes,
@@ -31,9 +32,12 @@ FACTOR_ROLES = ("lora_A", "lora_B")
 def a2_expectation(tensors: dict[str, torch.Tensor], roles: dict[str, str],
                    phase: str) -> tuple[dict[str, TensorSpec], list[str]]:
     """What a device sends back in an alternating round, and the roles it trains: rank slices of the active
-    factor of every adapter it received, plus every other trainable tensor (head, router) in full."""
+    factor of every adapter it received, plus every other trainable tensor in full: the head always, AMoLE routers
+    only in A rounds. A router W_t projects x like the experts' A (routing compares A_i x with W_t x), so it is
+    frozen with them in B rounds: routing stays fixed while B trains, and B rounds upload no router."""
     full = spec_of(tensors, roles)
-    others = {n: s for n, s in full.items() if s.role not in FACTOR_ROLES}
+    others = {n: s for n, s in full.items() if s.role not in FACTOR_ROLES
+              and not (s.role == ROUTER_ROLE and active_factor(phase) == "lora_B")}
     expect = {**slice_specs(full, adapter_prefixes(tensors), phase), **others}
     return expect, [active_factor(phase), *sorted({s.role for s in others.values()})]
 
@@ -97,8 +101,11 @@ class FedAMoLEA2(FedAMoLE):
                 name = f"{p}.{factor}"
                 self.state[name] = aggregate_slices(self.state[name], [(u.tensors, self.weight(u) / total)
                                                                        for u in holders], p, plan.phase)
-        for name in [n for n in self.common if self.roles.get(n) not in FACTOR_ROLES]:  # routers, head
-            self.state[name] = weighted_average([u.tensors[name] for u in updates], [self.weight(u) for u in updates])
+        for name in [n for n in self.common if self.roles.get(n) not in FACTOR_ROLES]:  # routers (A rounds), head
+            senders = [u for u in updates if name in u.tensors]
+            if senders:
+                self.state[name] = weighted_average([u.tensors[name] for u in senders],
+                                                    [self.weight(u) for u in senders])
         self.update_embeddings(updates)
         return upload_stats(updates)
 
