@@ -233,8 +233,8 @@ def test_in_memory_run_equals_the_mqtt_fleet(tmp_path: Path, tiny_model: str) ->
     common = ["--model", str(model), "--clients", "2", "--rounds", "2", "--local-steps", "2", "--max-length", "16",
               "--samples-per-domain", "20", "--lora-dropout", "0"]
     sim = tmp_path / "sim.json"
-    proc = subprocess.run([sys.executable, "-m", "edgemole", "simulate", *common, "--rank", "2", "--seed", "0",
-                           "--partition", "dirichlet:0.5", "--threads", "1", "--json-out", str(sim)],
+    proc = subprocess.run([sys.executable, "-m", "edgemole", "simulate", *common, "--method", "fedit", "--rank", "2",
+                           "--seed", "0", "--partition", "dirichlet:0.5", "--threads", "1", "--json-out", str(sim)],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     proc = subprocess.run([sys.executable, "-m", "edgemole", "bench", *common, "--methods", "fedit", "--ranks", "2",
