@@ -20,7 +20,8 @@ from edge_client.engines import Batch, TrainingEngine, make_engine
 from edge_client.local_data import LocalData
 from edgemole.adapters.amole.model import EMBEDDING_ROLE
 from edgemole.adapters.amole.rsea import privatize
-from edgemole.adapters.lora.a2 import TRAIN_A, TRAIN_B, active_factor
+from edgemole.adapters.lora.a2 import TRAIN_A, TRAIN_B, active_factor, adapter_prefixes
+from edgemole.adapters.lora.flex import OWN_RANK, leading_ranks, truncate_ranks
 from edgemole.config import TaskSpec
 from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
 from edgemole.mqtt import Inbound, Link, MqttLink
@@ -57,7 +58,8 @@ class ClientOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: stay connected after a run ends and join the next one (device services); otherwise exit with 0
     keep_serving: bool = False
-    #: LoRA-A2 upload rank budget r_c of this device (None: the task's ``a2.upload_rank``)
+    #: LoRA-A2 upload rank budget r_c of this device, its own LoRA rank in FlexLoRA (None: the task's
+    #: ``a2.upload_rank``)
     upload_rank: int | None = None
     #: also evaluate after local training (the ``acc_after`` metric); benchmarks that only need the received
     #: model's accuracy turn it off to save a pass over the test split
@@ -253,7 +255,8 @@ class EdgeClient:
             return
         steps, train_roles = checked
         assert self.engine is not None and self.task is not None
-        self.engine.set_state(msg.tensors, msg.body)
+        own_rank = self._own_rank(msg)
+        self.engine.set_state(msg.tensors if own_rank is None else truncate_ranks(msg.tensors, *own_rank), msg.body)
         train = self.task.train
         before = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
         metrics = {"acc_before": before.accuracy, "loss_before": before.loss, "eval_s": before.seconds,
@@ -268,6 +271,9 @@ class EdgeClient:
                 if train_roles is not None:  # only what was trained travels back
                     tensors = {n: t for n, t in tensors.items() if roles[n] in train_roles}
                     roles = {n: roles[n] for n in tensors}
+                if own_rank is not None:
+                    tensors = leading_ranks(tensors, *own_rank)
+                    metrics["client_rank"] = own_rank[1]
             else:
                 a2 = train_alternating(self.engine, msg.body, msg.phase, lambda: self._batches(msg.round),
                                        self.task, steps, self.upload_rank(), train_roles)
@@ -293,6 +299,15 @@ class EdgeClient:
         assert self.task is not None
         return self.data.train_batches(self.task.train.batch_size, batch_seed(self.task.seed, self.opts.client_id,
                                                                                round_))
+
+    def _own_rank(self, msg: Message) -> tuple[list[str], int] | None:
+        """FlexLoRA: the adapters and this device's rank r_c when the assignment asks for its own leading ranks and
+        r_c is below the LoRA rank (None: train and send everything)."""
+        assert self.task is not None
+        if not msg.body.get(OWN_RANK) or msg.phase != "train":
+            return None
+        k = min(self.upload_rank(), self.task.lora.r)
+        return (adapter_prefixes(msg.tensors), k) if k < self.task.lora.r else None
 
     def upload_rank(self) -> int:
         """r_c: this device's own budget, else the task's, else the LoRA rank."""

@@ -59,7 +59,8 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, help="k: experts mixed per token, fewest a device holds (default 2)")
     g.add_argument("--dp-eta", type=float, help="differential privacy on RSEA embeddings, rate eta (0: off)")
     g = p.add_argument_group("alternating freeze and rank selection (lora-a2, fedamole-a2)")
-    g.add_argument("--upload-rank", type=int, help="r_c: ranks per module a device uploads (default: the LoRA rank)")
+    g.add_argument("--upload-rank", type=int,
+                   help="r_c: ranks per module a device uploads (flexlora: its own LoRA rank; default: the LoRA rank)")
     g.add_argument("--b-lr-multiplier", type=float, help="learning rate of B as a multiple of A's (default 5)")
     g.add_argument("--probe-steps", type=int, help="steps of the rank-scoring probe (default: the local steps)")
     g = p.add_argument_group("local training")
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to keep retrying the broker")
     p.add_argument("--upload-rank", type=int,
-                   help="this device's upload rank budget r_c in lora-a2/fedamole-a2 (default: the task's)")
+                   help="this device's upload rank budget r_c in lora-a2/fedamole-a2, its own LoRA rank in "
+                        "flexlora (default: the task's)")
     p.add_argument("--keep-serving", action="store_true",
                    help="after a run ends, wait for the next one instead of exiting (for device services)")
 

@@ -14,6 +14,7 @@ import torch
 from conftest import spawn, write_client_data, write_config
 
 from aggregator.strategies import weighted_average
+from aggregator.strategies.flexlora import svd_redistribute
 from edgemole.mqtt import MqttLink
 from edgemole.protocol import Kind, Message, Topics, decode, encode
 from edgemole.simulate import stop_processes
@@ -283,6 +284,33 @@ def test_ffa_lora_fleet_sends_only_b_and_keeps_a(tmp_path: Path, mosquitto: str,
             clients = [updates[c] for c in ("c0", "c1", "c2")]
             expected = weighted_average([u.tensors[name] for u in clients], [20, 40, 30])
             assert torch.allclose(value, expected, atol=1e-6), name
+    assert summary["rejected"] == {}
+
+
+def test_flexlora_fleet_with_per_device_ranks_averages_products(tmp_path: Path, mosquitto: str,
+                                                               tiny_model: str) -> None:
+    ranks = {"c0": 4, "c1": 2, "c2": 1}  # each device's own rank, from its own flag (the fleet's r is 4)
+    fleet = Fleet(tmp_path, mosquitto, tiny_model, sizes=[20, 40, 30], method="flexlora",
+                  client_flags={c: ["--upload-rank", str(k)] for c, k in ranks.items()})
+    summary = fleet.run()
+    updates = fleet.messages(Kind.UPDATE, 1)
+    assigned, following = fleet.messages(Kind.ASSIGN, 1)["c0"].tensors, fleet.messages(Kind.ASSIGN, 2)["c0"].tensors
+    modules = [n[: -len(".lora_A")] for n in assigned if n.endswith(".lora_A")]
+    for c, u in updates.items():
+        assert u.body["metrics"].get("client_rank", 4) == ranks[c]
+        for m in modules:
+            assert u.tensors[f"{m}.lora_A"].shape[0] == u.tensors[f"{m}.lora_B"].shape[1] == ranks[c]
+    scaling = 8.0 / 4
+    for m in modules:
+        avg = sum(n / 90 * scaling * updates[c].tensors[f"{m}.lora_B"].double() @ updates[c].tensors[f"{m}.lora_A"]
+                  .double() for c, n in (("c0", 20), ("c1", 40), ("c2", 30)))
+        B, A = svd_redistribute(avg, 4, scaling)
+        got = scaling * following[f"{m}.lora_B"].double() @ following[f"{m}.lora_A"].double()
+        assert torch.allclose(got, scaling * B.double() @ A.double(), atol=1e-5), m
+    # a device of rank 1 sends a quarter of the factors' entries of a rank-4 device
+    sizes = {m.client: size for _, m, size in fleet.observed if m.kind == Kind.UPDATE and m.round == 1}
+    assert sizes["c2"] < sizes["c1"] < sizes["c0"]
+    assert summary["rounds"][0]["client_rank_min"] == 1 and summary["rounds"][0]["client_rank_max"] == 4
     assert summary["rejected"] == {}
 
 

@@ -2,8 +2,10 @@
 
 W_m = sum_c p_c (alpha/r) B_c A_c per module; with W = U S V^T, a device of rank r gets
 B = U[:, :r] diag(S[:r]) / (alpha/r) and A = V^T[:r, :] (DESIGN.md 5.4). Averaging products instead of factors
-removes FedIT's discordance; truncating the SVD is what lets devices of different ranks share one update (all
-devices have the fleet's rank here).
+removes FedIT's discordance; truncating the SVD is what lets devices of different ranks share one update. A device
+of rank r_c (its ``--upload-rank``) keeps the leading r_c components of the broadcast SVD, trains them and sends
+``B[:, :r_c]`` and ``A[:r_c, :]`` (:mod:`edgemole.adapters.lora.flex`); the products are averaged whatever the
+ranks.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
-from aggregator.strategies.base import ClientUpdate, RoundPlan, weighted_average
+from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, weighted_average
 from aggregator.strategies.fedit import FedIT
+from edgemole.adapters.lora.a2 import adapter_prefixes
+from edgemole.adapters.lora.flex import OWN_RANK, leading_rank_specs
+from edgemole.protocol import spec_of
 
 
 def svd_redistribute(W: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +34,10 @@ class FlexLoRA(FedIT):
 
     name = "flexlora"
 
+    def configure_train(self, rnd: int, clients: Sequence[str]) -> RoundPlan:
+        expect = leading_rank_specs(spec_of(self.global_state, self.roles), adapter_prefixes(self.global_state))
+        return RoundPlan("train", {c: Assignment(self.global_state, expect, {OWN_RANK: True}) for c in clients})
+
     def aggregate(self, rnd: int, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> dict:
         weights = [float(u.num_samples) for u in updates]
         scaling = self.task.lora.scaling
@@ -40,4 +49,6 @@ class FlexLoRA(FedIT):
             self.global_state[b_name], self.global_state[a_name] = B.float(), A.float()
         for name in [n for n in self.global_state if self.roles.get(n) not in ("lora_A", "lora_B")]:
             self.global_state[name] = weighted_average([u.tensors[name] for u in updates], weights)
-        return {}
+        ranks = [min((t.shape[0] for n, t in u.tensors.items() if self.roles.get(n) == "lora_A"), default=0)
+                 for u in updates]
+        return {"client_rank_min": min(ranks, default=0), "client_rank_max": max(ranks, default=0)}

@@ -78,7 +78,15 @@ def _show(spec: TensorSpec) -> str:
 
 def check_rank_slices(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, TensorSpec]) -> None:
     """Every LoRA-A2 slice comes with its ``.ranks``: as many distinct, increasing indices in [0, r) as the slice
-    has ranks, and no index tensor without its slice (so that the server's scatter cannot go out of bounds)."""
+    has ranks, and no index tensor without its slice (so that the server's scatter cannot go out of bounds).
+    Variable-rank tensors of one adapter (FlexLoRA's B and A of a device's own rank) agree on their rank count."""
+    counts: dict[str, set[int]] = {}
+    for name, spec in expected.items():
+        if None in spec.shape and spec.role != RANKS_ROLE and name in tensors:
+            counts.setdefault(name.rsplit(".", 1)[0], set()).add(tensors[name].shape[spec.shape.index(None)])
+    for prefix, ks in counts.items():
+        if len(ks) > 1:
+            raise ProtocolError(f"{prefix!r}: the factors of one adapter must have the same rank, got {sorted(ks)}")
     sliced = {n.rsplit(".", 1)[0]: n for n, spec in expected.items() if None in spec.shape and spec.role != RANKS_ROLE}
     for name, spec in expected.items():
         if spec.role != RANKS_ROLE:
