@@ -27,3 +27,7 @@ class BrokerError(EdgemoleError):
 
 class ProtocolError(EdgemoleError):
     """An MQTT message that does not satisfy the wire protocol; it is rejected, never applied."""
+
+
+class ArtifactError(EdgemoleError):
+    """An exported artifact (program, base weights, manifest) that is missing, corrupt or does not fit the task."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgemole.adapters.amole.layer import AMoLELinear
 from edgemole.adapters.amole.model import (
     ROUTER_ROLE,
     amole_layers,
@@ -102,13 +103,18 @@ class WireState:
     """What of a classifier travels on the wire: one LoRA per module, or a device's AMoLE experts.
 
     Both roles use it: the device to check, load and send its tensors; the aggregator to build the fleet's
-    initial state. ``body`` is the assignment's body (it names the experts a device holds).
+    initial state. ``body`` is the assignment's body (it names the experts a device holds). It works on the
+    trainable tensors themselves (``params``, by parameter name) and on AMoLE layers or anything with their
+    attributes, so that an engine whose weights live outside PyTorch (the ExecuTorch program) shares it.
     """
 
-    def __init__(self, model: SequenceClassifier, task: TaskSpec) -> None:
-        self.model, self.task = model, task
-        self.layers = amole_layers(model) if task.uses_experts else {}
-        self._head = {n: p for n, p in model.head.named_parameters(prefix="head") if p.requires_grad}
+    def __init__(self, task: TaskSpec, params: dict[str, torch.Tensor], layers: dict[str, AMoLELinear]) -> None:
+        self.task, self.params, self.layers = task, params, layers
+        self._head = {n: p for n, p in params.items() if n.startswith("head.")}
+
+    @classmethod
+    def of_model(cls, model: SequenceClassifier, task: TaskSpec) -> WireState:
+        return cls(task, _trainable(model), amole_layers(model) if task.uses_experts else {})
 
     def expert_sets(self, body: dict) -> dict[str, list[int]]:
         return parse_expert_sets(body.get("experts"), self.layers, self.task.amole.experts) if self.layers else {}
@@ -119,43 +125,42 @@ class WireState:
     def assignment_spec(self, body: dict) -> dict[str, TensorSpec]:
         """The tensors an assignment must carry (raises ProtocolError for a bad expert map)."""
         if not self.layers:
-            return spec_of(trainable_state(self.model), trainable_roles(self.model))
+            return spec_of(_clones(self.params), tensor_roles(self.params))
         return {**state_specs(self.layers, self.expert_sets(body)), **self._head_spec()}
 
     def load(self, tensors: dict[str, torch.Tensor], body: dict) -> None:
         if not self.layers:
-            load_trainable_state(self.model, tensors)
+            _copy_into(self.params, tensors)
             return
         load_experts(self.layers, tensors, self.expert_sets(body))
-        load_trainable_state(self.model, {n: tensors[n] for n in self._head})
+        _copy_into(self.params, {n: tensors[n] for n in self._head})
 
     def state(self, body: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The device's trained tensors under their wire names, with their roles."""
         if not self.layers:
-            return trainable_state(self.model), trainable_roles(self.model)
+            return _clones(self.params), tensor_roles(self.params)
         experts = self.expert_sets(body)
-        tensors = {**held_state(self.layers, experts), **{n: p.detach().clone() for n, p in self._head.items()}}
+        tensors = {**held_state(self.layers, experts), **_clones(self._head)}
         specs = {**state_specs(self.layers, experts), **self._head_spec()}
         return tensors, {n: specs[n].role for n in tensors}
 
     def initial_fleet_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The aggregator's starting point: every expert of the fleet (AMoLE) or the single adapter."""
         if not self.layers:
-            return trainable_state(self.model), trainable_roles(self.model)
+            return _clones(self.params), tensor_roles(self.params)
         experts = fleet_initial_state(self.layers, self.task.amole.experts, self.task.seed)
         every = {m: list(range(self.task.amole.experts)) for m in self.layers}
         roles = {n: s.role for n, s in state_specs(self.layers, every).items()}
-        head = {n: p.detach().clone() for n, p in self._head.items()}
+        head = _clones(self._head)
         return {**experts, **head}, {**roles, **dict.fromkeys(head, HEAD_ROLE)}
 
     def parameter_roles(self) -> dict[str, str]:
-        """Wire role of every trainable parameter of the model (by parameter name), to train only some roles."""
+        """Wire role of every trainable parameter (by parameter name), to train only some roles."""
         if not self.layers:
-            return trainable_roles(self.model)
+            return tensor_roles(self.params)
         by_attr = {"experts_A": "lora_A", "experts_B": "lora_B", "shared_A": "lora_A", "shared_B": "lora_B",
                    "router": ROUTER_ROLE}
-        return {n: HEAD_ROLE if n.startswith("head.") else by_attr[n.rsplit(".", 1)[-1]]
-                for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: HEAD_ROLE if n.startswith("head.") else by_attr[n.rsplit(".", 1)[-1]] for n in self.params}
 
     def auxiliary_loss(self) -> torch.Tensor:
         """The weighted load-balance loss of the last forward (zero without experts)."""
@@ -164,26 +169,33 @@ class WireState:
         return self.task.amole.load_balance_weight * auxiliary_loss(self.layers)
 
 
+def tensor_roles(params: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Role of every trainable tensor of a plain-LoRA model by name: ``lora_A``, ``lora_B`` or ``head``."""
+    return {n: HEAD_ROLE if n.startswith("head.") else n.rsplit(".", 1)[-1] for n in params}
+
+
+def _clones(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+@torch.no_grad()
+def _copy_into(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    for name, value in state.items():
+        params[name].copy_(value)
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def trainable_roles(model: nn.Module) -> dict[str, str]:
     """Role of every trainable tensor: ``lora_A``, ``lora_B`` or ``head``; these are what travels."""
-    roles = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            roles[name] = HEAD_ROLE if name.startswith("head.") else name.rsplit(".", 1)[-1]
-    return roles
+    return tensor_roles(_trainable(model))
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of the trainable tensors, keyed by their wire names."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the model's trainable tensors (names and shapes were validated before)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+    return _clones(_trainable(model))
 
 
 def set_torch_threads(threads: int | None) -> None:

@@ -24,7 +24,7 @@ class EagerEngine(TrainingEngine):
         set_torch_threads(threads)
         self.task = task
         self.model, self.tokenizer = build_classifier(task)
-        self.wire = WireState(self.model, task)
+        self.wire = WireState.of_model(self.model, task)
 
     def expected_state(self, body: dict) -> dict[str, TensorSpec]:
         return self.wire.assignment_spec(body)

@@ -42,6 +42,12 @@ class AMoLELinear(nn.Module):
         #: load-balance loss of the last forward
         self.lb_loss: torch.Tensor = torch.zeros(())
         self._embed: list[torch.Tensor] | None = None  # [sum W_t x, sum A_i x per slot, token count]
+        #: (slots,) bool mask from an exported program's input, used instead of the ``active`` buffer (a program
+        #: cannot change a buffer between rounds, so the slot mask is an input there); None: the buffer
+        self.slot_mask: torch.Tensor | None = None
+        #: keep this forward's RSEA sums in ``batch_sums`` (an exported program returns them as outputs)
+        self.emit_sums = False
+        self.batch_sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def slots(self) -> int:
@@ -58,7 +64,7 @@ class AMoLELinear(nn.Module):
         token = F.linear(x, self.router)  # (..., r)
         ax = torch.einsum("...d,mrd->...mr", x, self.experts_A)  # (..., M, r)
         scores = (ax * token.unsqueeze(-2)).sum(-1) / math.sqrt(self.r)
-        probs = torch.softmax(scores.masked_fill(~self.active, float("-inf")), dim=-1)
+        probs = torch.softmax(scores.masked_fill(~self._active(), float("-inf")), dim=-1)
         top_p, top_i = probs.topk(min(self.top_k, self.slots), dim=-1)
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
         return probs, gates, ax
@@ -70,14 +76,19 @@ class AMoLELinear(nn.Module):
         mixed = torch.einsum("...mr,...m,mor->...o", ax_d, gates, self.experts_B)
         shared = F.linear(F.linear(xd, self.shared_A), self.shared_B)
         weights = self._token_weights(x)
-        self.lb_loss = load_balance_loss(probs, gates > 0, self.active, weights)
-        if self._embed is not None:
+        self.lb_loss = load_balance_loss(probs, gates > 0, self._active(), weights)
+        if self._embed is not None or self.emit_sums:
             with torch.no_grad():
                 w = weights.unsqueeze(-1)
-                self._embed[0] += (F.linear(x, self.router) * w).reshape(-1, self.r).sum(0)
-                self._embed[1] += (ax * w.unsqueeze(-1)).reshape(-1, self.slots, self.r).sum(0)
-                self._embed[2] += weights.sum()
+                sums = ((F.linear(x, self.router) * w).reshape(-1, self.r).sum(0),
+                        (ax * w.unsqueeze(-1)).reshape(-1, self.slots, self.r).sum(0), weights.sum())
+            if self._embed is not None:
+                self.accumulate_embedding(*sums)
+            self.batch_sums = sums if self.emit_sums else None
         return self.base(x) + self.scaling * (shared + mixed)
+
+    def _active(self) -> torch.Tensor:
+        return self.active if self.slot_mask is None else self.slot_mask
 
     def _token_weights(self, x: torch.Tensor) -> torch.Tensor:
         if self.token_mask is not None and self.token_mask.shape == x.shape[:-1]:
@@ -88,6 +99,14 @@ class AMoLELinear(nn.Module):
     def start_embedding(self) -> None:
         """Accumulate token means of W_t x and of every slot's A x over the following forwards."""
         self._embed = [torch.zeros(self.r), torch.zeros(self.slots, self.r), torch.zeros(())]
+
+    def accumulate_embedding(self, token_sum: torch.Tensor, slot_sums: torch.Tensor, count: torch.Tensor) -> None:
+        """Add one batch's sums (of W_t x, of every slot's A x, and the token count)."""
+        if self._embed is None:
+            raise RuntimeError("start_embedding() was not called")
+        self._embed[0] += token_sum
+        self._embed[1] += slot_sums
+        self._embed[2] += count
 
     def finish_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(t, e)``: mean W_t x (r,) and mean A_i x per slot (M, r) over the real tokens seen."""

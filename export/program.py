@@ -1,0 +1,135 @@
+"""The trainable ExecuTorch program a device runs: model, task head and loss in one joint forward/backward graph.
+
+Built from :func:`edgemole.model.build_classifier`, so the program's trainable tensors carry the model's parameter
+names (behind :data:`PREFIX`) and the wire mapping of :class:`edgemole.model.WireState` applies unchanged.
+
+What makes the program fast (DESIGN.md section 6): every ``nn.Linear`` is traced as ``matmul + add`` instead of
+``addmm`` (ExecuTorch's optimized kernels have a fast ``mm`` but no fast ``addmm``), and the matmuls are lowered to
+XNNPACK with weights taken as runtime tensors (``force_non_static_weights_for_f32_linear``), which also covers the
+backward's matmuls against activations. The frozen base weights are program constants and go to the ``.ptd`` file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgemole.adapters.amole.model import amole_layers, auxiliary_loss
+from edgemole.artifact import IGNORE_LABEL, ProgramShape
+from edgemole.config import TaskSpec
+from edgemole.errors import ModelError
+from edgemole.model import SequenceClassifier
+
+
+class TrainableClassifier(nn.Module):
+    """``(input_ids, attention_mask, labels[, slot_mask]) -> (loss, logits[, token_sums, slot_sums, counts])``.
+
+    Loss first (what ExecuTorch differentiates): the task's cross-entropy plus, for AMoLE, the weighted
+    load-balance loss, exactly as the eager engine computes it. ``slot_mask`` (modules x slots, bool) replaces the
+    layers' ``active`` buffers, so one program serves every expert assignment. The AMoLE outputs are the RSEA sums
+    of the batch per module (W_t x summed over real tokens, every slot's A x, the token count).
+    """
+
+    def __init__(self, model: SequenceClassifier, task: TaskSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = list(amole_layers(model).values()) if task.uses_experts else []
+        self.lb_weight = task.amole.load_balance_weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                slot_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        for i, layer in enumerate(self.layers):
+            layer.slot_mask, layer.emit_sums = slot_mask[i], True
+        try:
+            logits = self.model(input_ids, attention_mask)
+            loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL)
+            if not self.layers:
+                return loss, logits.detach()
+            loss = loss + self.lb_weight * auxiliary_loss(dict(enumerate(self.layers)))
+            sums = [layer.batch_sums for layer in self.layers]
+            return (loss, logits.detach(), torch.stack([s[0] for s in sums]), torch.stack([s[1] for s in sums]),
+                    torch.stack([s[2] for s in sums]))
+        finally:
+            for layer in self.layers:
+                layer.slot_mask, layer.emit_sums, layer.batch_sums = None, False, None
+
+
+def example_inputs(shape: ProgramShape) -> tuple[torch.Tensor, ...]:
+    """Inputs of the program's shapes (values do not matter for export)."""
+    ids = torch.ones(shape.batch_size, shape.max_length, dtype=torch.long)
+    mask = torch.ones(shape.batch_size, shape.max_length, dtype=torch.long)
+    labels = torch.zeros(shape.batch_size, dtype=torch.long)
+    if not shape.amole_modules:
+        return ids, mask, labels
+    return ids, mask, labels, torch.ones(len(shape.amole_modules), shape.slots, dtype=torch.bool)
+
+
+@contextlib.contextmanager
+def linear_as_matmul(model: nn.Module) -> Iterator[None]:
+    """Trace every ``nn.Linear`` as ``x @ W^T + b`` (mm + add in the graph, forward and backward) instead of
+    ``addmm``, for which the runtime has only the slow reference kernel. Parameters keep their names."""
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight.t())
+        return y if self.bias is None else y + self.bias
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for m in linears:
+        m.forward = types.MethodType(forward, m)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
+def prepare_for_export(model: SequenceClassifier) -> None:
+    """The export-time model: inference mode (no dropout: it would be frozen into the graph) and the attention
+    written out in plain ops (the fused attention's backward has no ExecuTorch kernel)."""
+    model.eval()
+    backbone = model.backbone
+    if hasattr(backbone, "set_attn_implementation"):
+        backbone.set_attn_implementation("eager")
+    else:
+        backbone.config._attn_implementation = "eager"
+
+
+def export_joint(model: SequenceClassifier, task: TaskSpec, shape: ProgramShape) -> torch.export.ExportedProgram:
+    """The joint forward/backward graph of the training program (gradients of every trainable tensor)."""
+    from torch.export.experimental import _export_forward_backward
+
+    prepare_for_export(model)
+    wrapper = TrainableClassifier(model, task)
+    try:
+        with linear_as_matmul(model):
+            ep = torch.export.export(wrapper, example_inputs(shape), strict=False)
+        return _export_forward_backward(ep)
+    except Exception as exc:  # torch.export reports unsupported code in many exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot export {task.model.name!r} for training: {first[:300]}") from None
+
+
+def lower(joint: torch.export.ExportedProgram, xnnpack: bool = True):  # noqa: ANN201 (ExecutorchProgramManager)
+    """Edge dialect, matmuls to XNNPACK (weights as runtime tensors), then the ExecuTorch program with its
+    constants (the frozen base) tagged for the external ``.ptd``."""
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
+
+    config = EdgeCompileConfig(_check_ir_validity=False)
+    try:
+        if xnnpack:
+            from executorch.backends.xnnpack.partition.config.gemm_configs import AddmmConfig, LinearConfig, MMConfig
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+            partitioner = XnnpackPartitioner(configs=[AddmmConfig, MMConfig, LinearConfig],
+                                             force_non_static_weights_for_f32_linear=True)
+            edge = to_edge_transform_and_lower(joint, partitioner=[partitioner], compile_config=config)
+        else:
+            edge = to_edge(joint, compile_config=config)
+        return edge.to_executorch(ExecutorchBackendConfig(external_constants=True))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot lower the training program to ExecuTorch: {first[:300]}") from None
