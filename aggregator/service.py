@@ -260,7 +260,7 @@ class AggregatorService:
     # -- whole run -----------------------------------------------------------------------------
     def _build_strategy(self) -> tuple[Strategy, int]:
         model, _ = build_classifier(self.task)
-        strategy = self.strategy_cls(*WireState(model, self.task).initial_fleet_state(), self.task)
+        strategy = self.strategy_cls(*WireState.of_model(model, self.task).initial_fleet_state(), self.task)
         del model
         start = 1
         if self.resume and self.checkpoint_dir:

@@ -114,7 +114,7 @@ def _task(model: str, **amole: object) -> TaskSpec:
 
 def test_wire_state_loads_experts_into_slots_and_sends_them_back(tiny_model: str) -> None:
     model, _ = build_classifier(_task(tiny_model))
-    wire = WireState(model, _task(tiny_model))
+    wire = WireState.of_model(model, _task(tiny_model))
     fleet, roles = wire.initial_fleet_state()
     modules = sorted(wire.layers)
     assert len(modules) == 4 and sum(n.endswith(".router") for n in fleet) == 4
@@ -142,7 +142,7 @@ def test_fedamole_strategy_averages_experts_over_holders_only(tiny_model: str) -
 
     task = _task(tiny_model, experts=4, slots=3, holders=2)
     model, _ = build_classifier(task)
-    strategy = FedAMoLE(*WireState(model, task).initial_fleet_state(), task)
+    strategy = FedAMoLE(*WireState.of_model(model, task).initial_fleet_state(), task)
     clients = ["a", "b", "c", "d"]
     plan = strategy.configure_train(1, clients)
     sets = plan.info["experts"]
@@ -189,7 +189,7 @@ def test_amole_wraps_a_llama_style_decoder(tmp_path, tiny_model: str) -> None:  
                     lora=LoRAConfig(r=2, alpha=4.0, dropout=0.0, target_modules=("q_proj", "v_proj")),
                     amole=AMoLEConfig(experts=4, slots=2, holders=2))
     model, tokenizer = build_classifier(task)
-    wire = WireState(model, task)
+    wire = WireState.of_model(model, task)
     assert len(wire.layers) == 4 and all(m.endswith(("q_proj", "v_proj")) for m in wire.layers)
     enc = tokenizer(["hello there", "a b c"], padding="max_length", max_length=8, return_tensors="pt")
     model(enc["input_ids"], enc["attention_mask"]).sum().backward()
@@ -202,7 +202,7 @@ def test_fedamole_needs_enough_devices_to_hold_every_expert(tiny_model: str) -> 
 
     task = _task(tiny_model, experts=4, slots=3, holders=2)
     model, _ = build_classifier(task)
-    strategy = FedAMoLE(*WireState(model, task).initial_fleet_state(), task)
+    strategy = FedAMoLE(*WireState.of_model(model, task).initial_fleet_state(), task)
     assert strategy.min_clients == 2  # ceil(E / M): the aggregator waits for (and selects) at least this many
     sets = strategy.configure_train(1, ["a", "b"]).info["experts"]  # C lowered to 1 with a warning, still valid
     for m in strategy.modules:
