@@ -53,6 +53,8 @@ class ClientOptions:
     fleet: str = "default"
     topic_prefix: str = "edgemole"
     engine: str = "eager"
+    #: folder written by ``edgemole export``: the program the ExecuTorch engine trains with
+    artifact: Path | None = None
     threads: int | None = None
     connect_timeout_s: float = 30.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -97,7 +99,8 @@ class EdgeClient:
         self.pending: Message | None = None
         self.rejected = 0
         self._stop = False
-        self._engine_factory = engine_factory or (lambda task: make_engine(opts.engine, task, threads=opts.threads))
+        self._engine_factory = engine_factory or (lambda task: make_engine(opts.engine, task, threads=opts.threads,
+                                                                          artifact=opts.artifact))
         self.link: Link = link or MqttLink(
             opts.broker,
             self.topics.device_mqtt_id(opts.client_id),
@@ -206,7 +209,13 @@ class EdgeClient:
         if self.engine is None or task != self.task:
             log.info("building %s engine for model %s with %d labels", self.opts.engine, task.model.name,
                      len(task.labels))
-            self.engine = self._engine_factory(task)
+            try:
+                engine = self._engine_factory(task)
+            except EdgemoleError as exc:  # e.g. an artifact that is corrupt or does not fit this task
+                self._reject("task", str(exc))
+                self._publish_status("error", f"cannot train this task: {exc}")
+                return
+            self.engine = engine
             self.data.prepare(task.labels, self.engine.tokenizer, task.model.max_length)
         self.task, self.run_id, self.last_round = task, run, 0
         self._publish_status("ready")

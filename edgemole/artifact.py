@@ -165,6 +165,9 @@ def check_task(manifest: Manifest, task: TaskSpec) -> None:
                         f"{task.method!r}")
     elif manifest.config != program_config(task):
         problems.append(f"adapter settings {manifest.config}, the task's are {program_config(task)}")
+    if task.train.dropout:
+        problems.append("no dropout, the task trains with dropout (run the fleet with --no-dropout, "
+                        "train.dropout = false)")
     if task.model.max_length > manifest.shape.max_length:
         problems.append(f"sequences of at most {manifest.shape.max_length} tokens, the task's are "
                         f"{task.model.max_length}")

@@ -170,11 +170,20 @@ def run_settings(base: Settings, method: str, rank: int, alpha: float, seed: int
     return from_dict(Settings, d, "")
 
 
+#: settings added after results were first recorded: left out of a run's key while they hold their default, so
+#: that runs recorded before them keep their keys (and are not run again)
+KEY_STABLE_DEFAULTS: dict[tuple[str, str], Any] = {("train", "dropout"): True}
+
+
 def _identity(settings: dict[str, Any], global_test_size: int) -> tuple[str, str]:
     """(key of the run, key of its setup): the run's whole config; the setup is that config without the grid's
     axes, so that the runs of one grid share a setup and summaries never mix runs of different setups."""
     config = json.loads(json.dumps(settings))
     config["simulate"].pop("threads", None)  # how fast, not what
+    config["simulate"].pop("artifact", None)
+    for (section, name), default in KEY_STABLE_DEFAULTS.items():
+        if config[section].get(name) == default:
+            config[section].pop(name)
     config["global_test_size"] = global_test_size
     setup = json.loads(json.dumps(config))
     for section, name in (("fleet", "method"), ("fleet", "seed"), ("data", "partition"), ("lora", "r"),

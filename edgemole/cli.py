@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from edgemole import __version__
@@ -68,6 +69,8 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="batch size (default 16)")
     g.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-3)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    g.add_argument("--no-dropout", action="store_const", const=False, dest="dropout",
+                   help="train without dropout (as exported ExecuTorch programs do)")
 
 
 def _add_data_flags(p: argparse.ArgumentParser, simulate: bool) -> None:
@@ -96,12 +99,12 @@ def _overrides(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "lora": {"r": get("rank"), "alpha": get("lora_alpha"), "dropout": get("lora_dropout"),
                  "target_modules": get("target_modules"), "train_head": get("train_head")},
         "train": {"local_steps": get("local_steps"), "batch_size": get("batch_size"), "lr": get("lr"),
-                  "weight_decay": get("weight_decay")},
+                  "weight_decay": get("weight_decay"), "dropout": get("dropout")},
         "data": {"dataset": get("dataset"), "text_column": get("text_column"), "label_column": get("label_column"),
                  "partition": get("partition"), "test_fraction": get("test_fraction"),
                  "samples_per_domain": get("samples_per_domain"), "labels": get("labels")},
         "simulate": {"clients": get("clients"), "engine": get("engine"), "threads": get("threads"),
-                     "upload_ranks": get("upload_ranks")},
+                     "upload_ranks": get("upload_ranks"), "artifact": get("artifact")},
         "amole": {"experts": get("experts"), "slots": get("slots"), "holders": get("holders"),
                   "top_k": get("top_k"), "dp_eta": get("dp_eta")},
         "a2": {"upload_rank": get("upload_rank"), "b_lr_multiplier": get("b_lr_multiplier"),
@@ -122,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="run an emulated fleet: broker, aggregator and N client processes")
     p.add_argument("--clients", type=int, help="number of emulated clients (default 4)")
     p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded amqtt one")
-    p.add_argument("--engine", help="client training engine (default eager)")
+    p.add_argument("--engine", help="client training engine: eager (default) or executorch")
+    p.add_argument("--artifact", help="with --engine executorch: the folder of 'edgemole export' (default: export "
+                   "the task's program into the work folder first)")
     p.add_argument("--threads", type=int, help="torch threads per client process (default: cores / clients)")
     p.add_argument("--json-out", help="write the run's results as JSON to this file")
     p.add_argument("--plot", help="write accuracy and traffic per round as a PNG to this file")
@@ -131,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-device upload rank budgets, e.g. 8,4,2,1, given to the clients in turn (lora-a2)")
     _add_task_flags(p)
     _add_data_flags(p, simulate=True)
+
+    p = sub.add_parser("export", help="write the on-device artifact: trainable ExecuTorch program, base weights, "
+                       "tokenizer and manifest")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--task", default="classify", help="classify (default); causal-lm is not supported yet")
+    p.add_argument("--num-labels", type=int, help="classes of the head (default: the labels of --dataset/--labels)")
+    p.add_argument("--no-xnnpack", action="store_true", help="portable kernels only (slower; for comparison)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    _add_task_flags(p)
+    _add_data_flags(p, simulate=False)
 
     p = sub.add_parser("aggregator", help="run the aggregation service against a broker")
     p.add_argument("--broker", required=True, help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
@@ -151,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column")
     p.add_argument("--fleet", default="default")
     p.add_argument("--topic-prefix", default="edgemole")
-    p.add_argument("--engine", default="eager", help="training engine (default eager)")
+    p.add_argument("--engine", default="eager", help="training engine: eager (default) or executorch")
+    p.add_argument("--artifact", help="with --engine executorch: the folder written by 'edgemole export'")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to keep retrying the broker")
     p.add_argument("--upload-rank", type=int,
@@ -214,12 +230,43 @@ def _run_client(a: argparse.Namespace) -> int:
         raise ConfigError("--test-fraction must be in [0, 1)")
     if a.upload_rank is not None and not 1 <= a.upload_rank <= 4096:
         raise ConfigError("--upload-rank must be in [1, 4096]")
+    if a.artifact and a.engine != "executorch":
+        raise ConfigError("--artifact is for --engine executorch")
+    if a.engine == "executorch" and not a.artifact:
+        raise ConfigError("--engine executorch needs --artifact DIR (written by 'edgemole export')")
     return run_client(ClientOptions(
         broker=a.broker, client_id=a.client_id, data=a.data, test_data=a.test_data, test_fraction=a.test_fraction,
         text_column=a.text_column, label_column=a.label_column, fleet=a.fleet, topic_prefix=a.topic_prefix,
         engine=a.engine, threads=a.threads, connect_timeout_s=a.connect_timeout, keep_serving=a.keep_serving,
-        upload_rank=a.upload_rank,
+        upload_rank=a.upload_rank, artifact=Path(a.artifact) if a.artifact else None,
     ))
+
+
+def _run_export(a: argparse.Namespace) -> int:
+    from edgemole.config import load_settings
+    from edgemole.data.source import task_labels
+    from edgemole.errors import ConfigError
+    from export.artifact import write_artifact
+
+    if a.task != "classify":
+        raise ConfigError(f"--task {a.task!r} is not supported yet (supported: classify)")
+    settings = load_settings(a.config, _overrides(a))
+    if a.num_labels is not None:
+        if not 2 <= a.num_labels <= 100_000:
+            raise ConfigError("--num-labels must be in [2, 100000]")
+        labels = [str(i) for i in range(a.num_labels)]
+    else:
+        labels = task_labels(settings.data, settings.fleet.seed)
+    task = settings.task(labels)
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"exporting the {task.method} training program of {task.model.name}"):
+        manifest = write_artifact(task, Path(a.out), xnnpack=not a.no_xnnpack, force=a.force)
+    print(json.dumps({"out": a.out, "adapter": manifest.adapter, "methods": manifest.methods,
+                      "program_bytes": manifest.program.bytes, "base_bytes": manifest.data.bytes,
+                      "trainable_tensors": len(manifest.tensors), "batch_size": manifest.shape.batch_size,
+                      "max_length": manifest.shape.max_length}))
+    return 0
 
 
 def _run_simulate(a: argparse.Namespace) -> int:
@@ -238,6 +285,9 @@ def _run_simulate(a: argparse.Namespace) -> int:
         feasible_holders(am.experts, settings.simulate.clients, am.holders, am.top_k, am.slots)
     if settings.simulate.engine not in ENGINES:
         raise ConfigError(f"unknown engine {settings.simulate.engine!r} (available: {', '.join(ENGINES)})")
+    if settings.simulate.engine == "executorch" and settings.train.dropout:
+        settings.train.dropout = False  # the exported program has no dropout; the whole fleet trains alike
+        print("note: --engine executorch trains without dropout (train.dropout = false)", file=sys.stderr)
     if a.plot and not a.plot.lower().endswith(".png"):
         raise ConfigError(f"--plot file '{a.plot}' must end in .png")
     simulate(settings, broker=a.broker, json_out=a.json_out, plot_out=a.plot, work_dir=a.work_dir,
@@ -273,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     for noisy in ("torchao", "torch.utils._pytree"):  # optional-kernel notices from executorch's torchao
         logging.getLogger(noisy).setLevel(logging.ERROR)
     runners = {"simulate": _run_simulate, "aggregator": _run_aggregator, "client": _run_client,
-               "bench": _run_bench}
+               "bench": _run_bench, "export": _run_export}
     try:
         code = runners[a.command](a)
     except EdgemoleError as exc:

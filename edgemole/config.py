@@ -49,6 +49,9 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 64
+    dropout: bool = True
+    """Dropout layers (the model's and LoRA's) active during local training. Exported ExecuTorch programs have
+    none, so a fleet that trains with the executorch engine runs with false."""
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, "train.local_steps must be >= 1")
@@ -115,6 +118,8 @@ class SimulateConfig:
     threads: int = 0
     upload_ranks: list[int] = field(default_factory=list)
     """Per-device LoRA-A2 upload rank budgets, given to the clients in turn (empty: the task's for all)."""
+    artifact: str = ""
+    """``edgemole export`` folder for the executorch engine (empty: export the task's program first)."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.clients <= 256, "simulate.clients must be in [1, 256]")

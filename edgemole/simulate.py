@@ -132,6 +132,26 @@ def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 0.0) -> Non
             p.kill()
 
 
+def _artifact(settings: Settings, work: Path, console: Console) -> Path | None:
+    """The program the executorch clients train with: the configured artifact, else the task's, exported once
+    into the work folder (every client loads the same files)."""
+    if settings.simulate.engine != "executorch":
+        if settings.simulate.artifact:
+            raise EdgemoleError("simulate.artifact is for the executorch engine")
+        return None
+    if settings.simulate.artifact:
+        return Path(settings.simulate.artifact).resolve()
+    from export.artifact import write_artifact
+
+    out = work / "artifact"
+    with console.status("exporting the training program for the executorch clients"):
+        started = time.monotonic()
+        manifest = write_artifact(settings.task(settings.data.labels), out, force=True)
+    console.print(f"exported {manifest.adapter} program: {manifest.program.bytes / 1e6:.1f} MB program, "
+                  f"{manifest.data.bytes / 1e6:.1f} MB base weights, {time.monotonic() - started:.0f} s")
+    return out
+
+
 def simulate(settings: Settings, *, broker: str | None = None, json_out: str | None = None,
              plot_out: str | None = None, work_dir: str | None = None, log_level: str = "WARNING",
              console: Console | None = None) -> dict[str, Any]:
@@ -148,6 +168,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
     settings.fleet.min_clients = n
     data_report = prepare_partitions(settings, work / "data")
     settings.data.labels = data_report["labels"]
+    artifact = _artifact(settings, work, console)
     config_path = work / "config.json"
     config_path.write_text(json.dumps(settings.to_dict(), indent=2))
     threads = settings.simulate.threads or max(1, (os.cpu_count() or 1) // n)
@@ -179,6 +200,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
                 "--test-data", str(work / "data" / f"{name}.test.jsonl"),
                 "--fleet", settings.fleet.fleet, "--topic-prefix", settings.fleet.topic_prefix,
                 "--engine", settings.simulate.engine, "--threads", str(threads),
+                *(["--artifact", str(artifact)] if artifact else []),
                 *(["--upload-rank", str(ranks[i % len(ranks)])] if (ranks := settings.simulate.upload_ranks) else []),
             ], work / "logs" / f"{name}.log", threads))
         procs.extend(clients)

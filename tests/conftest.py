@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +92,30 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
                                 env=env, cwd=REPO)
 
 
+
+
+def tiny_task(model: str, method: str = "fedit", amole: dict | None = None, **train: object):  # noqa: ANN201
+    """The task of a :func:`write_config` fleet on the synthetic labels, without dropout (as executorch trains)."""
+    from edgemole.config import load_settings
+    from edgemole.data import make_synthetic
+
+    labels = make_synthetic(n_per_domain=200).label_names()  # every label of the synthetic task
+    with tempfile.TemporaryDirectory() as directory:
+        path = write_config(Path(directory) / "config.json", model, labels, {"dropout": False, **train}, amole,
+                            method=method)
+        return load_settings(path).task(labels)
+
+
+#: the AMoLE settings of the executorch tests: 4 experts, 3 slots per device
+TINY_AMOLE = {"experts": 4, "slots": 3, "holders": 2, "top_k": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> dict[str, Path]:
+    """ExecuTorch artifacts of the tiny model: ``lora`` (fedit, ffa-lora, flexlora, lora-a2) and ``amole``."""
+    from export.artifact import write_artifact
+
+    out = tmp_path_factory.mktemp("artifacts")
+    for kind, method in (("lora", "fedit"), ("amole", "fedamole-a2")):
+        write_artifact(tiny_task(tiny_model, method, TINY_AMOLE), out / kind)
+    return {"lora": out / "lora", "amole": out / "amole"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import spawn, write_client_data, write_config
+from conftest import TINY_AMOLE, spawn, tiny_task, write_client_data, write_config
 
 from aggregator.strategies import weighted_average
 from aggregator.strategies.flexlora import svd_redistribute
@@ -380,3 +380,71 @@ def test_fedamole_a2_fleet_alternates_and_selects_ranks_over_held_experts(tmp_pa
                 if (n.endswith(frozen) or (frozen == "lora_A" and n.endswith(".router"))) and n in assigns[c].tensors:
                     assert torch.equal(t, assigns[c].tensors[n]), (rnd, n)
     assert summary["rejected"] == {}
+
+
+@pytest.mark.parametrize("method", ["fedit", "fedamole-a2"])
+def test_executorch_fleet_gives_the_eager_fleets_results(tmp_path: Path, mosquitto: str, tiny_model: str,
+                                                         tiny_artifacts: dict[str, Path], method: str) -> None:
+    """The same fleet twice, on its own broker each: clients on the exported program and clients on eager
+    PyTorch send the same updates, so the aggregated adapters and accuracies agree."""
+    from edgemole.broker import mosquitto_broker
+
+    amole = TINY_AMOLE if method == "fedamole-a2" else None
+    artifact = tiny_artifacts["amole" if amole else "lora"]
+    runs = {}
+    for engine in ("eager", "executorch"):
+        directory = tmp_path / engine
+        directory.mkdir()
+        flags = ["--engine", engine, *(["--artifact", str(artifact)] if engine == "executorch" else [])]
+        with mosquitto_broker(str(directory / "mosquitto.log")) as url:
+            fleet = Fleet(directory, url, tiny_model, sizes=[20, 40, 30], train={"dropout": False}, amole=amole,
+                          client_flags={f"c{k}": flags for k in range(3)}, method=method)
+            runs[engine] = (fleet.run(), fleet)
+    (eager, eager_fleet), (et, et_fleet) = runs["eager"], runs["executorch"]
+    assert et["rejected"] == {} and [r["phase"] for r in et["rounds"]] == [r["phase"] for r in eager["rounds"]]
+    for rnd in (2, 3):  # the models after rounds 1 and 2, as sent to each device
+        ea, xa = eager_fleet.messages(Kind.ASSIGN, rnd), et_fleet.messages(Kind.ASSIGN, rnd)
+        assert set(ea) == set(xa) == {"c0", "c1", "c2"}
+        for c in ea:
+            assert ea[c].body.get("experts") == xa[c].body.get("experts")
+            for name, value in ea[c].tensors.items():
+                assert torch.allclose(value, xa[c].tensors[name], atol=1e-4), (rnd, c, name)
+    for a, b in zip(eager["rounds"] + [eager["final"]], et["rounds"] + [et["final"]], strict=True):
+        assert a["accuracy_before"] == pytest.approx(b["accuracy_before"], abs=1e-9)
+    updates = et_fleet.messages(Kind.UPDATE, 1)
+    assert all(u.body["metrics"]["steps"] == 3 for u in updates.values())
+
+
+def test_client_with_a_bad_artifact_reports_it_and_keeps_running(tmp_path: Path, mosquitto: str, tiny_model: str,
+                                                                 tiny_artifacts: dict[str, Path]) -> None:
+    import shutil
+
+    from edgemole.artifact import DATA_FILE
+
+    artifact = shutil.copytree(tiny_artifacts["lora"], tmp_path / "art")
+    (artifact / DATA_FILE).write_bytes((artifact / DATA_FILE).read_bytes()[:1000])  # truncated base weights
+    files, labels = write_client_data(tmp_path, [20])
+    client = spawn(["client", "--broker", mosquitto, "--client-id", "c0", "--data", str(files[0][0]), "--fleet", "t",
+                    "--engine", "executorch", "--artifact", str(artifact), "--threads", "1"], tmp_path / "c0.log")
+    topics = Topics("t")
+    link = MqttLink(mosquitto, "test-observer", clean_session=True)
+    try:
+        link.connect(10)
+        link.subscribe(topics.status("c0"))
+        task = tiny_task(tiny_model)
+        link.publish(topics.task, encode(Message(Kind.TASK, "t", 0, body={"run": "r" * 12, "task": task.to_body()})),
+                     retain=True)
+        deadline, error = time.monotonic() + 60, None
+        while time.monotonic() < deadline and error is None:
+            inbound = link.receive(0.5)
+            if inbound is not None and inbound.payload:
+                body = decode(inbound.payload).body
+                if body.get("state") == "error":
+                    error = body["error"]
+        assert error is not None, (tmp_path / "c0.log").read_text()[-2000:]
+        assert "cannot train this task" in error and "base.ptd" in error and "truncated" in error
+        time.sleep(1.0)
+        assert client.poll() is None  # still serving
+    finally:
+        link.close()
+        stop_processes([client], 5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,8 @@ class TrainStats:
     steps: int
     samples: int
     seconds: float
+    #: the loss of every step, in order
+    losses: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -57,8 +57,8 @@ class EagerEngine(TrainingEngine):
                 groups.setdefault(lr * (role_lr or {}).get(param_roles[n], 1.0), []).append(p)
         optimizer = torch.optim.AdamW([{"params": ps, "lr": group_lr} for group_lr, ps in groups.items()],
                                       lr=lr, weight_decay=weight_decay)
-        self.model.train()
-        start, total, samples = time.perf_counter(), 0.0, 0
+        self.model.train(self.task.train.dropout)  # eval mode = no dropout; nothing else differs in training
+        start, losses, samples = time.perf_counter(), [], 0
         for _ in range(steps):
             batch = next(batches)
             logits = self.model(batch.input_ids, batch.attention_mask)
@@ -68,9 +68,9 @@ class EagerEngine(TrainingEngine):
             optimizer.step()
             if after_step is not None:
                 after_step()
-            total += float(loss.detach())
+            losses.append(float(loss.detach()))
             samples += len(batch.labels)
-        return TrainStats(total / steps, steps, samples, time.perf_counter() - start)
+        return TrainStats(sum(losses) / steps, steps, samples, time.perf_counter() - start, losses)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> EvalStats:

@@ -99,8 +99,13 @@ class ExecuTorchEngine(TrainingEngine):
         self.slot_mask = torch.ones(len(shape.amole_modules), shape.slots, dtype=torch.bool)
         blank = Batch(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long),
                       torch.zeros(1, dtype=torch.long))
-        self._run(blank)  # the runtime hands out its parameter tensors after the first call
-        named = self.module.named_parameters()
+        try:
+            self._run(blank)  # the runtime hands out its parameter tensors after the first call
+            named = self.module.named_parameters()
+        except (RuntimeError, ValueError) as exc:  # a program the runtime loads lazily and then cannot run
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"{self.directory}: the ExecuTorch runtime cannot load the program: "
+                                f"{first[:200]}") from None
         expected = {t.name: t.shape for t in self.manifest.tensors}
         if {n: tuple(t.shape) for n, t in named.items()} != expected:
             raise ArtifactError(f"{self.directory}: the program's trainable tensors differ from its manifest")
@@ -168,7 +173,7 @@ class ExecuTorchEngine(TrainingEngine):
                 trained[PREFIX + n] = p
         optimizer = torch.optim.AdamW([{"params": ps, "lr": group_lr} for group_lr, ps in groups.items()],
                                       lr=lr, weight_decay=weight_decay)
-        start, total, samples = time.perf_counter(), 0.0, 0
+        start, losses, samples = time.perf_counter(), [], 0
         for _ in range(steps):
             batch = next(batches)
             if len(batch.labels) > self.manifest.shape.batch_size:
@@ -183,9 +188,9 @@ class ExecuTorchEngine(TrainingEngine):
                 p.grad = None
             if after_step is not None:
                 after_step()
-            total += float(loss)
+            losses.append(float(loss))
             samples += len(batch.labels)
-        return TrainStats(total / steps, steps, samples, time.perf_counter() - start)
+        return TrainStats(sum(losses) / steps, steps, samples, time.perf_counter() - start, losses)
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalStats:
         start, loss_sum, correct, n = time.perf_counter(), 0.0, 0, 0

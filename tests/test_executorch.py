@@ -1,0 +1,204 @@
+"""The ExecuTorch artifact and engine: manifest, parity with the eager engine, bad artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_AMOLE, tiny_task
+
+from edge_client.alternating import train_alternating
+from edge_client.engines import Batch
+from edge_client.engines.eager import EagerEngine
+from edge_client.engines.executorch import ExecuTorchEngine
+from edgemole.adapters.lora.a2 import active_factor
+from edgemole.artifact import DATA_FILE, MANIFEST_FILE, PREFIX, PROGRAM_FILE, read_manifest, verify_files
+from edgemole.errors import ArtifactError
+from edgemole.model import WireState, build_classifier
+
+STEPS = 5
+
+
+def _batches(seed: int = 2) -> Iterator[Batch]:
+    """Batches of varying length with padded rows: what local data gives the engines."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        t = int(torch.randint(6, 17, (1,), generator=g))
+        mask = torch.ones(8, t, dtype=torch.long)
+        mask[:3, t - 3:] = 0
+        yield Batch(torch.randint(5, 900, (8, t), generator=g), mask, torch.randint(0, 4, (8,), generator=g))
+
+
+def _engines(task, artifact: Path) -> tuple[EagerEngine, ExecuTorchEngine]:  # noqa: ANN001
+    return EagerEngine(task, threads=1), ExecuTorchEngine(task, artifact, threads=1)
+
+
+def _start(eager: EagerEngine, experts: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """A shared random starting point (B != 0, so that every factor has gradients) and the assignment body."""
+    body = {"experts": {m: [0, 1, 3] for m in eager.wire.layers}} if experts else {}
+    full, _ = eager.wire.initial_fleet_state()
+    spec = eager.expected_state(body)
+    gen = torch.Generator().manual_seed(7)
+    return {n: full[n] + 0.05 * torch.randn(full[n].shape, generator=gen) for n in spec}, body
+
+
+def test_manifest_describes_the_program(tiny_model: str, tiny_artifacts: dict[str, Path]) -> None:
+    for kind, method in (("lora", "fedit"), ("amole", "fedamole-a2")):
+        directory = tiny_artifacts[kind]
+        manifest = read_manifest(directory)
+        verify_files(directory, manifest)
+        task = tiny_task(tiny_model, method, TINY_AMOLE)
+        model, _ = build_classifier(task)
+        wire = WireState.of_model(model, task)
+        roles = wire.parameter_roles()
+        assert {t.name: (t.shape, t.role) for t in manifest.tensors} == {
+            PREFIX + n: (tuple(p.shape), roles[n]) for n, p in wire.params.items()}
+        assert manifest.adapter == kind and task.method in manifest.methods
+        assert manifest.shape.batch_size == task.train.batch_size and manifest.shape.max_length == 16
+        assert manifest.shape.amole_modules == tuple(wire.layers)
+        # the frozen base lives in the .ptd; the program holds only the graph and the trainable tensors
+        base = sum(p.numel() * 4 for n, p in model.named_parameters() if not p.requires_grad)
+        assert manifest.data.bytes >= base > 4 * manifest.program.bytes
+        engine = ExecuTorchEngine(task, directory, threads=1)  # loads, and checks the program against the manifest
+        assert set(engine.wire.params) == set(wire.params)
+
+
+@pytest.mark.parametrize("method", ["fedit", "fedamole"])
+def test_plain_training_matches_the_eager_engine(tiny_model: str, tiny_artifacts: dict[str, Path],
+                                                 method: str) -> None:
+    task = tiny_task(tiny_model, method, TINY_AMOLE, weight_decay=0.01)
+    eager, et = _engines(task, tiny_artifacts["amole" if task.uses_experts else "lora"])
+    state, body = _start(eager, task.uses_experts)
+    for engine in (eager, et):
+        engine.set_state(state, body)
+    a, b = eager.train(_batches(), STEPS, 0.01, 0.01), et.train(_batches(), STEPS, 0.01, 0.01)
+    assert len(b.losses) == STEPS
+    assert torch.allclose(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=1e-6)
+    sa, sb = eager.get_state(body)[0], et.get_state(body)[0]
+    for n in sa:
+        assert torch.allclose(sa[n], sb[n], atol=2e-5), n
+        assert not torch.equal(sa[n], state[n]), n  # every tensor moved
+    batches = [next(_batches(5)) for _ in range(3)]
+    ea, eb = eager.evaluate(batches), et.evaluate(batches)
+    assert ea.samples == eb.samples == 24 and ea.accuracy == eb.accuracy
+    assert abs(ea.loss - eb.loss) < 1e-5
+    if task.uses_experts:
+        ma, mb = eager.embeddings(batches, body), et.embeddings(batches, body)
+        assert set(ma) == set(mb) and all(torch.allclose(ma[k], mb[k], atol=1e-5) for k in ma)
+
+
+@pytest.mark.parametrize("method", ["lora-a2", "fedamole-a2"])
+def test_alternating_rounds_match_the_eager_engine(tiny_model: str, tiny_artifacts: dict[str, Path],
+                                                   method: str) -> None:
+    """Both phases of a LoRA-A2 round (probe, rank selection, masked retraining) give the same upload."""
+    task = tiny_task(tiny_model, method, TINY_AMOLE, weight_decay=0.01)
+    eager, et = _engines(task, tiny_artifacts["amole" if task.uses_experts else "lora"])
+    state, body = _start(eager, task.uses_experts)
+    for phase in ("train-B", "train-A"):
+        roles = [active_factor(phase), "head"] + (["router"] if task.uses_experts and phase == "train-A" else [])
+        results = []
+        for engine in (eager, et):
+            engine.set_state(state, body)
+            results.append(train_alternating(engine, body, phase, _batches, task, STEPS, 1, roles))
+        a, b = results
+        assert a.selection == b.selection
+        assert torch.allclose(torch.tensor(a.stats.losses), torch.tensor(b.stats.losses), rtol=1e-5, atol=1e-6)
+        assert set(a.tensors) == set(b.tensors) and a.roles == b.roles
+        for n in a.tensors:
+            assert torch.allclose(a.tensors[n].float(), b.tensors[n].float(), atol=2e-5), (phase, n)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_manifest(directory: Path, **fields: object) -> None:
+    path = directory / MANIFEST_FILE
+    raw = json.loads(path.read_text())
+    raw.update(fields)
+    path.write_text(json.dumps(raw))
+
+
+def _damage(kind: str, d: Path) -> None:
+    if kind == "truncated base":
+        data = (d / DATA_FILE).read_bytes()
+        (d / DATA_FILE).write_bytes(data[: len(data) // 2])
+    elif kind == "corrupt program":
+        data = bytearray((d / PROGRAM_FILE).read_bytes())
+        data[100:140] = b"\xff" * 40
+        (d / PROGRAM_FILE).write_bytes(bytes(data))
+    elif kind == "program not loadable":  # hashes updated, so the runtime itself must refuse it
+        (d / PROGRAM_FILE).write_bytes(b"not a program" * 10)
+        raw = json.loads((d / MANIFEST_FILE).read_text())
+        from edgemole.artifact import file_entry
+
+        raw["program"] = file_entry(d / PROGRAM_FILE).__dict__
+        (d / MANIFEST_FILE).write_text(json.dumps(raw))
+    elif kind == "other format version":
+        _rewrite_manifest(d, format_version=99)
+    elif kind == "not json":
+        (d / MANIFEST_FILE).write_text("{broken")
+    elif kind == "no manifest":
+        (d / MANIFEST_FILE).unlink()
+    elif kind == "base of another model":
+        data = bytearray((d / DATA_FILE).read_bytes())
+        data[-8:] = b"\x00" * 8
+        (d / DATA_FILE).write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated base", "corrupt, truncated or from another export"),
+    ("corrupt program", "corrupt, truncated or from another export"),
+    ("base of another model", "corrupt, truncated or from another export"),
+    ("program not loadable", "runtime cannot load the program"),
+    ("other format version", "format version 99"),
+    ("not json", "not valid JSON"),
+    ("no manifest", "no manifest.json"),
+])
+def test_bad_artifacts_are_rejected_with_one_line(tiny_model: str, tiny_artifacts: dict[str, Path],
+                                                  tmp_path: Path, kind: str, message: str) -> None:
+    d = _copy(tiny_artifacts["lora"], tmp_path / "art")
+    _damage(kind, d)
+    with pytest.raises(ArtifactError, match=message) as err:
+        ExecuTorchEngine(tiny_task(tiny_model), d)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"method": "fedamole"}, "serves fedit, ffa-lora, flexlora, lora-a2, not 'fedamole'"),
+    ({"rank": 8}, "adapter settings"),
+    ({"dropout": True}, "--no-dropout"),
+    ({"max_length": 64}, "at most 16 tokens"),
+    ({"labels": 3}, "labels"),
+])
+def test_artifact_that_does_not_fit_the_task_is_refused(tiny_model: str, tiny_artifacts: dict[str, Path],
+                                                        change: dict, message: str) -> None:
+    import dataclasses
+
+    task = tiny_task(tiny_model, change.get("method", "fedit"), TINY_AMOLE)
+    if "rank" in change:
+        task = dataclasses.replace(task, lora=dataclasses.replace(task.lora, r=change["rank"]))
+    if "dropout" in change:
+        task = dataclasses.replace(task, train=dataclasses.replace(task.train, dropout=True))
+    if "max_length" in change:
+        task = dataclasses.replace(task, model=dataclasses.replace(task.model, max_length=change["max_length"]))
+    if "labels" in change:
+        task = dataclasses.replace(task, labels=["a", "b", "c"])
+    with pytest.raises(ArtifactError, match=message):
+        ExecuTorchEngine(task, tiny_artifacts["lora"])
+
+
+def test_export_never_overwrites_without_force(tiny_model: str, tmp_path: Path) -> None:
+    from export.artifact import write_artifact
+
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="exists and is not empty"):
+        write_artifact(tiny_task(tiny_model), out)
+    assert (out / "keep.txt").read_text() == "mine"
