@@ -53,6 +53,12 @@ def test_unknown_method(capsys: pytest.CaptureFixture[str]) -> None:
         (["client", "--broker", "mqtt://127.0.0.1:1", "--client-id", "x", "--data", "/nope.csv"], "/nope.csv"),
         (["client", "--broker", "mqtt://127.0.0.1:1", "--client-id", "bad/id", "--data", "x.csv"], "client id"),
         (["aggregator", "--broker", "mqtt://127.0.0.1:1", "--method", "nope"], "unknown method"),
+        (["client", "--broker", "mqtt://127.0.0.1:1", "--client-id", "x", "--data", "x.csv", "--engine",
+          "executorch"], "needs --artifact"),
+        (["client", "--broker", "mqtt://127.0.0.1:1", "--client-id", "x", "--data", "x.csv", "--artifact", "a"],
+         "--artifact is for --engine executorch"),
+        (["export", "--out", "/tmp/x", "--task", "causal-lm"], "not supported yet"),
+        (["export", "--out", "/tmp/x", "--num-labels", "1"], "--num-labels"),
     ],
 )
 def test_bad_values_give_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
@@ -88,3 +94,21 @@ def test_unreachable_broker(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert f"cannot reach MQTT broker at mqtt://127.0.0.1:{port}" in line
     line = _one_line_error(capsys, ["client", "--broker", "http://host:1", "--client-id", "c1", "--data", str(data)])
     assert "invalid broker URL 'http://host:1'" in line
+
+
+def test_export_writes_an_artifact_and_never_overwrites_one(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                            tiny_model: str) -> None:
+    out = tmp_path / "art"
+    argv = ["export", "--out", str(out), "--model", tiny_model, "--method", "lora-a2", "--max-length", "16",
+            "--batch-size", "4", "--rank", "2", "--num-labels", "5"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["adapter"] == "lora" and report["batch_size"] == 4 and report["max_length"] == 16
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_labels"] == 5 and manifest["config"]["r"] == 2
+    assert (out / "program.pte").stat().st_size == manifest["program"]["bytes"] == report["program_bytes"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert "exists and is not empty" in _one_line_error(capsys, argv)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -66,3 +66,17 @@ def test_default_model_learns_the_synthetic_task(tmp_path: Path) -> None:
     _check_result(result, clients=2, rounds=2)
     curve = result["accuracy_curve"]
     assert curve[-1] > curve[0] + 0.2, curve
+
+
+def test_simulate_with_the_executorch_engine_exports_once_and_trains_on_it(tmp_path: Path, tiny_model: str) -> None:
+    result, proc = _simulate(tmp_path, "--engine", "executorch", "--method", "lora-a2", "--clients", "2", "--rounds",
+                             "2", "--model", tiny_model, "--local-steps", "2", "--samples-per-domain", "30",
+                             "--max-length", "16", "--rank", "2")
+    _check_result(result, clients=2, rounds=2)
+    assert result["engine"] == "executorch" and result["task"]["train"]["dropout"] is False
+    assert [r["phase"] for r in result["rounds"]] == ["train-B", "train-A"]
+    assert "trains without dropout" in proc.stderr and "exported lora program" in proc.stdout
+    manifest = json.loads((tmp_path / "work" / "artifact" / "manifest.json").read_text())
+    assert manifest["adapter"] == "lora" and "lora-a2" in manifest["methods"]
+    logs = (tmp_path / "work" / "logs" / "client-0.log").read_text()
+    assert "building executorch engine" in logs
