@@ -317,7 +317,7 @@ def _run_bench(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     a = parser.parse_args(argv)
-    a.log_level = a.log_level or ("WARNING" if a.command in ("simulate", "bench") else "INFO")
+    a.log_level = a.log_level or ("WARNING" if a.command in ("simulate", "bench", "export") else "INFO")
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     for noisy in ("torchao", "torch.utils._pytree"):  # optional-kernel notices from executorch's torchao

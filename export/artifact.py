@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from edgemole import __version__
@@ -46,7 +47,9 @@ def write_artifact(task: TaskSpec, out: Path, batch_size: int | None = None, xnn
     tensors = [TensorEntry(PREFIX + n, n, tuple(p.shape), roles[n]) for n, p in wire.params.items()]
     shape = ProgramShape(batch_size or task.train.batch_size, task.model.max_length,
                          task.amole.slots if task.uses_experts else 0, tuple(wire.layers))
-    program = lower(export_joint(model, task, shape), xnnpack=xnnpack)
+    with warnings.catch_warnings():  # torch.export's and ExecuTorch's internal deprecation notices
+        warnings.simplefilter("ignore")
+        program = lower(export_joint(model, task, shape), xnnpack=xnnpack)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
