@@ -5,6 +5,7 @@ An artifact is a folder::
     manifest.json   what is inside, with the sha256 of each file (this module's :class:`Manifest`)
     program.pte     the trainable ExecuTorch program (joint forward/backward, trainable tensors included)
     base.ptd        the frozen base weights, so that a new round or a new adapter never re-flashes the base
+    inference.onnx  the classifier for inference, adapters as inputs (checked against onnxruntime at export)
     tokenizer/      the model's tokenizer files
 
 Everything a device needs to check before it trains is in the manifest: the program's fixed input shapes, the
@@ -28,6 +29,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 PROGRAM_FILE = "program.pte"
 DATA_FILE = "base.ptd"
+ONNX_FILE = "inference.onnx"
 TOKENIZER_DIR = "tokenizer"
 #: prefix of the program's trainable tensor names: ``<PREFIX><model parameter name>``
 PREFIX = "model."
@@ -78,6 +80,9 @@ class Manifest:
     data: FileEntry
     tensors: list[TensorEntry]
     tokenizer: list[str] = field(default_factory=list)
+    #: the ONNX inference model (adapters as inputs) and its input names, in order
+    onnx: FileEntry | None = None
+    onnx_inputs: list[str] = field(default_factory=list)
     xnnpack: bool = True
     versions: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
@@ -134,6 +139,7 @@ def read_manifest(directory: Path) -> Manifest:
             program=FileEntry(**raw["program"]), data=FileEntry(**raw["data"]),
             tensors=[TensorEntry(t["name"], t["param"], tuple(t["shape"]), t["role"]) for t in raw["tensors"]],
             tokenizer=list(raw.get("tokenizer", [])), xnnpack=bool(raw.get("xnnpack", True)),
+            onnx=FileEntry(**raw["onnx"]) if raw.get("onnx") else None, onnx_inputs=list(raw.get("onnx_inputs", [])),
             versions=dict(raw.get("versions", {})))
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: missing or malformed field ({type(exc).__name__}: {exc})") from None

@@ -15,6 +15,7 @@ from edgemole import __version__
 from edgemole.artifact import (
     DATA_FILE,
     MANIFEST_FILE,
+    ONNX_FILE,
     PREFIX,
     PROGRAM_FILE,
     TOKENIZER_DIR,
@@ -28,6 +29,7 @@ from edgemole.artifact import (
 from edgemole.config import TaskSpec
 from edgemole.errors import ArtifactError
 from edgemole.model import WireState, build_classifier
+from export.onnx import write_onnx
 from export.program import export_joint, lower
 
 
@@ -63,11 +65,13 @@ def write_artifact(task: TaskSpec, out: Path, batch_size: int | None = None, xnn
         written[0].rename(staging / DATA_FILE)
         shutil.rmtree(data_dir)
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        onnx_inputs = write_onnx(model, task, wire.params, staging / ONNX_FILE, shape.batch_size, shape.max_length)
         manifest = Manifest(
             model=task.model.name, task="classify", adapter=adapter_kind(task), num_labels=len(task.labels),
             config=program_config(task), shape=shape, program=file_entry(staging / PROGRAM_FILE),
             data=file_entry(staging / DATA_FILE), tensors=tensors,
             tokenizer=sorted(p.name for p in (staging / TOKENIZER_DIR).iterdir()), xnnpack=xnnpack,
+            onnx=file_entry(staging / ONNX_FILE), onnx_inputs=onnx_inputs,
             versions={"edgemole": __version__, "executorch": version("executorch"), "torch": torch.__version__})
         (staging / MANIFEST_FILE).write_text(manifest.to_json())
         if out.exists():

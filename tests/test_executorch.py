@@ -202,3 +202,38 @@ def test_export_never_overwrites_without_force(tiny_model: str, tmp_path: Path) 
     with pytest.raises(ArtifactError, match="exists and is not empty"):
         write_artifact(tiny_task(tiny_model), out)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind, method", [("lora", "fedit"), ("amole", "fedamole-a2")])
+def test_onnx_inference_model_equals_the_eager_model(tiny_model: str, tiny_artifacts: dict[str, Path], kind: str,
+                                                     method: str) -> None:
+    """The ONNX model takes a device's adapters as inputs: fed a personalised state, onnxruntime gives the eager
+    model's logits."""
+    import onnxruntime as ort
+
+    from export.onnx import onnx_input_name
+
+    task = tiny_task(tiny_model, method, TINY_AMOLE)
+    manifest = read_manifest(tiny_artifacts[kind])
+    eager = EagerEngine(task, threads=1)
+    state, body = _start(eager, task.uses_experts)
+    if task.uses_experts:  # a device holding two of three slots
+        body = {"experts": {m: [1, 2] for m in eager.wire.layers}}
+        state = {n: state.get(n, torch.zeros(s.shape)) for n, s in eager.expected_state(body).items()}
+    eager.set_state(state, body)
+    batch = next(_batches(9))
+    n, t = batch.input_ids.shape
+    ids = torch.zeros(manifest.shape.batch_size, manifest.shape.max_length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[:n, :t], mask[:n, :t] = batch.input_ids, batch.attention_mask
+    eager.model.eval()
+    with torch.no_grad():
+        expected = eager.model(batch.input_ids, batch.attention_mask)
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    if task.uses_experts:
+        feed["slot_mask"] = torch.stack([layer.active for layer in eager.wire.layers.values()]).numpy()
+    feed.update({onnx_input_name(name): p.detach().numpy() for name, p in eager.wire.params.items()})
+    session = ort.InferenceSession(str(tiny_artifacts[kind] / manifest.onnx.file))
+    assert [i.name for i in session.get_inputs()] == manifest.onnx_inputs
+    got = torch.from_numpy(session.run(None, feed)[0])[:n]
+    assert torch.allclose(got, expected, atol=1e-4)
