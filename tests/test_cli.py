@@ -112,3 +112,14 @@ def test_export_writes_an_artifact_and_never_overwrites_one(capsys: pytest.Captu
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert "exists and is not empty" in _one_line_error(capsys, argv)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_export_of_a_model_it_cannot_adapt_fails_with_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                               tiny_model: str) -> None:
+    line = _one_line_error(capsys, ["export", "--out", str(tmp_path / "a"), "--model", tiny_model,
+                                    "--target-modules", "c_attn", "--num-labels", "3"])
+    assert "no linear layer named ['c_attn']" in line and "query" in line
+    line = _one_line_error(capsys, ["export", "--out", str(tmp_path / "b"), "--model", str(tmp_path / "missing"),
+                                    "--num-labels", "3"])
+    assert "cannot load model" in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
