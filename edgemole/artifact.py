@@ -161,6 +161,8 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
 def check_task(manifest: Manifest, task: TaskSpec) -> None:
     """The task can run on this program: same base model, label count, baked adapter settings, a method the
     adapter kind serves, and sequences no longer than the program's."""
+    if manifest.task != "classify":
+        raise ArtifactError(f"the artifact is a {manifest.task} program; the fleet's task is classification")
     problems = []
     if manifest.model != task.model.name:
         problems.append(f"model {manifest.model!r}, the task's is {task.model.name!r}")

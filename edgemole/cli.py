@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the on-device artifact: trainable ExecuTorch program, base weights, "
                        "tokenizer and manifest")
     p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--task", default="classify", help="classify (default); causal-lm is not supported yet")
+    p.add_argument("--task", default="classify",
+                   help="classify (default) or causal-lm (a decoder; loss on the response tokens)")
     p.add_argument("--num-labels", type=int, help="classes of the head (default: the labels of --dataset/--labels)")
     p.add_argument("--no-xnnpack", action="store_true", help="portable kernels only (slower; for comparison)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
@@ -243,25 +244,28 @@ def _run_client(a: argparse.Namespace) -> int:
 
 
 def _run_export(a: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from edgemole.config import load_settings
     from edgemole.data.source import task_labels
     from edgemole.errors import ConfigError
-    from export.artifact import write_artifact
+    from export.artifact import write_artifact, write_causal_artifact
 
-    if a.task != "classify":
-        raise ConfigError(f"--task {a.task!r} is not supported yet (supported: classify)")
+    if a.task not in ("classify", "causal-lm"):
+        raise ConfigError(f"--task must be classify or causal-lm, got {a.task!r}")
     settings = load_settings(a.config, _overrides(a))
-    if a.num_labels is not None:
+    write = write_causal_artifact if a.task == "causal-lm" else write_artifact
+    if a.task == "causal-lm":
+        labels = ["-", "-."]  # a language model has no classes; the task needs a placeholder label set
+    elif a.num_labels is not None:
         if not 2 <= a.num_labels <= 100_000:
             raise ConfigError("--num-labels must be in [2, 100000]")
         labels = [str(i) for i in range(a.num_labels)]
     else:
         labels = task_labels(settings.data, settings.fleet.seed)
     task = settings.task(labels)
-    from rich.console import Console
-
     with Console(stderr=True).status(f"exporting the {task.method} training program of {task.model.name}"):
-        manifest = write_artifact(task, Path(a.out), xnnpack=not a.no_xnnpack, force=a.force)
+        manifest = write(task, Path(a.out), xnnpack=not a.no_xnnpack, force=a.force)
     print(json.dumps({"out": a.out, "adapter": manifest.adapter, "methods": manifest.methods,
                       "program_bytes": manifest.program.bytes, "base_bytes": manifest.data.bytes,
                       "trainable_tensors": len(manifest.tensors), "batch_size": manifest.shape.batch_size,

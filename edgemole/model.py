@@ -156,17 +156,22 @@ class WireState:
 
     def parameter_roles(self) -> dict[str, str]:
         """Wire role of every trainable parameter (by parameter name), to train only some roles."""
-        if not self.layers:
-            return tensor_roles(self.params)
-        by_attr = {"experts_A": "lora_A", "experts_B": "lora_B", "shared_A": "lora_A", "shared_B": "lora_B",
-                   "router": ROUTER_ROLE}
-        return {n: HEAD_ROLE if n.startswith("head.") else by_attr[n.rsplit(".", 1)[-1]] for n in self.params}
+        return parameter_roles(self.params, experts=bool(self.layers))
 
     def auxiliary_loss(self) -> torch.Tensor:
         """The weighted load-balance loss of the last forward (zero without experts)."""
         if not self.layers:
             return torch.zeros(())
         return self.task.amole.load_balance_weight * auxiliary_loss(self.layers)
+
+
+def parameter_roles(params: dict[str, torch.Tensor], experts: bool) -> dict[str, str]:
+    """Wire role of every trainable parameter of a model with plain LoRA or with AMoLE layers (``experts``)."""
+    if not experts:
+        return tensor_roles(params)
+    by_attr = {"experts_A": "lora_A", "experts_B": "lora_B", "shared_A": "lora_A", "shared_B": "lora_B",
+               "router": ROUTER_ROLE}
+    return {n: HEAD_ROLE if n.startswith("head.") else by_attr[n.rsplit(".", 1)[-1]] for n in params}
 
 
 def tensor_roles(params: dict[str, torch.Tensor]) -> dict[str, str]:

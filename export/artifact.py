@@ -9,9 +9,14 @@ from __future__ import annotations
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from edgemole import __version__
+from edgemole.adapters.amole.model import amole_layers
 from edgemole.artifact import (
     DATA_FILE,
     MANIFEST_FILE,
@@ -28,30 +33,29 @@ from edgemole.artifact import (
 )
 from edgemole.config import TaskSpec
 from edgemole.errors import ArtifactError
-from edgemole.model import WireState, build_classifier
+from edgemole.model import WireState, build_classifier, parameter_roles
+from export.causal import build_causal_lm, export_causal_lm
 from export.onnx import write_onnx
-from export.program import export_joint, lower
+from export.program import export_classifier, lower
 
 
-def write_artifact(task: TaskSpec, out: Path, batch_size: int | None = None, xnnpack: bool = True,
-                   force: bool = False) -> Manifest:
-    """Export the task's trainable program to ``out`` and return its manifest."""
-    from importlib.metadata import version
-
-    import torch
-
-    out = Path(out)
+def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not force and any(out.iterdir()):
         raise ArtifactError(f"{out} exists and is not empty (give --force to replace it)")
-    model, tokenizer = build_classifier(task)
-    wire = WireState.of_model(model, task)
-    roles = wire.parameter_roles()
-    tensors = [TensorEntry(PREFIX + n, n, tuple(p.shape), roles[n]) for n, p in wire.params.items()]
-    shape = ProgramShape(batch_size or task.train.batch_size, task.model.max_length,
-                         task.amole.slots if task.uses_experts else 0, tuple(wire.layers))
+
+
+def _lowered(export: Callable[[], torch.export.ExportedProgram], xnnpack: bool):  # noqa: ANN202
     with warnings.catch_warnings():  # torch.export's and ExecuTorch's internal deprecation notices
         warnings.simplefilter("ignore")
-        program = lower(export_joint(model, task, shape), xnnpack=xnnpack)
+        return lower(export(), xnnpack=xnnpack)
+
+
+def _write_folder(out: Path, program: object, tokenizer: object | None,
+                  finish: Callable[[Path], dict[str, Any]], **fields: Any) -> Manifest:
+    """Write program, base weights and tokenizer into a staging folder, let ``finish`` add its files (returning
+    manifest fields), write the manifest, then move the folder into place."""
+    from importlib.metadata import version
+
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -64,14 +68,12 @@ def write_artifact(task: TaskSpec, out: Path, batch_size: int | None = None, xnn
             raise ArtifactError(f"expected one external weight file from ExecuTorch, got {[p.name for p in written]}")
         written[0].rename(staging / DATA_FILE)
         shutil.rmtree(data_dir)
-        tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-        onnx_inputs = write_onnx(model, task, wire.params, staging / ONNX_FILE, shape.batch_size, shape.max_length)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        extra = finish(staging)
         manifest = Manifest(
-            model=task.model.name, task="classify", adapter=adapter_kind(task), num_labels=len(task.labels),
-            config=program_config(task), shape=shape, program=file_entry(staging / PROGRAM_FILE),
-            data=file_entry(staging / DATA_FILE), tensors=tensors,
-            tokenizer=sorted(p.name for p in (staging / TOKENIZER_DIR).iterdir()), xnnpack=xnnpack,
-            onnx=file_entry(staging / ONNX_FILE), onnx_inputs=onnx_inputs,
+            **fields, **extra, program=file_entry(staging / PROGRAM_FILE), data=file_entry(staging / DATA_FILE),
+            tokenizer=sorted(p.name for p in (staging / TOKENIZER_DIR).iterdir()) if tokenizer is not None else [],
             versions={"edgemole": __version__, "executorch": version("executorch"), "torch": torch.__version__})
         (staging / MANIFEST_FILE).write_text(manifest.to_json())
         if out.exists():
@@ -81,3 +83,45 @@ def write_artifact(task: TaskSpec, out: Path, batch_size: int | None = None, xnn
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _tensor_entries(params: dict[str, torch.Tensor], experts: bool) -> list[TensorEntry]:
+    roles = parameter_roles(params, experts)
+    return [TensorEntry(PREFIX + n, n, tuple(p.shape), roles[n]) for n, p in params.items()]
+
+
+def write_artifact(task: TaskSpec, out: Path, batch_size: int | None = None, xnnpack: bool = True,
+                   force: bool = False) -> Manifest:
+    """Export the classification task's trainable program (and its ONNX inference model) to ``out``."""
+    out = Path(out)
+    _check_out(out, force)
+    model, tokenizer = build_classifier(task)
+    wire = WireState.of_model(model, task)
+    shape = ProgramShape(batch_size or task.train.batch_size, task.model.max_length,
+                         task.amole.slots if task.uses_experts else 0, tuple(wire.layers))
+    program = _lowered(lambda: export_classifier(model, task, shape), xnnpack)
+
+    def onnx(staging: Path) -> dict[str, Any]:
+        names = write_onnx(model, task, wire.params, staging / ONNX_FILE, shape.batch_size, shape.max_length)
+        return {"onnx": file_entry(staging / ONNX_FILE), "onnx_inputs": names}
+
+    return _write_folder(out, program, tokenizer, onnx, model=task.model.name, task="classify",
+                         adapter=adapter_kind(task), num_labels=len(task.labels), config=program_config(task),
+                         shape=shape, tensors=_tensor_entries(wire.params, bool(wire.layers)), xnnpack=xnnpack)
+
+
+def write_causal_artifact(task: TaskSpec, out: Path, batch_size: int | None = None, xnnpack: bool = True,
+                          force: bool = False) -> Manifest:
+    """Export a causal LM's trainable program (next-token loss on the response tokens) to ``out``; the task
+    gives model, adapters and shapes (its labels are not used)."""
+    out = Path(out)
+    _check_out(out, force)
+    lm, tokenizer = build_causal_lm(task)
+    params = {n: p for n, p in lm.named_parameters() if p.requires_grad}
+    layers = amole_layers(lm) if task.uses_experts else {}
+    shape = ProgramShape(batch_size or task.train.batch_size, task.model.max_length,
+                         task.amole.slots if layers else 0, tuple(layers))
+    program = _lowered(lambda: export_causal_lm(lm, task, shape), xnnpack)
+    return _write_folder(out, program, tokenizer, lambda staging: {}, model=task.model.name, task="causal-lm",
+                         adapter=adapter_kind(task), num_labels=0, config=program_config(task), shape=shape,
+                         tensors=_tensor_entries(params, bool(layers)), xnnpack=xnnpack)

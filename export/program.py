@@ -89,30 +89,53 @@ def linear_as_matmul(model: nn.Module) -> Iterator[None]:
             del m.forward
 
 
-def prepare_for_export(model: SequenceClassifier) -> None:
+def prepare_for_export(backbone: nn.Module) -> None:
     """The export-time model: inference mode (no dropout: it would be frozen into the graph) and the attention
     written out in plain ops (the fused attention's backward has no ExecuTorch kernel)."""
-    model.eval()
-    backbone = model.backbone
+    backbone.eval()
     if hasattr(backbone, "set_attn_implementation"):
         backbone.set_attn_implementation("eager")
     else:
         backbone.config._attn_implementation = "eager"
 
 
-def export_joint(model: SequenceClassifier, task: TaskSpec, shape: ProgramShape) -> torch.export.ExportedProgram:
-    """The joint forward/backward graph of the training program (gradients of every trainable tensor)."""
+def contiguous_empties(gm: torch.fx.GraphModule) -> int:
+    """Replace ``empty_permuted`` (an uninitialised buffer in a given physical layout, which some backward
+    formulas allocate; the runtime has no kernel for it) by a plain ``empty``: ExecuTorch tensors are contiguous
+    anyway, and the buffer is written before it is read. Returns how many were replaced."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.empty_permuted.default:
+            node.target = torch.ops.aten.empty.memory_format
+            node.args = (node.args[0],)
+            count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def export_joint(wrapper: nn.Module, backbone: nn.Module, inputs: tuple[torch.Tensor, ...],
+                 what: str) -> torch.export.ExportedProgram:
+    """The joint forward/backward graph of a training wrapper (loss first; gradients of every trainable tensor)
+    around ``backbone``, the pretrained model inside it."""
     from torch.export.experimental import _export_forward_backward
 
-    prepare_for_export(model)
-    wrapper = TrainableClassifier(model, task)
+    prepare_for_export(backbone)
     try:
-        with linear_as_matmul(model):
-            ep = torch.export.export(wrapper, example_inputs(shape), strict=False)
-        return _export_forward_backward(ep)
+        with linear_as_matmul(wrapper):
+            ep = torch.export.export(wrapper, inputs, strict=False)
+        joint = _export_forward_backward(ep)
+        contiguous_empties(joint.graph_module)
+        return joint
     except Exception as exc:  # torch.export reports unsupported code in many exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot export {task.model.name!r} for training: {first[:300]}") from None
+        raise ModelError(f"cannot export {what!r} for training: {first[:300]}") from None
+
+
+def export_classifier(model: SequenceClassifier, task: TaskSpec, shape: ProgramShape) -> torch.export.ExportedProgram:
+    """The classification training program: :class:`TrainableClassifier` at the program's input shapes."""
+    model.eval()
+    return export_joint(TrainableClassifier(model, task), model.backbone, example_inputs(shape), task.model.name)
 
 
 def xnnpack_configs() -> list[type]:

@@ -57,7 +57,7 @@ def test_unknown_method(capsys: pytest.CaptureFixture[str]) -> None:
           "executorch"], "needs --artifact"),
         (["client", "--broker", "mqtt://127.0.0.1:1", "--client-id", "x", "--data", "x.csv", "--artifact", "a"],
          "--artifact is for --engine executorch"),
-        (["export", "--out", "/tmp/x", "--task", "causal-lm"], "not supported yet"),
+        (["export", "--out", "/tmp/x", "--task", "translate"], "--task must be classify or causal-lm"),
         (["export", "--out", "/tmp/x", "--num-labels", "1"], "--num-labels"),
     ],
 )

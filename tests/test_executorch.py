@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -237,3 +238,75 @@ def test_onnx_inference_model_equals_the_eager_model(tiny_model: str, tiny_artif
     assert [i.name for i in session.get_inputs()] == manifest.onnx_inputs
     got = torch.from_numpy(session.run(None, feed)[0])[:n]
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A randomly initialised 2-layer Llama-style decoder (no tokenizer: a bare config folder)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("method", ["lora-a2", "fedamole-a2"])
+def test_causal_lm_program_trains_on_response_tokens_like_eager(tiny_llama: str, tmp_path: Path,
+                                                                method: str) -> None:
+    """Export through the CLI; the program's loss and gradients equal eager PyTorch's, and prompt tokens count
+    for nothing."""
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+    from executorch.extension.training import TrainingModule
+
+    from edgemole.cli import main
+    from export.causal import TrainableCausalLM, build_causal_lm
+
+    out = tmp_path / "lm"
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--task", "causal-lm", "--out", str(out), "--model", tiny_llama, "--method", method,
+              "--max-length", "12", "--batch-size", "2", "--rank", "4", "--lora-alpha", "8", "--slots", "3",
+              "--experts", "4"])
+    assert exc.value.code == 0
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    assert manifest.task == "causal-lm" and manifest.num_labels == 0
+    assert all(".q_proj." in t.name or ".v_proj." in t.name for t in manifest.tensors)
+    task = tiny_task(tiny_llama, method, {"experts": 4, "slots": 3, "holders": 2, "top_k": 2})
+    task = dataclasses.replace(task, model=dataclasses.replace(task.model, max_length=12),
+                               lora=dataclasses.replace(task.lora, r=4), train=dataclasses.replace(task.train,
+                                                                                                     batch_size=2))
+    lm, _ = build_causal_lm(task)
+    wrapper = TrainableCausalLM(lm, task)
+    lm.eval()
+    trainer = TrainingModule(_load_for_executorch(str(out / manifest.program.file), str(out / manifest.data.file)))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :6] = -100  # the prompt
+    inputs = (ids, torch.ones_like(ids), labels)
+    if task.uses_experts:
+        inputs += (torch.tensor([[True, True, False]] * len(wrapper.layers)),)
+    got = trainer.forward_backward("forward", inputs)[0]
+    params = trainer.named_parameters()
+    with torch.no_grad():  # the program's (seeded) initial adapters, B made non-zero in both
+        for name, p in lm.named_parameters():
+            if p.requires_grad:
+                p.copy_(params[PREFIX + name] + 0.01)
+                params[PREFIX + name].copy_(p)
+    got = trainer.forward_backward("forward", inputs)[0]
+    expected = wrapper(*inputs)[0]
+    expected.backward()
+    assert torch.allclose(got, expected.detach(), atol=1e-5)
+    grads = trainer.named_gradients()
+    for name, p in lm.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[PREFIX + name], p.grad, atol=1e-5, rtol=1e-4), name
+    other = ids.clone()
+    other[:, :5] = (ids[:, :5] + 1) % 256  # change prompt tokens that are never predicted...
+    assert not torch.isclose(trainer.forward_backward("forward", (other, *inputs[1:]))[0], got)  # ...context moves
+    labels2 = labels.clone()
+    labels2[:, :6] = 0  # ...but labels of the prompt are ignored only when -100
+    assert not torch.isclose(trainer.forward_backward("forward", (ids, inputs[1], labels2, *inputs[3:]))[0], got)
