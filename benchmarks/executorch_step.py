@@ -10,6 +10,7 @@ adds where the program's time goes per operator family (ETDump + Inspector).
     python benchmarks/executorch_step.py                               # MiniLM, fedamole-a2, 20 repeats
     python benchmarks/executorch_step.py --method fedit --json-out step.json --profile
     python benchmarks/executorch_step.py --artifact /tmp/art --no-export  # reuse an exported program
+    python benchmarks/executorch_step.py --causal-lm                  # plus a ~100M-parameter Llama-style decoder
 """
 
 from __future__ import annotations
@@ -131,6 +132,75 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def causal_lm_step(args: argparse.Namespace, console: Console, work: Path) -> dict:
+    """The same comparison for a randomly initialised Llama-style decoder of about 100M parameters (LoRA on q/v,
+    loss on the second half of each sequence); program and eager model start from the same weights."""
+    import dataclasses
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from export.artifact import write_causal_artifact
+    from export.causal import TrainableCausalLM, build_causal_lm
+
+    folder = work / "llama-100m"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                         num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=512)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    settings = Settings()
+    settings.fleet.method, settings.model.name = "lora-a2", str(folder)
+    settings.model.max_length, settings.train.batch_size, settings.train.dropout = args.length, args.batch, False
+    task = settings.task(["-", "-."])
+    with console.status("exporting the ~100M causal LM"):
+        start = time.perf_counter()
+        manifest = write_causal_artifact(task, work / "llama-artifact", force=True)
+        export_s = time.perf_counter() - start
+    lm, _ = build_causal_lm(dataclasses.replace(task))
+    lm.eval()
+    wrapper = TrainableCausalLM(lm, task)
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch, _unsafe_reset_threadpool
+    from executorch.extension.training import TrainingModule
+
+    _unsafe_reset_threadpool(args.threads)
+    torch.set_num_threads(args.threads)
+    d = work / "llama-artifact"
+    trainer = TrainingModule(_load_for_executorch(str(d / manifest.program.file), str(d / manifest.data.file)))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32000, (args.batch, args.length), generator=g)
+    labels = ids.clone()
+    labels[:, : args.length // 2] = -100
+    inputs = (ids, torch.ones_like(ids), labels)
+    trainer.forward_backward("forward", inputs)
+    program_params = trainer.named_parameters()
+    eager_params = [p for p in lm.parameters() if p.requires_grad]
+    optimizers = {"eager": torch.optim.AdamW(eager_params, lr=1e-4),
+                  "executorch": torch.optim.AdamW(list(program_params.values()), lr=1e-4)}
+
+    def eager_step() -> None:
+        optimizers["eager"].zero_grad(set_to_none=True)
+        wrapper(*inputs)[0].backward()
+        optimizers["eager"].step()
+
+    def program_step() -> None:
+        trainer.forward_backward("forward", inputs)
+        for name, grad in trainer.named_gradients().items():
+            program_params[name].grad = grad
+        optimizers["executorch"].step()
+
+    times: dict[str, list[float]] = {"eager": [], "executorch": []}
+    for i in range(args.warmup + max(3, args.repeats // 4)):
+        for name, step in (("eager", eager_step), ("executorch", program_step)):
+            start = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    params = sum(p.numel() for p in lm.parameters())
+    return {"parameters": params, "median_step_s": medians, "ratio_executorch_to_eager":
+            medians["executorch"] / medians["eager"], "step_s": times, "pte_bytes": manifest.program.bytes,
+            "ptd_bytes": manifest.data.bytes, "export_s": export_s}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="fedamole-a2")
@@ -143,6 +213,7 @@ def main() -> None:
     p.add_argument("--artifact", help="artifact folder (exported there unless --no-export)")
     p.add_argument("--no-export", action="store_true", help="use --artifact as it is")
     p.add_argument("--profile", action="store_true", help="also time the program per operator family (ETDump)")
+    p.add_argument("--causal-lm", action="store_true", help="also time a ~100M-parameter Llama-style decoder")
     p.add_argument("--json-out")
     p.add_argument("--worker", choices=["eager", "executorch"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -184,13 +255,14 @@ def main() -> None:
                              capture_output=True, text=True, check=True)
         memory[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     ops = profile(et, batch, 5, work) if args.profile else []
+    causal = causal_lm_step(args, console, work) if args.causal_lm else None
     result = {
         "model": task.model.name, "method": args.method, "adapter": manifest.adapter, "batch": args.batch,
         "length": args.length, "threads": args.threads, "repeats": args.repeats,
         "median_step_s": medians, "ratio_executorch_to_eager": medians["executorch"] / medians["eager"],
         "step_s": times, "gradient_check": check, "pte_bytes": manifest.program.bytes,
         "ptd_bytes": manifest.data.bytes, "export_s": export_s, "peak_rss_mb": memory, "xnnpack": manifest.xnnpack,
-        "profile": ops,
+        "profile": ops, "causal_lm": causal,
     }
     table = Table(title=f"one training step, {task.model.name} {args.method}, {args.batch} x {args.length}, "
                         f"{args.threads} thread(s), median of {args.repeats}")
@@ -209,6 +281,12 @@ def main() -> None:
         for row in ops[:15]:
             t.add_row(row["op"], f"{row['ms_per_step']:.1f}", f"{row['share']:.1%}")
         console.print(t)
+    if causal:
+        console.print(f"causal LM, {causal['parameters'] / 1e6:.0f}M parameters, LoRA r8 on q/v: eager "
+                      f"{causal['median_step_s']['eager'] * 1000:.0f} ms, executorch "
+                      f"{causal['median_step_s']['executorch'] * 1000:.0f} ms per step "
+                      f"({causal['ratio_executorch_to_eager']:.2f}x); .pte {causal['pte_bytes'] / 1e6:.2f} MB, "
+                      f".ptd {causal['ptd_bytes'] / 1e6:.0f} MB; export {causal['export_s']:.0f} s")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
 

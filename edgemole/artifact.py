@@ -176,6 +176,9 @@ def check_task(manifest: Manifest, task: TaskSpec) -> None:
     if task.train.dropout:
         problems.append("no dropout, the task trains with dropout (run the fleet with --no-dropout, "
                         "train.dropout = false)")
+    if task.train.batch_size > manifest.shape.batch_size:
+        problems.append(f"training batches of at most {manifest.shape.batch_size}, the task's are "
+                        f"{task.train.batch_size} (export with --batch-size)")
     if task.model.max_length > manifest.shape.max_length:
         problems.append(f"sequences of at most {manifest.shape.max_length} tokens, the task's are "
                         f"{task.model.max_length}")

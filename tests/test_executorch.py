@@ -176,11 +176,10 @@ def test_bad_artifacts_are_rejected_with_one_line(tiny_model: str, tiny_artifact
     ({"dropout": True}, "--no-dropout"),
     ({"max_length": 64}, "at most 16 tokens"),
     ({"labels": 3}, "labels"),
+    ({"batch": 32}, "training batches of at most 8"),
 ])
 def test_artifact_that_does_not_fit_the_task_is_refused(tiny_model: str, tiny_artifacts: dict[str, Path],
                                                         change: dict, message: str) -> None:
-    import dataclasses
-
     task = tiny_task(tiny_model, change.get("method", "fedit"), TINY_AMOLE)
     if "rank" in change:
         task = dataclasses.replace(task, lora=dataclasses.replace(task.lora, r=change["rank"]))
@@ -188,6 +187,8 @@ def test_artifact_that_does_not_fit_the_task_is_refused(tiny_model: str, tiny_ar
         task = dataclasses.replace(task, train=dataclasses.replace(task.train, dropout=True))
     if "max_length" in change:
         task = dataclasses.replace(task, model=dataclasses.replace(task.model, max_length=change["max_length"]))
+    if "batch" in change:
+        task = dataclasses.replace(task, train=dataclasses.replace(task.train, batch_size=change["batch"]))
     if "labels" in change:
         task = dataclasses.replace(task, labels=["a", "b", "c"])
     with pytest.raises(ArtifactError, match=message):
