@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgemole.model import WireState
 from edgemole.protocol import TensorSpec
 
 
@@ -42,24 +43,26 @@ class EvalStats:
 
 
 class TrainingEngine(ABC):
-    """What a client needs from whatever runs the model."""
+    """What a client needs from whatever runs the model. An engine exposes its trainable tensors (wherever their
+    memory lives) through a :class:`~edgemole.model.WireState`, which maps them to and from the wire."""
 
     name: str
     #: the Hugging Face tokenizer of the task's model; the client tokenises its data with it
     tokenizer: object
+    wire: WireState
 
-    @abstractmethod
     def expected_state(self, body: dict) -> dict[str, TensorSpec]:
         """Names, shapes, dtypes and roles of the tensors an assignment with this body must carry
         (raises ProtocolError when the body's expert map does not fit the model's slots)."""
+        return self.wire.assignment_spec(body)
 
-    @abstractmethod
     def set_state(self, state: dict[str, torch.Tensor], body: dict) -> None:
         """Load a validated assignment into the model (for AMoLE: experts into slots, mask the rest)."""
+        self.wire.load(state, body)
 
-    @abstractmethod
     def get_state(self, body: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The trained tensors to upload, keyed and with roles as on the wire."""
+        return self.wire.state(body)
 
     @abstractmethod
     def embeddings(self, batches: Iterable[Batch], body: dict) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ from edge_client.engines.base import Batch, EvalStats, TrainingEngine, TrainStat
 from edgemole.adapters.amole.rsea import collect_embeddings
 from edgemole.config import TaskSpec
 from edgemole.model import WireState, build_classifier, set_torch_threads
-from edgemole.protocol import TensorSpec
 
 
 class EagerEngine(TrainingEngine):
@@ -25,15 +24,6 @@ class EagerEngine(TrainingEngine):
         self.task = task
         self.model, self.tokenizer = build_classifier(task)
         self.wire = WireState.of_model(self.model, task)
-
-    def expected_state(self, body: dict) -> dict[str, TensorSpec]:
-        return self.wire.assignment_spec(body)
-
-    def set_state(self, state: dict[str, torch.Tensor], body: dict) -> None:
-        self.wire.load(state, body)
-
-    def get_state(self, body: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        return self.wire.state(body)
 
     @torch.no_grad()
     def embeddings(self, batches: Iterable[Batch], body: dict) -> dict[str, torch.Tensor]:

@@ -36,7 +36,6 @@ from edgemole.artifact import (
 from edgemole.config import TaskSpec
 from edgemole.errors import ArtifactError
 from edgemole.model import WireState, set_torch_threads
-from edgemole.protocol import TensorSpec
 
 
 class SlotView:
@@ -137,15 +136,6 @@ class ExecuTorchEngine(TrainingEngine):
             yield Batch(batch.input_ids[i:i + size], batch.attention_mask[i:i + size], batch.labels[i:i + size])
 
     # -- the engine interface ---------------------------------------------------------------------------
-    def expected_state(self, body: dict) -> dict[str, TensorSpec]:
-        return self.wire.assignment_spec(body)
-
-    def set_state(self, state: dict[str, torch.Tensor], body: dict) -> None:
-        self.wire.load(state, body)
-
-    def get_state(self, body: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        return self.wire.state(body)
-
     @torch.no_grad()
     def embeddings(self, batches: Iterable[Batch], body: dict) -> dict[str, torch.Tensor]:
         if not self.wire.layers:
