@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -114,7 +113,7 @@ def profile(et: ExecuTorchEngine, batch: Batch, steps: int, directory: Path) -> 
                 continue
             name = event.name.removeprefix("native_call_").split(".")[0]
             if event.is_delegated_op or "DELEGATE" in event.name.upper():
-                name = f"{event.delegate_backend_name or 'delegate'} (matmuls)"
+                name = "XNNPACK delegate (matmuls, permutes, bmm, element-wise)"
             families[name] = families.get(name, 0.0) + sum(event.perf_data.raw)
     total = sum(families.values()) or 1.0
     rows = [{"op": k, "ms_per_step": v / steps, "share": v / total} for k, v in families.items()]
@@ -129,7 +128,10 @@ def worker(args: argparse.Namespace) -> None:
     engine.set_state(*assignment(engine))
     batch = fixed_batch(task, engine.tokenizer)
     engine.train(repeat(batch), 3, 1e-3, 0.0)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM: this process's own peak (ru_maxrss would report the parent's peak, inherited through fork)
+    peak_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": peak_kb / 1024}))
 
 
 def causal_lm_step(args: argparse.Namespace, console: Console, work: Path) -> dict:
