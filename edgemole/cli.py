@@ -69,6 +69,7 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="batch size (default 16)")
     g.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-3)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    g.add_argument("--optimizer", help="adamw (default) or sgd (the ExecuTorch runtime's own on that engine)")
     g.add_argument("--no-dropout", action="store_const", const=False, dest="dropout",
                    help="train without dropout (as exported ExecuTorch programs do)")
 
@@ -99,7 +100,8 @@ def _overrides(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "lora": {"r": get("rank"), "alpha": get("lora_alpha"), "dropout": get("lora_dropout"),
                  "target_modules": get("target_modules"), "train_head": get("train_head")},
         "train": {"local_steps": get("local_steps"), "batch_size": get("batch_size"), "lr": get("lr"),
-                  "weight_decay": get("weight_decay"), "dropout": get("dropout")},
+                  "weight_decay": get("weight_decay"), "dropout": get("dropout"),
+                  "optimizer": get("optimizer")},
         "data": {"dataset": get("dataset"), "text_column": get("text_column"), "label_column": get("label_column"),
                  "partition": get("partition"), "test_fraction": get("test_fraction"),
                  "samples_per_domain": get("samples_per_domain"), "labels": get("labels")},

@@ -52,6 +52,9 @@ class TrainConfig:
     dropout: bool = True
     """Dropout layers (the model's and LoRA's) active during local training. Exported ExecuTorch programs have
     none, so a fleet that trains with the executorch engine runs with false."""
+    optimizer: str = "adamw"
+    """``adamw`` (written over the gradients on every engine) or ``sgd`` (the ExecuTorch runtime's own SGD on the
+    executorch engine, PyTorch's on the eager engine); weight decay applies to both."""
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, "train.local_steps must be >= 1")
@@ -59,6 +62,7 @@ class TrainConfig:
         _require(1 <= self.eval_batch_size <= 4096, "train.eval_batch_size must be in [1, 4096]")
         _require(0 < self.lr < 10, "train.lr must be in (0, 10)")
         _require(0 <= self.weight_decay < 1, "train.weight_decay must be in [0, 1)")
+        _require(self.optimizer in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got {self.optimizer!r}")
 
 
 @dataclass

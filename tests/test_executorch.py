@@ -68,15 +68,17 @@ def test_manifest_describes_the_program(tiny_model: str, tiny_artifacts: dict[st
         assert set(engine.wire.params) == set(wire.params)
 
 
-@pytest.mark.parametrize("method", ["fedit", "fedamole"])
+@pytest.mark.parametrize("method, optimizer", [("fedit", "adamw"), ("fedamole", "adamw"), ("fedit", "sgd")])
 def test_plain_training_matches_the_eager_engine(tiny_model: str, tiny_artifacts: dict[str, Path],
-                                                 method: str) -> None:
-    task = tiny_task(tiny_model, method, TINY_AMOLE, weight_decay=0.01)
+                                                 method: str, optimizer: str) -> None:
+    """AdamW over the runtime's gradients, and the runtime's own SGD against PyTorch's, match the eager engine."""
+    task = tiny_task(tiny_model, method, TINY_AMOLE, weight_decay=0.01, optimizer=optimizer)
     eager, et = _engines(task, tiny_artifacts["amole" if task.uses_experts else "lora"])
     state, body = _start(eager, task.uses_experts)
     for engine in (eager, et):
         engine.set_state(state, body)
-    a, b = eager.train(_batches(), STEPS, 0.01, 0.01), et.train(_batches(), STEPS, 0.01, 0.01)
+    lr = 0.5 if optimizer == "sgd" else 0.01  # SGD moves the tensors visibly only with a large step
+    a, b = eager.train(_batches(), STEPS, lr, 0.01), et.train(_batches(), STEPS, lr, 0.01)
     assert len(b.losses) == STEPS
     assert torch.allclose(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=1e-6)
     sa, sb = eager.get_state(body)[0], et.get_state(body)[0]

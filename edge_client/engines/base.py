@@ -82,3 +82,11 @@ class TrainingEngine(ABC):
     @abstractmethod
     def evaluate(self, batches: Iterable[Batch]) -> EvalStats:
         """Mean loss and accuracy over the batches, without changing any weight."""
+
+
+def make_optimizer(name: str, groups: Mapping[float, list[torch.Tensor]], weight_decay: float) -> torch.optim.Optimizer:
+    """PyTorch's AdamW or SGD over parameter groups keyed by learning rate (the same for every engine)."""
+    param_groups = [{"params": ps, "lr": group_lr} for group_lr, ps in groups.items()]
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay)
+    return torch.optim.AdamW(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay)

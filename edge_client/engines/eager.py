@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from edge_client.engines.base import Batch, EvalStats, TrainingEngine, TrainStats
+from edge_client.engines.base import Batch, EvalStats, TrainingEngine, TrainStats, make_optimizer
 from edgemole.adapters.amole.rsea import collect_embeddings
 from edgemole.config import TaskSpec
 from edgemole.model import WireState, build_classifier, set_torch_threads
@@ -45,8 +45,7 @@ class EagerEngine(TrainingEngine):
         for n, p in self.model.named_parameters():
             if p.requires_grad and (roles is None or param_roles[n] in roles):
                 groups.setdefault(lr * (role_lr or {}).get(param_roles[n], 1.0), []).append(p)
-        optimizer = torch.optim.AdamW([{"params": ps, "lr": group_lr} for group_lr, ps in groups.items()],
-                                      lr=lr, weight_decay=weight_decay)
+        optimizer = make_optimizer(self.task.train.optimizer, groups, weight_decay)
         self.model.train(self.task.train.dropout)  # eval mode = no dropout; nothing else differs in training
         start, losses, samples = time.perf_counter(), [], 0
         for _ in range(steps):

@@ -3,7 +3,8 @@
 The runtime computes loss, logits and gradients (``forward_backward``); the optimizer runs on top of the gradients
 and writes the new values straight into the program's parameter memory (the runtime hands out its own tensors), so
 the next step sees them. AdamW here is PyTorch's, over those tensors, so both engines run the same optimizer; a
-phone runs the same update rule over the same gradients. Alternating freeze and rank masks work as on the eager
+phone runs the same update rule over the same gradients. With ``train.optimizer = "sgd"`` the runtime's own SGD
+(the one the Android API ships) steps instead. Alternating freeze and rank masks work as on the eager
 engine: frozen roles get no optimizer step, masked entries are put back after each step.
 
 Inputs have the program's fixed shapes: batches are cut into chunks of its batch size and padded (rows with label
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edge_client.engines.base import Batch, EvalStats, TrainingEngine, TrainStats
+from edge_client.engines.base import Batch, EvalStats, TrainingEngine, TrainStats, make_optimizer
 from edgemole.adapters.amole.layer import AMoLELinear
 from edgemole.adapters.amole.rsea import collect_embeddings
 from edgemole.artifact import (
@@ -155,14 +156,12 @@ class ExecuTorchEngine(TrainingEngine):
               roles: Collection[str] | None = None, *, role_lr: Mapping[str, float] | None = None,
               after_step: Callable[[], None] | None = None) -> TrainStats:
         param_roles = self.wire.parameter_roles()
-        groups: dict[float, list[torch.Tensor]] = {}
-        trained: dict[str, torch.Tensor] = {}
+        groups: dict[float, dict[str, torch.Tensor]] = {}
         for n, p in self.wire.params.items():
             if roles is None or param_roles[n] in roles:
-                groups.setdefault(lr * (role_lr or {}).get(param_roles[n], 1.0), []).append(p)
-                trained[PREFIX + n] = p
-        optimizer = torch.optim.AdamW([{"params": ps, "lr": group_lr} for group_lr, ps in groups.items()],
-                                      lr=lr, weight_decay=weight_decay)
+                groups.setdefault(lr * (role_lr or {}).get(param_roles[n], 1.0), {})[PREFIX + n] = p
+        trained = {name: p for group in groups.values() for name, p in group.items()}
+        step = self._optimizer_step(groups, weight_decay)
         start, losses, samples = time.perf_counter(), [], 0
         for _ in range(steps):
             batch = next(batches)
@@ -170,17 +169,40 @@ class ExecuTorchEngine(TrainingEngine):
                 raise ArtifactError(f"training batches of {len(batch.labels)} exceed the program's batch size "
                                     f"{self.manifest.shape.batch_size}; export with --batch-size")
             loss = self._run(batch)[0]
-            grads = self.module.named_gradients()
-            for name, p in trained.items():
-                p.grad = grads[name]
-            optimizer.step()
-            for p in trained.values():
-                p.grad = None
+            step({name: grad for name, grad in self.module.named_gradients().items() if name in trained})
             if after_step is not None:
                 after_step()
             losses.append(float(loss))
             samples += len(batch.labels)
         return TrainStats(sum(losses) / steps, steps, samples, time.perf_counter() - start, losses)
+
+    def _optimizer_step(self, groups: dict[float, dict[str, torch.Tensor]],
+                        weight_decay: float) -> Callable[[dict[str, torch.Tensor]], None]:
+        """One update of the program's parameters from named gradients: the runtime's own SGD (one per learning
+        rate), or AdamW over the runtime's tensors (the eager engine's optimizer, :func:`make_optimizer`)."""
+        if self.task.train.optimizer == "sgd":
+            from executorch.extension.training import get_sgd_optimizer
+
+            sgds = [(get_sgd_optimizer(group, group_lr, 0.0, 0.0, weight_decay, False), set(group))
+                    for group_lr, group in groups.items()]
+
+            def sgd_step(grads: dict[str, torch.Tensor]) -> None:
+                for sgd, names in sgds:
+                    sgd.step({n: g for n, g in grads.items() if n in names})
+
+            return sgd_step
+        optimizer = make_optimizer("adamw", {group_lr: list(group.values()) for group_lr, group in groups.items()},
+                                   weight_decay)
+        params = {name: p for group in groups.values() for name, p in group.items()}
+
+        def adamw_step(grads: dict[str, torch.Tensor]) -> None:
+            for name, grad in grads.items():
+                params[name].grad = grad
+            optimizer.step()
+            for p in params.values():
+                p.grad = None
+
+        return adamw_step
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalStats:
         start, loss_sum, correct, n = time.perf_counter(), 0.0, 0, 0
