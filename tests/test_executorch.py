@@ -313,3 +313,17 @@ def test_causal_lm_program_trains_on_response_tokens_like_eager(tiny_llama: str,
     labels2 = labels.clone()
     labels2[:, :6] = 0  # ...but labels of the prompt are ignored only when -100
     assert not torch.isclose(trainer.forward_backward("forward", (ids, inputs[1], labels2, *inputs[3:]))[0], got)
+
+
+def test_assignment_that_does_not_fit_the_slots_is_rejected(tiny_model: str, tiny_artifacts: dict[str, Path]) -> None:
+    from edgemole.errors import ProtocolError
+
+    task = tiny_task(tiny_model, "fedamole-a2", TINY_AMOLE)
+    et = ExecuTorchEngine(task, tiny_artifacts["amole"], threads=1)
+    modules = list(et.wire.layers)
+    with pytest.raises(ProtocolError, match="must be 1 to 3 distinct ids"):
+        et.expected_state({"experts": {m: [0, 1, 2, 3] for m in modules}})  # 4 experts, 3 slots
+    with pytest.raises(ProtocolError, match="exactly this model's AMoLE modules"):
+        et.expected_state({"experts": {modules[0]: [0, 1]}})
+    before = et.get_state({"experts": {m: [0, 1] for m in modules}})[0]
+    assert all(torch.equal(v, et.get_state({"experts": {m: [0, 1] for m in modules}})[0][k]) for k, v in before.items())
