@@ -296,9 +296,11 @@ def test_task_vector_body_is_a_valid_task_spec() -> None:
     task = TaskSpec.from_body(body["task"])
     assert task.labels == ["negative", "positive"]
     assert task.lora.target_modules == ("query", "value")
-    # the vector predates expert methods and LoRA-A2: absent `amole` and `a2` objects take their defaults
-    assert json.loads(json.dumps(task.to_body())) == {**TASK_BODY, "amole": dataclasses.asdict(AMoLEConfig()),
-                                                      "a2": dataclasses.asdict(A2Config())}
+    # the vector predates expert methods, LoRA-A2 and the executorch engine's training switches: absent `amole`
+    # and `a2` objects and the absent `train.dropout` and `train.optimizer` take their defaults
+    assert json.loads(json.dumps(task.to_body())) == {
+        **TASK_BODY, "amole": dataclasses.asdict(AMoLEConfig()), "a2": dataclasses.asdict(A2Config()),
+        "train": {**TASK_BODY["train"], "dropout": True, "optimizer": "adamw"}}
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE_VECTORS))
