@@ -1,7 +1,8 @@
 """The trainable ExecuTorch program a device runs: model, task head and loss in one joint forward/backward graph.
 
 Built from :func:`edgemole.model.build_classifier`, so the program's trainable tensors carry the model's parameter
-names (behind :data:`PREFIX`) and the wire mapping of :class:`edgemole.model.WireState` applies unchanged.
+names (behind :data:`edgemole.artifact.PREFIX`) and the wire mapping of :class:`edgemole.model.WireState` applies
+unchanged.
 
 What makes the program fast (DESIGN.md section 6): every ``nn.Linear`` is traced as ``matmul + add`` instead of
 ``addmm`` (ExecuTorch's optimized kernels have a fast ``mm`` but no fast ``addmm``); the matmuls are lowered to
