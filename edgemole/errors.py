@@ -31,3 +31,10 @@ class ProtocolError(EdgemoleError):
 
 class ArtifactError(EdgemoleError):
     """An exported artifact (program, base weights, manifest) that is missing, corrupt or does not fit the task."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text (or its type's name): what a one-line error quotes of a library's
+    multi-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

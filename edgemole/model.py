@@ -27,7 +27,7 @@ from edgemole.adapters.amole.model import (
 )
 from edgemole.adapters.lora import inject_lora
 from edgemole.config import DEFAULT_MODEL, TaskSpec
-from edgemole.errors import ModelError
+from edgemole.errors import ModelError, first_line
 from edgemole.protocol import TensorSpec, spec_of
 
 HEAD_ROLE = "head"
@@ -60,7 +60,7 @@ def load_backbone(name: str) -> tuple[nn.Module, object]:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
     except (OSError, ValueError, KeyError) as exc:
         hint = " (no network here? give a local model directory)" if not Path(name).exists() else ""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        first = first_line(exc)
         raise ModelError(f"cannot load model '{name}': {first[:200]}{hint}") from None
     return backbone, tokenizer
 

@@ -18,7 +18,7 @@ from edgemole.adapters.amole.model import amole_layers, auxiliary_loss, inject_a
 from edgemole.adapters.lora import inject_lora
 from edgemole.artifact import IGNORE_LABEL, ProgramShape
 from edgemole.config import TaskSpec
-from edgemole.errors import ModelError
+from edgemole.errors import ModelError, first_line
 from edgemole.model import resolve_model_source
 from export.program import export_joint
 
@@ -63,7 +63,7 @@ def build_causal_lm(task: TaskSpec) -> tuple[nn.Module, object | None]:
     try:
         lm = AutoModelForCausalLM.from_pretrained(source, local_files_only=offline)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"cannot load causal LM '{task.model.name}': {first[:200]}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)

@@ -18,7 +18,7 @@ from torch import nn
 from edgemole.adapters.amole.model import amole_layers
 from edgemole.artifact import PREFIX
 from edgemole.config import TaskSpec
-from edgemole.errors import ArtifactError
+from edgemole.errors import ArtifactError, first_line
 from edgemole.model import SequenceClassifier
 
 #: largest difference between onnxruntime's and the eager model's logits that passes the check
@@ -78,7 +78,7 @@ def write_onnx(model: SequenceClassifier, task: TaskSpec, params: dict[str, torc
             program.save(str(out))
             expected = wrapper(*inputs)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ArtifactError(f"cannot export the ONNX inference model: {first[:300]}") from None
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}

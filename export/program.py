@@ -25,7 +25,7 @@ from torch import nn
 from edgemole.adapters.amole.model import amole_layers, auxiliary_loss
 from edgemole.artifact import IGNORE_LABEL, ProgramShape
 from edgemole.config import TaskSpec
-from edgemole.errors import ModelError
+from edgemole.errors import ModelError, first_line
 from edgemole.model import SequenceClassifier
 
 
@@ -129,7 +129,7 @@ def export_joint(wrapper: nn.Module, backbone: nn.Module, inputs: tuple[torch.Te
         contiguous_empties(joint.graph_module)
         return joint
     except Exception as exc:  # torch.export reports unsupported code in many exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"cannot export {what!r} for training: {first[:300]}") from None
 
 
@@ -167,5 +167,5 @@ def lower(joint: torch.export.ExportedProgram, xnnpack: bool = True):  # noqa: A
             edge = to_edge(joint, compile_config=config)
         return edge.to_executorch(ExecutorchBackendConfig(external_constants=True))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"cannot lower the training program to ExecuTorch: {first[:300]}") from None

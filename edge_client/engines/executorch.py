@@ -35,7 +35,7 @@ from edgemole.artifact import (
     verify_files,
 )
 from edgemole.config import TaskSpec
-from edgemole.errors import ArtifactError
+from edgemole.errors import ArtifactError, first_line
 from edgemole.model import WireState, set_torch_threads
 
 
@@ -71,7 +71,7 @@ def load_training_module(directory: Path, manifest: Manifest):  # noqa: ANN201 (
     try:
         module = _load_for_executorch(str(directory / manifest.program.file), str(directory / manifest.data.file))
     except Exception as exc:  # the runtime raises RuntimeError/ValueError with multi-line texts
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ArtifactError(f"{directory}: the ExecuTorch runtime cannot load the program: {first[:200]}") from None
     return TrainingModule(module)
 
@@ -103,7 +103,7 @@ class ExecuTorchEngine(TrainingEngine):
             self._run(blank)  # the runtime hands out its parameter tensors after the first call
             named = self.module.named_parameters()
         except (RuntimeError, ValueError) as exc:  # a program the runtime loads lazily and then cannot run
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ArtifactError(f"{self.directory}: the ExecuTorch runtime cannot load the program: "
                                 f"{first[:200]}") from None
         expected = {t.name: t.shape for t in self.manifest.tensors}
