@@ -62,6 +62,9 @@ def _last_error(log_path: Path) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
+FLEET_KEYS = ("text", "label")
+
+
 def prepare_partitions(settings: Settings, data_dir: Path) -> dict[str, Any]:
     """Split the data over the clients and write each client's train/test JSONL; returns the data report."""
     seed, n = settings.fleet.seed, settings.simulate.clients
@@ -69,6 +72,9 @@ def prepare_partitions(settings: Settings, data_dir: Path) -> dict[str, Any]:
     labels = settings.data.labels or sorted(set(train.labels) | set(test.labels if test is not None else []))
     spec = default_partition(settings.data)
     parts = partition(train, n, spec, seed)
+    # clients read their files with the default text/label keys, so source columns of those names (20 Newsgroups'
+    # numeric ``label`` next to the chosen ``label_name``) are dropped rather than clash with them
+    train = train.without_columns(FLEET_KEYS)
     clients = {}
     for i, indices in enumerate(parts):
         tr, te = split_train_test(indices, train.labels, settings.data.test_fraction, seed + i)

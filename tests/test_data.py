@@ -578,3 +578,22 @@ def test_synthetic_column_partition_gives_single_domain_clients() -> None:
     parts = partition(ds, 2 * len(SYNTHETIC_DOMAINS), "column:domain", seed=0)
     check_partition(parts, len(ds), 2 * len(SYNTHETIC_DOMAINS), 2)
     assert all(len({ds.columns["domain"][i] for i in p}) == 1 for p in parts)
+
+
+def test_partitions_of_a_source_whose_other_column_is_named_label(tmp_path: Path) -> None:
+    """20 Newsgroups has a numeric ``label`` next to ``label_name``; choosing ``label_name`` must still write client
+    files that the clients read back with the default text/label keys."""
+    from edgemole.config import Settings, from_dict
+    from edgemole.simulate import prepare_partitions
+
+    src = tmp_path / "news.csv"
+    rows = ["id,text,label,label_name"] + [f"{i},post {i},{i % 3},group{i % 3}" for i in range(30)]
+    src.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    settings = from_dict(Settings, {"data": {"dataset": str(src), "text_column": "text", "label_column": "label_name",
+                                             "partition": "iid", "test_fraction": 0.2},
+                                    "simulate": {"clients": 2}}, "")
+    report = prepare_partitions(settings, tmp_path / "parts")
+    assert report["labels"] == ["group0", "group1", "group2"]
+    back = load_table(tmp_path / "parts" / "client-0.train.jsonl")
+    assert set(back.labels) <= {"group0", "group1", "group2"} and back.texts[0].startswith("post ")
+    assert list(back.columns) == ["id"]

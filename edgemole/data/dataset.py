@@ -44,6 +44,12 @@ class TextDataset:
             columns={name: [values[i] for i in idx] for name, values in self.columns.items()},
         )
 
+    def without_columns(self, names: Sequence[str]) -> TextDataset:
+        """The same examples without the extra columns in ``names`` (e.g. a source column named ``label`` that is
+        not the chosen label column, which a file in the fleet's own text/label format cannot hold)."""
+        keep = {name: values for name, values in self.columns.items() if name not in names}
+        return TextDataset(texts=self.texts, labels=self.labels, columns=keep)
+
     def label_names(self) -> list[str]:
         """Sorted unique labels, so every party derives the same label order from the same data."""
         return sorted(set(self.labels))
