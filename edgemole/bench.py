@@ -42,13 +42,13 @@ from edge_client.engines import ENGINES, TrainingEngine, make_engine
 from edge_client.local_data import LocalData
 from edgemole import __version__
 from edgemole.config import A2_METHODS, EXPERT_METHODS, Settings, TaskSpec, from_dict, read_config_file
-from edgemole.data import TextDataset, load_table, write_jsonl
+from edgemole.data import JSONL_KEYS, TextDataset, load_table, write_jsonl
 from edgemole.data.source import load_source
 from edgemole.errors import ConfigError, EdgemoleError
 from edgemole.memory_link import MemoryBroker, MemoryLink
 from edgemole.mqtt import Inbound
 from edgemole.protocol import Topics, decode
-from edgemole.simulate import FLEET_KEYS, _fmt_bytes, _fmt_pct, prepare_partitions
+from edgemole.simulate import _fmt_bytes, _fmt_pct, prepare_partitions
 
 RESULTS_FILE = "results.json"
 RESULTS_VERSION = 1
@@ -226,7 +226,7 @@ def prepare_cell(settings: Settings, directory: Path, global_test_size: int) -> 
         raise EdgemoleError(f"dataset {settings.data.dataset!r} leaves no examples for global accuracy")
     if 0 < global_test_size < len(test):
         test = test.subset(sorted(random.Random(GLOBAL_TEST_SEED).sample(range(len(test)), global_test_size)))
-    write_jsonl(directory / "global_test.jsonl", test.without_columns(FLEET_KEYS))
+    write_jsonl(directory / "global_test.jsonl", test.without_columns(JSONL_KEYS))
     return {**report, "global_test": {"source": source, "examples": len(test)}}
 
 

@@ -32,7 +32,7 @@ from rich.table import Table
 
 from edgemole.broker import embedded_broker
 from edgemole.config import Settings
-from edgemole.data import partition, split_train_test, write_jsonl
+from edgemole.data import JSONL_KEYS, partition, split_train_test, write_jsonl
 from edgemole.data.source import default_partition, load_source
 from edgemole.errors import EdgemoleError, ProtocolError
 from edgemole.mqtt import MqttLink
@@ -62,9 +62,6 @@ def _last_error(log_path: Path) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
-FLEET_KEYS = ("text", "label")
-
-
 def prepare_partitions(settings: Settings, data_dir: Path) -> dict[str, Any]:
     """Split the data over the clients and write each client's train/test JSONL; returns the data report."""
     seed, n = settings.fleet.seed, settings.simulate.clients
@@ -74,7 +71,7 @@ def prepare_partitions(settings: Settings, data_dir: Path) -> dict[str, Any]:
     parts = partition(train, n, spec, seed)
     # clients read their files with the default text/label keys, so source columns of those names (20 Newsgroups'
     # numeric ``label`` next to the chosen ``label_name``) are dropped rather than clash with them
-    train = train.without_columns(FLEET_KEYS)
+    train = train.without_columns(JSONL_KEYS)
     clients = {}
     for i, indices in enumerate(parts):
         tr, te = split_train_test(indices, train.labels, settings.data.test_fraction, seed + i)

@@ -7,6 +7,7 @@ model; errors a user can cause are :class:`~edgemole.errors.DataError` or
 
 from edgemole.data.dataset import TextDataset
 from edgemole.data.loaders import (
+    JSONL_KEYS,
     LABEL_COLUMNS,
     SUPPORTED_EXTENSIONS,
     TEXT_COLUMNS,
@@ -24,6 +25,7 @@ from edgemole.data.partition import (
 from edgemole.data.synthetic import SYNTHETIC_DOMAINS, make_synthetic
 
 __all__ = [
+    "JSONL_KEYS",
     "LABEL_COLUMNS",
     "SUPPORTED_EXTENSIONS",
     "SYNTHETIC_DOMAINS",

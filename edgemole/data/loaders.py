@@ -255,6 +255,10 @@ def load_dataset(path: str | os.PathLike[str], text_column: str | None = None,
     return train, test
 
 
+#: the keys of a record that :func:`write_jsonl` writes; extra columns of these names cannot be written
+JSONL_KEYS = ("text", "label")
+
+
 def write_jsonl(path: str | os.PathLike[str], dataset: TextDataset) -> None:
     """Write ``dataset`` so that :func:`load_table` reads back exactly the same texts, labels and columns.
 
@@ -266,7 +270,7 @@ def write_jsonl(path: str | os.PathLike[str], dataset: TextDataset) -> None:
     shown = str(path)
     if p.suffix.lower() != ".jsonl":
         raise DataError(f"cannot write {shown!r}: write_jsonl needs a path ending in .jsonl")
-    clash = [c for c in dataset.columns if c in ("text", "label")]
+    clash = [c for c in dataset.columns if c in JSONL_KEYS]
     if clash:
         raise DataError(f"cannot write {shown!r}: extra column {clash[0]!r} clashes with the text/label keys")
     names = list(dataset.columns)
