@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -363,10 +364,19 @@ def run_one(spec: RunSpec, on_round: OnRound | None = None) -> dict[str, Any]:
 _QUEUE: Any = None
 
 
+def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """End this process once ``parent`` is gone: a bench killed with SIGTERM or SIGKILL must not leave its workers
+    running their current run (up to an hour) with nobody to record it."""
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(1)
+
+
 def _worker_init(queue: Any, threads: int) -> None:
     global _QUEUE
     import torch
 
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _QUEUE = queue
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)

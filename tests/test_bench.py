@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -250,3 +253,32 @@ def test_in_memory_run_equals_the_mqtt_fleet(tmp_path: Path, tiny_model: str) ->
     # the same tensors; the bench's updates lack the after-training metrics (bench skips that evaluation)
     updates = 2 * 3
     assert 0 < mqtt["bytes_up_total"] - mem["bytes_up"] < 100 * updates
+
+
+def test_worker_exits_when_the_bench_process_is_killed():
+    """A bench worker whose parent dies (SIGKILL, no clean-up) ends instead of running on as an orphan."""
+    parent_code = textwrap.dedent("""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c",
+            "import os, threading, time; from edgemole.bench import exit_with_parent; "
+            "threading.Thread(target=exit_with_parent, args=(os.getppid(), 0.05), daemon=True).start(); "
+            "print('ready', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        print(child.pid, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    os.kill(child_pid, 0)  # the worker is alive while its parent is
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        raise AssertionError("the worker outlived its killed parent")
