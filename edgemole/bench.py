@@ -364,19 +364,23 @@ def run_one(spec: RunSpec, on_round: OnRound | None = None) -> dict[str, Any]:
 _QUEUE: Any = None
 
 
-def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
-    """End this process once ``parent`` is gone: a bench killed with SIGTERM or SIGKILL must not leave its workers
-    running their current run (up to an hour) with nobody to record it."""
-    while os.getppid() == parent:
-        time.sleep(poll_s)
-    os._exit(1)
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this process (from a daemon thread) once its parent is gone: a bench killed with SIGTERM or SIGKILL must
+    not leave its workers running their current run (up to an hour) with nobody to record it."""
+
+    def watch(parent: int) -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, args=(os.getppid(),), daemon=True).start()
 
 
 def _worker_init(queue: Any, threads: int) -> None:
     global _QUEUE
     import torch
 
-    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    exit_with_parent()
     _QUEUE = queue
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)

@@ -260,8 +260,7 @@ def test_worker_exits_when_the_bench_process_is_killed():
     parent_code = textwrap.dedent("""
         import subprocess, sys, time
         child = subprocess.Popen([sys.executable, "-c",
-            "import os, threading, time; from edgemole.bench import exit_with_parent; "
-            "threading.Thread(target=exit_with_parent, args=(os.getppid(), 0.05), daemon=True).start(); "
+            "import time; from edgemole.bench import exit_with_parent; exit_with_parent(0.05); "
             "print('ready', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "ready"
         print(child.pid, flush=True)
