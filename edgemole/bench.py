@@ -15,6 +15,7 @@ is missing, then rewrites the tables and plots from all runs (:mod:`edgemole.ben
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -476,9 +477,26 @@ def load_results(out: Path) -> list[dict[str, Any]]:
 
 def save_results(out: Path, runs: list[dict[str, Any]]) -> None:
     """Replace ``results.json`` atomically, so an interrupted bench never leaves half a file."""
-    tmp = out / f".{RESULTS_FILE}.tmp"
+    tmp = out / f".{RESULTS_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"version": RESULTS_VERSION, "runs": runs}, indent=1))
     tmp.replace(out / RESULTS_FILE)
+
+
+def add_result(out: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add one finished run to ``results.json`` and return every run in it.
+
+    The file is read again under an exclusive lock before writing, so two benches filling the same folder (say, two
+    alphas started side by side) keep each other's runs instead of the last writer's list winning.
+    """
+    folder = os.open(out, os.O_RDONLY)  # the lock is on the folder itself, so it leaves no file behind
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        runs = [r for r in load_results(out) if r["key"] != record["key"]]
+        runs.append(record)
+        save_results(out, runs)
+    finally:
+        os.close(folder)  # closing releases the lock
+    return runs
 
 
 def bench(settings: Settings, cfg: BenchConfig, *, console: Console | None = None) -> list[dict[str, Any]]:
@@ -527,8 +545,7 @@ def _run_pending(settings: Settings, cfg: BenchConfig, pending: list[RunSpec], r
 
         with progress:
             for record in _execute(pending, cfg.jobs, cfg.threads, on_round, on_start):
-                runs.append(record)
-                save_results(out, runs)
+                runs[:] = add_result(out, record)
                 progress.advance(runs_task)
                 progress.console.print(
                     f"{record['method']} r{record['rank']} a{record['alpha']:g} s{record['seed']}: personalised "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from edgemole.bench import BenchConfig, load_bench_settings, plan_runs, prepare_cells, run_one
+from edgemole.bench import BenchConfig, add_result, load_bench_settings, load_results, plan_runs, prepare_cells, run_one
 from edgemole.cli import main
 from edgemole.errors import BrokerError, ConfigError
 from edgemole.memory_link import MemoryBroker, MemoryLink
@@ -194,6 +195,27 @@ def test_bad_out_folder_and_results_file(capsys: pytest.CaptureFixture[str], tmp
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "results.json").write_text("[1, 2]")
     assert "not an edgemole bench results file" in _one_line_error(capsys, ["bench", "--out", str(tmp_path / "other")])
+
+
+def _add_runs(out: Path, writer: int, count: int) -> None:
+    for i in range(count):
+        add_result(out, {"key": f"w{writer}-{i}", "writer": writer})
+
+
+def test_benches_sharing_a_folder_keep_each_others_runs(tmp_path: Path) -> None:
+    add_result(tmp_path, {"key": "old", "writer": -1})
+    add_result(tmp_path, {"key": "old", "writer": -2})  # a rerun of a run replaces it
+    ctx = multiprocessing.get_context("fork")  # the writers only touch JSON; fork keeps the test quick
+    writers = [ctx.Process(target=_add_runs, args=(tmp_path, w, 30)) for w in range(4)]
+    for proc in writers:
+        proc.start()
+    for proc in writers:
+        proc.join(60)
+        assert proc.exitcode == 0
+    runs = load_results(tmp_path)
+    assert sorted(r["key"] for r in runs) == sorted(["old"] + [f"w{w}-{i}" for w in range(4) for i in range(30)])
+    assert next(r for r in runs if r["key"] == "old")["writer"] == -2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no lock or temporary file left
 
 
 def test_bench_section_of_config_file(tmp_path: Path) -> None:
