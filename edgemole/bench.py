@@ -452,9 +452,9 @@ def prepare_out(path: str) -> Path:
         raise ConfigError(f"--out '{out}' is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # a name of its own: benches started side by side on one folder must not delete each other's probe
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
     except OSError as exc:
         raise ConfigError(f"cannot write results to '{out}': {exc.strerror or exc}") from None
     return out

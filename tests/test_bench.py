@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from edgemole.bench import BenchConfig, add_result, load_bench_settings, load_results, plan_runs, prepare_cells, run_one
+from edgemole.bench import (
+    BenchConfig,
+    add_result,
+    load_bench_settings,
+    load_results,
+    plan_runs,
+    prepare_cells,
+    prepare_out,
+    run_one,
+)
 from edgemole.cli import main
 from edgemole.errors import BrokerError, ConfigError
 from edgemole.memory_link import MemoryBroker, MemoryLink
@@ -216,6 +225,22 @@ def test_benches_sharing_a_folder_keep_each_others_runs(tmp_path: Path) -> None:
     assert sorted(r["key"] for r in runs) == sorted(["old"] + [f"w{w}-{i}" for w in range(4) for i in range(30)])
     assert next(r for r in runs if r["key"] == "old")["writer"] == -2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no lock or temporary file left
+
+
+def _prepare_many(out: Path, times: int) -> None:
+    for _ in range(times):
+        prepare_out(str(out))
+
+
+def test_benches_started_side_by_side_both_pass_the_write_check(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    benches = [ctx.Process(target=_prepare_many, args=(tmp_path, 300)) for _ in range(4)]
+    for proc in benches:
+        proc.start()
+    for proc in benches:
+        proc.join(60)
+        assert proc.exitcode == 0  # one bench's write probe is never removed by another
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bench_section_of_config_file(tmp_path: Path) -> None:
