@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -211,16 +212,21 @@ def _add_runs(out: Path, writer: int, count: int) -> None:
         add_result(out, {"key": f"w{writer}-{i}", "writer": writer})
 
 
+def _run_side_by_side(target: Callable[..., None], args: list[tuple]) -> None:
+    """Run ``target`` once per argument tuple, all in processes at once, and require every one to exit 0."""
+    ctx = multiprocessing.get_context("fork")  # the targets only touch files; fork keeps the tests quick
+    procs = [ctx.Process(target=target, args=a) for a in args]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+
+
 def test_benches_sharing_a_folder_keep_each_others_runs(tmp_path: Path) -> None:
     add_result(tmp_path, {"key": "old", "writer": -1})
     add_result(tmp_path, {"key": "old", "writer": -2})  # a rerun of a run replaces it
-    ctx = multiprocessing.get_context("fork")  # the writers only touch JSON; fork keeps the test quick
-    writers = [ctx.Process(target=_add_runs, args=(tmp_path, w, 30)) for w in range(4)]
-    for proc in writers:
-        proc.start()
-    for proc in writers:
-        proc.join(60)
-        assert proc.exitcode == 0
+    _run_side_by_side(_add_runs, [(tmp_path, w, 30) for w in range(4)])
     runs = load_results(tmp_path)
     assert sorted(r["key"] for r in runs) == sorted(["old"] + [f"w{w}-{i}" for w in range(4) for i in range(30)])
     assert next(r for r in runs if r["key"] == "old")["writer"] == -2
@@ -233,13 +239,7 @@ def _prepare_many(out: Path, times: int) -> None:
 
 
 def test_benches_started_side_by_side_both_pass_the_write_check(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("fork")
-    benches = [ctx.Process(target=_prepare_many, args=(tmp_path, 300)) for _ in range(4)]
-    for proc in benches:
-        proc.start()
-    for proc in benches:
-        proc.join(60)
-        assert proc.exitcode == 0  # one bench's write probe is never removed by another
+    _run_side_by_side(_prepare_many, [(tmp_path, 300)] * 4)  # no bench's write probe is removed by another
     assert list(tmp_path.iterdir()) == []
 
 
