@@ -174,7 +174,8 @@ def run_settings(base: Settings, method: str, rank: int, alpha: float, seed: int
 
 #: settings added after results were first recorded: left out of a run's key while they hold their default, so
 #: that runs recorded before them keep their keys (and are not run again)
-KEY_STABLE_DEFAULTS: dict[tuple[str, str], Any] = {("train", "dropout"): True, ("train", "optimizer"): "adamw"}
+KEY_STABLE_DEFAULTS: dict[tuple[str, str], Any] = {("train", "dropout"): True, ("train", "optimizer"): "adamw",
+                                                   ("amole", "reassign_every"): 1}
 
 
 def _identity(settings: dict[str, Any], global_test_size: int) -> tuple[str, str]:

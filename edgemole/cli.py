@@ -57,6 +57,8 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experts", type=int, help="E: LoRA experts per module in the fleet (default 8)")
     g.add_argument("--slots", type=int, help="M: most experts one device holds per module (default 4)")
     g.add_argument("--holders", type=int, help="C: devices holding each expert per round (default 2)")
+    g.add_argument("--reassign-every", type=int,
+                   help="rounds an expert assignment lasts (default 1: reverse selection before every round)")
     g.add_argument("--top-k", type=int, help="k: experts mixed per token, fewest a device holds (default 2)")
     g.add_argument("--dp-eta", type=float, help="differential privacy on RSEA embeddings, rate eta (0: off)")
     g = p.add_argument_group("alternating freeze and rank selection (lora-a2, fedamole-a2)")
@@ -108,7 +110,7 @@ def _overrides(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "simulate": {"clients": get("clients"), "engine": get("engine"), "threads": get("threads"),
                      "upload_ranks": get("upload_ranks"), "artifact": get("artifact")},
         "amole": {"experts": get("experts"), "slots": get("slots"), "holders": get("holders"),
-                  "top_k": get("top_k"), "dp_eta": get("dp_eta")},
+                  "reassign_every": get("reassign_every"), "top_k": get("top_k"), "dp_eta": get("dp_eta")},
         "a2": {"upload_rank": get("upload_rank"), "b_lr_multiplier": get("b_lr_multiplier"),
                "probe_steps": get("probe_steps")},
     }

@@ -207,3 +207,31 @@ def test_fedamole_needs_enough_devices_to_hold_every_expert(tiny_model: str) -> 
     sets = strategy.configure_train(1, ["a", "b"]).info["experts"]  # C lowered to 1 with a warning, still valid
     for m in strategy.modules:
         assert sorted(e for c in "ab" for e in sets[c][m]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("method", ["fedamole", "fedamole-a2"])
+def test_reassign_every_keeps_expert_sets_within_a_period(tiny_model: str, method: str) -> None:
+    """``amole.reassign_every = 2``: round 2 keeps round 1's sets (the same holders train both factors in
+    fedamole-a2), round 3 and the evaluation after round 2 assign anew, and other devices force a new assignment."""
+    from aggregator.strategies import strategy_class
+
+    task = _task(tiny_model, experts=4, slots=3, holders=2, reassign_every=2)
+    task.method = method
+    model, _ = build_classifier(task)
+    strategy = strategy_class(method)(*WireState.of_model(model, task).initial_fleet_state(), task)
+    calls = []
+    assign = strategy.assign
+    strategy.assign = lambda clients: calls.append(tuple(clients)) or assign(clients)  # type: ignore[method-assign]
+    clients = ["a", "b", "c", "d"]
+    first = strategy.configure_train(1, clients).info["experts"]
+    assert strategy.configure_train(2, clients).info["experts"] == first and len(calls) == 1
+    strategy.configure_evaluate(clients)
+    assert len(calls) == 2  # the evaluation after round 2 is round 3's assignment
+    strategy.configure_train(3, clients)
+    assert len(calls) == 3
+    fewer = strategy.configure_train(4, clients[:3]).info["experts"]  # a device dropped out mid-period
+    assert len(calls) == 4 and set(fewer) == set(clients[:3])
+    for m in strategy.modules:
+        assert sorted(e for c in fewer for e in fewer[c][m]) == [0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ConfigError):
+        AMoLEConfig(reassign_every=0)

@@ -48,6 +48,9 @@ class FedAMoLE(Strategy):
         self.embedded = {m: torch.zeros(self.cfg.experts, dtype=torch.bool) for m in self.modules}
         self.token_embed: dict[str, dict[str, torch.Tensor]] = {}
         self.sets: dict[str, ExpertSets] = {}
+        #: who the latest assignment was made for, and the latest training round (what ``reassign_every`` needs)
+        self.assigned_clients: tuple[str, ...] = ()
+        self.last_round = 0
         self.rng = np.random.default_rng(task.seed)
 
     @property
@@ -77,6 +80,19 @@ class FedAMoLE(Strategy):
         return {c: {m: np.flatnonzero(x[:, j]).tolist() for m, x in zip(self.modules, xs, strict=True)}
                 for j, c in enumerate(clients)}
 
+    def expert_sets(self, rnd: int, clients: Sequence[str]) -> dict[str, ExpertSets]:
+        """The sets of round ``rnd``: a new assignment on the first round of every period of ``reassign_every``
+        rounds; within a period every device keeps its experts, unless other devices answer than those the sets
+        were made for (each expert's C holders would not hold then), or after a restart from a checkpoint."""
+        if (rnd - 1) % self.cfg.reassign_every != 0:
+            if tuple(clients) == self.assigned_clients:
+                return {c: self.sets[c] for c in clients}
+            log.info("round %d: no assignment to keep for these devices (other devices, or a restart): "
+                     "assigning anew", rnd)
+        sets = self.assign(clients)
+        self.assigned_clients = tuple(clients)
+        return sets
+
     def probabilities(self, module: str, clients: Sequence[str]) -> np.ndarray:
         """P for one module: experts' preferences over ``clients`` (devices never seen get the mean t)."""
         known = [self.token_embed[c][module] for c in clients if c in self.token_embed]
@@ -90,8 +106,9 @@ class FedAMoLE(Strategy):
                 for m, ids in sets.items() for e in ids for f in ("lora_A", "lora_B")}
         return {**held, **{n: self.state[n] for n in self.common}}
 
-    def _plan(self, phase: str, clients: Sequence[str]) -> RoundPlan:
-        sets = self.assign(clients)
+    def _plan(self, phase: str, rnd: int, clients: Sequence[str]) -> RoundPlan:
+        """Round ``rnd``'s assignments (the final evaluation counts as the round after the last one trained)."""
+        sets = self.expert_sets(rnd, clients)
         self.sets.update(sets)
         assignments = {}
         for c in clients:
@@ -115,10 +132,11 @@ class FedAMoLE(Strategy):
         return {}
 
     def configure_train(self, rnd: int, clients: Sequence[str]) -> RoundPlan:
-        return self._plan("train", clients)
+        self.last_round = rnd
+        return self._plan("train", rnd, clients)
 
     def configure_evaluate(self, clients: Sequence[str]) -> RoundPlan:
-        return self._plan("eval", clients)
+        return self._plan("eval", self.last_round + 1, clients)
 
     def weight(self, update: ClientUpdate) -> float:
         """A device's weight in every average: 1 (the paper's) or its sample count."""

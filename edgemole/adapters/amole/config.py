@@ -21,6 +21,10 @@ class AMoLEConfig:
     """M: expert slots per module on a device, the most experts one device holds."""
     holders: int = 2
     """C: devices that hold each expert in a round."""
+    reassign_every: int = 1
+    """Rounds an expert assignment lasts: 1 runs reverse selection before every round (the paper's); 2 keeps each
+    device's experts for a B round and the A round after it in ``fedamole-a2``, so that the same holders train
+    both factors of an expert. Devices keep their sets only while the same devices take part."""
     top_k: int = 2
     """k: experts mixed per token; also the fewest experts a device holds."""
     load_balance_weight: float = 0.001
@@ -40,6 +44,8 @@ class AMoLEConfig:
             raise ConfigError("amole.slots cannot exceed amole.experts")
         if self.holders < 1:
             raise ConfigError("amole.holders must be >= 1")
+        if not 1 <= self.reassign_every <= 1000:
+            raise ConfigError("amole.reassign_every must be in [1, 1000] (1: re-assign before every round)")
         if not 0 <= self.load_balance_weight < 10:
             raise ConfigError("amole.load_balance_weight must be in [0, 10)")
         if self.dp_eta < 0:
