@@ -108,6 +108,8 @@ class FedAMoLE(Strategy):
 
     def _plan(self, phase: str, rnd: int, clients: Sequence[str]) -> RoundPlan:
         """Round ``rnd``'s assignments (the final evaluation counts as the round after the last one trained)."""
+        if phase != "eval":
+            self.last_round = rnd
         sets = self.expert_sets(rnd, clients)
         self.sets.update(sets)
         assignments = {}
@@ -132,7 +134,6 @@ class FedAMoLE(Strategy):
         return {}
 
     def configure_train(self, rnd: int, clients: Sequence[str]) -> RoundPlan:
-        self.last_round = rnd
         return self._plan("train", rnd, clients)
 
     def configure_evaluate(self, clients: Sequence[str]) -> RoundPlan:

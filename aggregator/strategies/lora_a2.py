@@ -80,7 +80,6 @@ class FedAMoLEA2(FedAMoLE):
     name = "fedamole-a2"
 
     def configure_train(self, rnd: int, clients: Sequence[str]) -> RoundPlan:
-        self.last_round = rnd
         return self._plan(phase_for_round(rnd), rnd, clients)
 
     def expected_tensors(self, phase: str, tensors: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
