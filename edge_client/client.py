@@ -13,8 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from edge_client.alternating import train_alternating
 from edge_client.engines import Batch, TrainingEngine, make_engine
 from edge_client.local_data import LocalData
@@ -36,6 +34,7 @@ from edgemole.protocol import (
     encode,
     validate_assignment,
 )
+from edgemole.rng import SplitMix64
 
 log = logging.getLogger("edgemole.client")
 MAX_LOCAL_STEPS = 1_000_000
@@ -332,8 +331,10 @@ class EdgeClient:
         aux = self.data.aux_batches(amole.aux_fraction, amole.aux_max, self.task.train.eval_batch_size)
         embeddings = self.engine.embeddings(aux, msg.body)
         if amole.dp_eta > 0:
-            gen = torch.Generator().manual_seed(batch_seed(self.task.seed, self.opts.client_id, msg.round) + 1)
-            embeddings = {k: privatize(v, amole.dp_eta, gen) for k, v in embeddings.items()}
+            # One generator per round, the embeddings in name order (docs/protocol.md section 10).
+            rng = SplitMix64(batch_seed(self.task.seed, self.opts.client_id, msg.round) + 1)
+            noisy = {k: privatize(embeddings[k], amole.dp_eta, rng) for k in sorted(embeddings)}
+            embeddings = {k: noisy[k] for k in embeddings}
         return embeddings
 
 

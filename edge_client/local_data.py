@@ -10,6 +10,7 @@ import torch
 from edge_client.engines import Batch
 from edgemole.data import TextDataset, load_table, split_train_test
 from edgemole.errors import DataError
+from edgemole.rng import SplitMix64
 
 
 def _take(full: Batch, idx: torch.Tensor) -> Batch:
@@ -72,22 +73,38 @@ class LocalData:
     def num_test(self) -> int:
         return len(self.test_text)
 
+    def batch_indices(self, batch_size: int, seed: int) -> Iterator[list[int]]:
+        """The training rows of each batch of :meth:`train_batches`, endlessly: one :class:`SplitMix64` seeded
+        with ``seed``, each epoch its next permutation of the training rows cut into ``batch_size`` rows (the
+        last batch of an epoch may be smaller); docs/protocol.md section 10."""
+        if batch_size < 1 or self.num_train < 1:
+            raise ValueError(f"batches need a positive batch size and training rows, got {batch_size} and "
+                             f"{self.num_train}")
+        rng = SplitMix64(seed)
+        while True:
+            order = rng.permutation(self.num_train)
+            for start in range(0, self.num_train, batch_size):
+                yield order[start : start + batch_size]
+
     def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         """Endless batches from seeded shuffled epochs (a round's steps may cross epoch boundaries)."""
         assert self.train is not None, "prepare() first"
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            order = torch.randperm(self.num_train, generator=gen)
-            for start in range(0, self.num_train, batch_size):
-                yield _take(self.train, order[start : start + batch_size])
+        for rows in self.batch_indices(batch_size, seed):
+            yield _take(self.train, torch.tensor(rows, dtype=torch.long))
+
+    def aux_indices(self, fraction: float, max_examples: int) -> list[int]:
+        """The rows of :meth:`aux_batches`: ``fraction`` of the training rows (Python's ``round``), at least 1, at
+        most ``max_examples``, the first ones of the permutation of a :class:`SplitMix64` seeded with the number
+        of training rows."""
+        n = max(1, min(max_examples, round(fraction * self.num_train), self.num_train))
+        return SplitMix64(self.num_train).permutation(self.num_train)[:n]
 
     def aux_batches(self, fraction: float, max_examples: int, batch_size: int) -> Iterator[Batch]:
-        """A fixed sample of the training data (``fraction`` of it, at least 1, at most ``max_examples``)
-        for statistics such as FedAMoLE's RSEA embeddings."""
+        """A fixed sample of the training data (see :meth:`aux_indices`) for statistics such as FedAMoLE's RSEA
+        embeddings."""
         assert self.train is not None, "prepare() first"
-        n = max(1, min(max_examples, round(fraction * self.num_train), self.num_train))
-        order = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(self.num_train))[:n]
-        for start in range(0, n, batch_size):
+        order = torch.tensor(self.aux_indices(fraction, max_examples), dtype=torch.long)
+        for start in range(0, len(order), batch_size):
             yield _take(self.train, order[start : start + batch_size])
 
     def test_batches(self, batch_size: int) -> Iterator[Batch]:

@@ -108,7 +108,8 @@ def _overrides(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
                  "partition": get("partition"), "test_fraction": get("test_fraction"),
                  "samples_per_domain": get("samples_per_domain"), "labels": get("labels")},
         "simulate": {"clients": get("clients"), "engine": get("engine"), "threads": get("threads"),
-                     "upload_ranks": get("upload_ranks"), "artifact": get("artifact")},
+                     "upload_ranks": get("upload_ranks"), "artifact": get("artifact"),
+                     "native_clients": get("native_clients")},
         "amole": {"experts": get("experts"), "slots": get("slots"), "holders": get("holders"),
                   "reassign_every": get("reassign_every"), "top_k": get("top_k"), "dp_eta": get("dp_eta")},
         "a2": {"upload_rank": get("upload_rank"), "b_lr_multiplier": get("b_lr_multiplier"),
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", help="client training engine: eager (default) or executorch")
     p.add_argument("--artifact", help="with --engine executorch: the folder of 'edgemole export' (default: export "
                    "the task's program into the work folder first)")
+    p.add_argument("--native-clients", type=int, metavar="N",
+                   help="run the last N clients as the native C++ client (edgemole-device, built from devices/native "
+                   "when not on PATH); they train the exported program like --engine executorch clients")
     p.add_argument("--threads", type=int, help="torch threads per client process (default: cores / clients)")
     p.add_argument("--json-out", help="write the run's results as JSON to this file")
     p.add_argument("--plot", help="write accuracy and traffic per round as a PNG to this file")
@@ -293,9 +297,11 @@ def _run_simulate(a: argparse.Namespace) -> int:
         feasible_holders(am.experts, settings.simulate.clients, am.holders, am.top_k, am.slots)
     if settings.simulate.engine not in ENGINES:
         raise ConfigError(f"unknown engine {settings.simulate.engine!r} (available: {', '.join(ENGINES)})")
-    if settings.simulate.engine == "executorch" and settings.train.dropout:
+    on_program = settings.simulate.engine == "executorch" or settings.simulate.native_clients > 0
+    if on_program and settings.train.dropout:
         settings.train.dropout = False  # the exported program has no dropout; the whole fleet trains alike
-        print("note: --engine executorch trains without dropout (train.dropout = false)", file=sys.stderr)
+        print("note: clients on the exported program train without dropout (train.dropout = false)",
+              file=sys.stderr)
     if a.plot and not a.plot.lower().endswith(".png"):
         raise ConfigError(f"--plot file '{a.plot}' must end in .png")
     simulate(settings, broker=a.broker, json_out=a.json_out, plot_out=a.plot, work_dir=a.work_dir,

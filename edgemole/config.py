@@ -124,9 +124,13 @@ class SimulateConfig:
     """Per-device LoRA-A2 upload rank budgets, given to the clients in turn (empty: the task's for all)."""
     artifact: str = ""
     """``edgemole export`` folder for the executorch engine (empty: export the task's program first)."""
+    native_clients: int = 0
+    """How many of the clients run as the native C++ client (``edgemole-device``, devices/native) instead of the
+    Python client; they train the same artifact as executorch clients."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.clients <= 256, "simulate.clients must be in [1, 256]")
+        _require(0 <= self.native_clients <= self.clients, "simulate.native_clients must be in [0, clients]")
         _require(self.threads >= 0, "simulate.threads must be >= 0")
         _require(all(1 <= r <= 4096 for r in self.upload_ranks), "simulate.upload_ranks must be in [1, 4096]")
 

@@ -36,6 +36,7 @@ from edgemole.data import JSONL_KEYS, partition, split_train_test, write_jsonl
 from edgemole.data.source import default_partition, load_source
 from edgemole.errors import EdgemoleError, ProtocolError
 from edgemole.mqtt import MqttLink
+from edgemole.native import find_native_binary
 from edgemole.protocol import Kind, Topics, decode
 from edgemole.report import plot_run
 
@@ -119,6 +120,20 @@ def _spawn(args: list[str], log_path: Path, threads: int | None) -> subprocess.P
                                 env=env, stdin=subprocess.DEVNULL)
 
 
+def _spawn_native(binary: Path, settings: Settings, url: str, name: str, work: Path, artifact: Path | None,
+                  threads: int) -> subprocess.Popen:
+    """A native client (``edgemole-device``) with the same data, fleet and budget as a Python one would get."""
+    ranks = settings.simulate.upload_ranks
+    index = int(name.rsplit("-", 1)[1])
+    args = [str(binary), "--broker", url, "--client-id", name, "--fleet", settings.fleet.fleet,
+            "--topic-prefix", settings.fleet.topic_prefix, "--artifact", str(artifact),
+            "--data", str(work / "data" / f"{name}.train.jsonl"),
+            "--test-data", str(work / "data" / f"{name}.test.jsonl"), "--threads", str(threads),
+            *(["--upload-rank", str(ranks[index % len(ranks)])] if ranks else [])]
+    with open(work / "logs" / f"{name}.log", "ab") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
 def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 0.0) -> None:
     """Give processes ``timeout_s`` to exit by themselves, then terminate, then kill what is left."""
     deadline = time.monotonic() + timeout_s
@@ -138,9 +153,9 @@ def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 0.0) -> Non
 def _artifact(settings: Settings, work: Path, console: Console) -> Path | None:
     """The program the executorch clients train with: the configured artifact, else the task's, exported once
     into the work folder (every client loads the same files)."""
-    if settings.simulate.engine != "executorch":
+    if settings.simulate.engine != "executorch" and not settings.simulate.native_clients:
         if settings.simulate.artifact:
-            raise EdgemoleError("simulate.artifact is for the executorch engine")
+            raise EdgemoleError("simulate.artifact is for the executorch engine and native clients")
         return None
     if settings.simulate.artifact:
         return Path(settings.simulate.artifact).resolve()
@@ -195,8 +210,12 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
                      work / "logs" / "aggregator.log", threads)
         procs.append(agg)
         clients = []
+        native = find_native_binary() if settings.simulate.native_clients else None
         for i in range(n):
             name = f"client-{i}"
+            if native is not None and i >= n - settings.simulate.native_clients:
+                clients.append(_spawn_native(native, settings, url, name, work, artifact, threads))
+                continue
             clients.append(_spawn([
                 *common, "client", "--broker", url, "--client-id", name,
                 "--data", str(work / "data" / f"{name}.train.jsonl"),
@@ -243,6 +262,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
         **summary,
         "broker": {"kind": broker_kind, "url": url},
         "engine": settings.simulate.engine,
+        "native_clients": settings.simulate.native_clients,
         "clients": n,
         "threads_per_client": threads,
         "data": data_report,

@@ -16,6 +16,7 @@ from edgemole.adapters.lora import LoRAConfig
 from edgemole.config import ModelConfig, TaskSpec, TrainConfig
 from edgemole.errors import ConfigError, ProtocolError
 from edgemole.model import WireState, build_classifier
+from edgemole.rng import SplitMix64
 
 
 def _tiny_layer(slots: int = 2, top_k: int = 2) -> AMoLELinear:
@@ -94,7 +95,7 @@ def test_rsea_probabilities_on_a_tiny_case() -> None:
 
 
 def test_dp_noise_changes_the_vector_but_never_grows_its_norm() -> None:
-    gen = torch.Generator().manual_seed(0)
+    gen = SplitMix64(0)
     v = torch.tensor([0.5, -1.0, 2.0, 0.0])
     for eta in (0.5, 5.0, 50.0):
         noisy = privatize(v, eta, gen)

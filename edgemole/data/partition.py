@@ -16,6 +16,7 @@ import numpy as np
 
 from edgemole.data.dataset import TextDataset
 from edgemole.errors import ConfigError, DataError
+from edgemole.rng import SplitMix64
 
 PARTITION_FORMS = "iid, dirichlet:ALPHA, quantity:ALPHA or column:NAME (ALPHA a positive number)"
 # Label-skew draws are retried this often before concluding the data cannot support the clients.
@@ -229,6 +230,8 @@ def split_train_test(indices: Sequence[int], labels: Sequence[str], test_fractio
 
     ``labels`` is the whole dataset's label list (indexed by the entries of ``indices``). With at least
     two examples and a positive fraction there is at least one test example and one training example.
+    The draws come from :class:`~edgemole.rng.SplitMix64` in an order fixed by docs/protocol.md section 10,
+    so that the native client holds out exactly the same examples for the same seed.
     """
     if not (0 <= test_fraction < 1) or not math.isfinite(test_fraction):
         raise ConfigError(f"test fraction must be in [0, 1), got {test_fraction}")
@@ -237,19 +240,21 @@ def split_train_test(indices: Sequence[int], labels: Sequence[str], test_fractio
     if n < 2 or test_fraction == 0:
         return sorted(idx), []
     n_test = min(n - 1, max(1, round(n * test_fraction)))
-    rng = np.random.default_rng(seed)
+    rng = SplitMix64(seed)
     by_label: dict[str, list[int]] = {}
-    for i in idx:
+    for i in idx:  # members of each label in the order of ``indices``
         by_label.setdefault(labels[i], []).append(i)
     names = sorted(by_label)
     sizes = np.array([len(by_label[k]) for k in names], dtype=np.float64)
-    # Random tie-breaking for which labels get the rounding remainder, seeded like the rest.
+    # Random tie-breaking for which labels get the rounding remainder: draws 1..(labels - 1).
     order = rng.permutation(len(names))
     quota = _largest_remainder(sizes[order], n_test)
     train: list[int] = []
     test: list[int] = []
     for pos, q in zip(order, quota, strict=True):
-        members = [int(i) for i in rng.permutation(np.asarray(by_label[names[pos]]))]
+        # Then one shuffle per label, in that random label order: the first ``q`` members are held out.
+        members = by_label[names[pos]]
+        rng.shuffle(members)
         test.extend(members[:q])
         train.extend(members[q:])
     return sorted(train), sorted(test)

@@ -14,6 +14,7 @@ import torch
 
 from edgemole.adapters.amole.layer import AMoLELinear
 from edgemole.adapters.amole.model import expert_embedding_name, token_embedding_name
+from edgemole.rng import SplitMix64, as_rng
 
 
 def expert_choice_probabilities(expert_embeds: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
@@ -23,18 +24,30 @@ def expert_choice_probabilities(expert_embeds: torch.Tensor, token_embeds: torch
     return torch.softmax(scores, dim=1)
 
 
-def privatize(v: torch.Tensor, eta: float, generator: torch.Generator) -> torch.Tensor:
+def privatize(v: torch.Tensor, eta: float, rng: SplitMix64 | int) -> torch.Tensor:
     """Differential privacy for one embedding: add L*V per coordinate, L ~ Gamma(shape r, rate eta),
-    V ~ Uniform(-1, 1), then rescale so the norm is at most the clean one."""
+    V ~ Uniform(-1, 1), then rescale so the norm is at most the clean one.
+
+    ``rng`` (or a :class:`SplitMix64` seeded with it) gives, per coordinate in row-major order, ``r`` uniforms
+    ``u`` for L as the sum of ``-log1p(-u) / eta`` (r exponentials, summed in draw order) and then one uniform
+    ``u`` for ``V = 2u - 1``; all in float64 (docs/protocol.md section 10), so the native client adds the same noise.
+    """
+    rng = as_rng(rng)
     r = v.shape[-1]
-    # Gamma(shape r, rate eta) as a sum of r exponentials: torch's Gamma sampler takes no generator
-    exp = -torch.log1p(-torch.rand((*v.shape, r), generator=generator, dtype=torch.float64)) / eta
-    noise = exp.sum(-1) * (2 * torch.rand(v.shape, generator=generator, dtype=torch.float64) - 1)
-    noisy = v.to(torch.float64) + noise
-    clean, now = torch.linalg.vector_norm(v.to(torch.float64)), torch.linalg.vector_norm(noisy)
-    if now > clean > 0:
-        noisy = noisy * (clean / now)
-    return noisy.to(v.dtype)
+    clean = v.detach().to(torch.float64).reshape(-1)
+    draws = rng.uniforms(clean.numel() * (r + 1))
+    noise = []
+    for c in range(clean.numel()):
+        base = c * (r + 1)
+        gamma = 0.0
+        for u in draws[base : base + r]:
+            gamma += -math.log1p(-u) / eta
+        noise.append(gamma * (2.0 * draws[base + r] - 1.0))
+    noisy = clean + torch.tensor(noise, dtype=torch.float64)
+    before, now = torch.linalg.vector_norm(clean), torch.linalg.vector_norm(noisy)
+    if now > before > 0:
+        noisy = noisy * (before / now)
+    return noisy.reshape(v.shape).to(v.dtype)
 
 
 def collect_embeddings(layers: dict[str, AMoLELinear], experts: dict[str, list[int]],

@@ -1,0 +1,430 @@
+#include "client.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <set>
+
+#include "alternating.h"
+#include "amole.h"
+#include "data.h"
+#include "deployed.h"
+#include "errors.h"
+#include "lora_a2.h"
+#include "log.h"
+#include "validate.h"
+
+namespace edgemole {
+
+using nlohmann::json;
+
+namespace {
+
+constexpr std::int64_t kMaxLocalSteps = 1000000;
+constexpr const char* kOwnRank = "own_rank";
+
+std::string fixed3(double x) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%.3f", x);
+  return buffer;
+}
+
+}  // namespace
+
+LocalData read_local_data(const DeviceConfig& config) {
+  LocalData data;
+  TextTable table = load_table(config.data, config.text_column, config.label_column);
+  if (!config.test_data.empty()) {
+    TextTable test = load_table(config.test_data, config.text_column, config.label_column);
+    data.train_texts = std::move(table.texts);
+    data.train_labels = std::move(table.labels);
+    data.test_texts = std::move(test.texts);
+    data.test_labels = std::move(test.labels);
+  } else {
+    const auto split = split_train_test(table.labels, config.test_fraction, crc32(config.client_id));
+    for (std::size_t i : split.first) {
+      data.train_texts.push_back(table.texts[i]);
+      data.train_labels.push_back(table.labels[i]);
+    }
+    for (std::size_t i : split.second) {
+      data.test_texts.push_back(table.texts[i]);
+      data.test_labels.push_back(table.labels[i]);
+    }
+  }
+  if (data.train_texts.empty()) throw DataError("data file '" + config.data + "' leaves no training examples");
+  return data;
+}
+
+namespace {
+
+EncodedSplit encode_split(const std::vector<std::string>& texts, const std::vector<std::string>& labels,
+                          const std::map<std::string, std::int64_t>& ids, const Tokenizer& tokenizer,
+                          std::int64_t max_length) {
+  EncodedSplit out;
+  out.length = max_length;
+  for (std::size_t i = 0; i < texts.size(); ++i) {
+    const Tokenizer::Encoding e = tokenizer.encode(texts[i], static_cast<std::size_t>(max_length));
+    out.input_ids.insert(out.input_ids.end(), e.input_ids.begin(), e.input_ids.end());
+    out.attention_mask.insert(out.attention_mask.end(), e.attention_mask.begin(), e.attention_mask.end());
+    out.labels.push_back(ids.at(labels[i]));
+  }
+  return out;
+}
+
+}  // namespace
+
+void prepare_local_data(LocalData& data, const std::vector<std::string>& labels, const Tokenizer& tokenizer,
+                        std::int64_t max_length) {
+  std::map<std::string, std::int64_t> ids;
+  for (std::size_t i = 0; i < labels.size(); ++i) ids[labels[i]] = static_cast<std::int64_t>(i);
+  std::set<std::string> unknown;
+  for (const auto* split : {&data.train_labels, &data.test_labels}) {
+    for (const std::string& label : *split) {
+      if (!ids.count(label)) unknown.insert(label);
+    }
+  }
+  if (!unknown.empty()) {
+    std::string examples;
+    std::size_t shown = 0;
+    for (const std::string& label : unknown) {
+      if (shown++ == 3) break;
+      examples += (examples.empty() ? "" : ", ") + py_repr(std::string_view(label));
+    }
+    throw DataError("local data has " + std::to_string(unknown.size()) +
+                    " label(s) outside the fleet's label set, e.g. [" + examples + "]");
+  }
+  data.train = encode_split(data.train_texts, data.train_labels, ids, tokenizer, max_length);
+  data.test = encode_split(data.test_texts, data.test_labels, ids, tokenizer, max_length);
+}
+
+DeviceClient::DeviceClient(DeviceConfig config, std::unique_ptr<Link> link)
+    : config_(std::move(config)), topics_(config_.fleet, config_.topic_prefix) {
+  check_name(config_.client_id, "client id");
+  data_ = read_local_data(config_);  // a bad data file fails before connecting
+  manifest_ = read_manifest(config_.artifact);
+  verify_files(manifest_);
+  tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_file(config_.artifact + "/tokenizer/tokenizer.json"));
+  link_ = link ? std::move(link) : make_mqtt_link(config_, topics_, status_payload("offline"));
+}
+
+DeviceClient::~DeviceClient() = default;
+
+std::vector<std::uint8_t> DeviceClient::status_payload(const std::string& state, const std::string& error) const {
+  json body = {{"state", state},
+               {"num_train", data_.num_train()},
+               {"num_test", data_.num_test()},
+               {"engine", "executorch"},
+               {"client", "native"}};
+  if (!error.empty()) body["error"] = error.substr(0, 500);
+  if (!run_id_.empty()) body["run"] = run_id_;
+  Message msg;
+  msg.kind = kind::kStatus;
+  msg.fleet = config_.fleet;
+  msg.round = last_round_;
+  msg.client = config_.client_id;
+  msg.body = body;
+  return encode(msg);
+}
+
+void DeviceClient::publish_status(const std::string& state, const std::string& error) {
+  const std::vector<std::uint8_t> payload = status_payload(state, error);
+  link_->set_birth(topics_.status(config_.client_id), payload);
+  link_->publish(topics_.status(config_.client_id), payload, true);
+}
+
+void DeviceClient::reject(const std::string& what, const std::string& reason) {
+  ++rejected_;
+  log_warning("rejected " + what + ": " + reason + " (rejected so far: " + std::to_string(rejected_) + ")");
+}
+
+int DeviceClient::run(const std::atomic<bool>& stop) {
+  start();
+  try {
+    while (!stop.load() && !done_) {
+      if (auto inbound = link_->receive(0.5)) handle(*inbound);
+    }
+  } catch (...) {
+    finish();
+    throw;
+  }
+  finish();
+  return 0;
+}
+
+void DeviceClient::start() {
+  link_->connect(config_.connect_timeout_s);
+  link_->subscribe({topics_.task(), topics_.round(), topics_.assign(config_.client_id)});
+  publish_status("online");
+  log_info("client " + config_.client_id + " online: " + std::to_string(data_.num_train()) + " train / " +
+           std::to_string(data_.num_test()) + " test examples");
+}
+
+void DeviceClient::finish() {
+  try {
+    publish_status("offline");
+  } catch (const Error& exc) {
+    log_warning("cannot announce offline: " + std::string(exc.what()));
+  }
+  link_->close();
+}
+
+void DeviceClient::handle(const Inbound& inbound) {
+  const std::string task_topic = topics_.task(), round_topic = topics_.round();
+  const std::string assign_topic = topics_.assign(config_.client_id);
+  if (inbound.payload.empty() ||
+      (inbound.topic != task_topic && inbound.topic != round_topic && inbound.topic != assign_topic)) {
+    return;  // a cleared retained message, or broker noise
+  }
+  Message msg;
+  try {
+    msg = decode(inbound.payload, static_cast<std::size_t>(config_.max_message_bytes));
+    if (msg.fleet != config_.fleet) throw ProtocolError("message for fleet " + py_repr(json(msg.fleet)));
+  } catch (const ProtocolError& exc) {
+    reject("message on " + inbound.topic, exc.what());
+    return;
+  }
+  try {
+    if (inbound.topic == task_topic && msg.kind == kind::kTask) {
+      on_task(msg);
+    } else if (inbound.topic == round_topic && msg.kind == kind::kRound) {
+      // A retained "done" ends our run only if we took part in it (a finished run's leftovers stay retained).
+      const json run = msg.body.value("run", json());
+      if (!run_id_.empty() && run == run_id_ && msg.phase == kPhaseDone && (last_round_ > 0 || !inbound.retained)) {
+        log_info("run " + run_id_ + " finished after round " + std::to_string(last_round_));
+        if (config_.keep_serving) {
+          run_id_.clear();
+          last_round_ = 0;
+          publish_status("online");
+        } else {
+          done_ = true;
+        }
+      }
+    } else if (inbound.topic == assign_topic && msg.kind == kind::kAssign) {
+      pending_ = msg;
+      if (engine_) on_assignment(msg);
+    } else {
+      reject("message on " + inbound.topic, "unexpected kind " + msg.kind);
+    }
+  } catch (const Error& exc) {  // e.g. local labels outside the fleet's: reported, then fatal
+    publish_status("error", exc.what());
+    throw;
+  }
+}
+
+void DeviceClient::on_task(const Message& msg) {
+  const json run = msg.body.value("run", json());
+  TaskSpec task;
+  try {
+    task = parse_task(msg.body.value("task", json()));
+  } catch (const ConfigError& exc) {
+    reject("task", exc.what());
+    return;
+  }
+  if (!run.is_string() || run.get<std::string>() == run_id_) return;
+  if (!engine_ || !task_ || !(task == *task_)) {
+    log_info("building the executorch engine for model " + task.model.name + " with " +
+             std::to_string(task.labels.size()) + " labels");
+    try {
+      check_task_fits(manifest_, task);
+      engine_.reset();  // one program in memory at a time
+      engine_ = std::make_unique<Engine>(manifest_, task, config_.threads);
+      engine_->set_pad_id(tokenizer_->pad_id());
+    } catch (const ArtifactError& exc) {
+      reject("task", exc.what());
+      publish_status("error", std::string("cannot train this task: ") + exc.what());
+      return;
+    }
+    prepare_local_data(data_, task.labels, *tokenizer_, task.model.max_length);
+  }
+  task_ = task;
+  task_json_ = msg.body.value("task", json());
+  run_id_ = run.get<std::string>();
+  last_round_ = 0;
+  publish_status("ready");
+  if (pending_) on_assignment(*pending_);
+}
+
+std::int64_t DeviceClient::upload_rank() const {
+  if (config_.upload_rank > 0) return config_.upload_rank;
+  if (task_->a2.upload_rank > 0) return task_->a2.upload_rank;
+  return task_->lora.r;
+}
+
+BatchStream DeviceClient::batches(std::int64_t round) const {
+  auto order = std::make_shared<BatchOrder>(data_.num_train(), static_cast<std::size_t>(task_->train.batch_size),
+                                            batch_seed(task_->seed, config_.client_id, round));
+  return [order] { return order->next(); };
+}
+
+std::vector<Rows> DeviceClient::eval_batches(std::size_t rows, std::int64_t batch_size) const {
+  std::vector<Rows> out;
+  const auto size = static_cast<std::size_t>(batch_size);
+  for (std::size_t start = 0; start < rows; start += size) {
+    Rows batch;
+    for (std::size_t i = start; i < std::min(rows, start + size); ++i) batch.push_back(i);
+    out.push_back(batch);
+  }
+  return out;
+}
+
+namespace {
+
+struct CheckedAssignment {
+  std::int64_t steps = 0;
+  std::vector<std::string> train_roles;  // empty: every role
+};
+
+}  // namespace
+
+void DeviceClient::on_assignment(const Message& msg) {
+  pending_.reset();
+  const TaskSpec& task = *task_;
+  CheckedAssignment checked;
+  try {
+    const SpecMap expected = engine_->expected_state(msg.body);
+    validate_assignment(msg, config_.fleet, run_id_, config_.client_id, last_round_, expected);
+    if (msg.phase != "train" && msg.phase != "eval" && msg.phase != kTrainA && msg.phase != kTrainB) {
+      throw ProtocolError("phase " + py_repr(json(msg.phase)) + " is not supported by this client");
+    }
+    const json steps = msg.body.value("local_steps", json(task.train.local_steps));
+    if (!steps.is_number_integer() || steps.get<std::int64_t>() < 1 || steps.get<std::int64_t>() > kMaxLocalSteps) {
+      throw ProtocolError("local_steps must be an integer in [1, " + std::to_string(kMaxLocalSteps) + "], got " +
+                          py_repr(steps));
+    }
+    checked.steps = steps.get<std::int64_t>();
+    std::set<std::string> known;
+    for (const auto& item : expected) known.insert(item.second.role);
+    const auto roles = msg.body.find("train_roles");
+    if (roles != msg.body.end() && !roles->is_null()) {
+      bool ok = roles->is_array() && !roles->empty();
+      for (const json& r : ok ? *roles : json::array()) {
+        ok = ok && r.is_string() && known.count(r.get<std::string>());
+        if (ok) checked.train_roles.push_back(r.get<std::string>());
+      }
+      if (!ok) {
+        std::string list;
+        for (const auto& k : known) list += (list.empty() ? "'" : ", '") + k + "'";
+        throw ProtocolError("train_roles must be a non-empty list of roles among [" + list + "]");
+      }
+    }
+    if (msg.phase == kTrainA || msg.phase == kTrainB) {
+      const std::string factor = active_factor(msg.phase);
+      const std::string frozen = factor == "lora_B" ? "lora_A" : "lora_B";
+      const auto& r = checked.train_roles;
+      const bool has_factor = std::find(r.begin(), r.end(), factor) != r.end();
+      const bool has_frozen = std::find(r.begin(), r.end(), frozen) != r.end();
+      if (r.empty() || !has_factor || has_frozen) {
+        throw ProtocolError("a " + msg.phase + " round must train " + factor + " and not " + frozen);
+      }
+    }
+  } catch (const ProtocolError& exc) {
+    reject("assignment for round " + std::to_string(msg.round), exc.what());
+    if (msg.round > last_round_) {  // a QoS 1 redelivery of an answered round is no failure to report
+      publish_status("error", "round " + std::to_string(msg.round) + ": " + exc.what());
+    }
+    return;
+  }
+
+  // FlexLoRA: a device of rank r_c < r keeps and sends only its leading ranks.
+  std::vector<std::string> own_prefixes;
+  std::int64_t own_rank = 0;
+  if (msg.body.value(kOwnRank, false) == true && msg.phase == "train") {
+    const std::int64_t k = std::min(upload_rank(), task.lora.r);
+    if (k < task.lora.r) {
+      own_prefixes = adapter_prefixes(msg.tensors);
+      own_rank = k;
+    }
+  }
+  engine_->set_state(own_rank ? truncate_ranks(msg.tensors, own_prefixes, own_rank) : msg.tensors, msg.body);
+  const std::vector<Rows> test = eval_batches(data_.num_test(), task.train.eval_batch_size);
+  const EvalStats before = engine_->evaluate(data_.test, test);
+  json metrics = {{"acc_before", before.accuracy},
+                  {"loss_before", before.loss},
+                  {"eval_s", before.seconds},
+                  {"num_test", before.samples}};
+  TensorMap tensors;
+  Roles roles;
+  std::int64_t num_samples = std::max<std::int64_t>(before.samples, 1);
+  last_losses_.clear();
+  if (msg.phase != "eval") {
+    TrainStats stats;
+    if (msg.phase == "train") {
+      stats = engine_->train(data_.train, batches(msg.round), checked.steps, task.train.lr, task.train.weight_decay,
+                             checked.train_roles, {}, [this] { link_->poll(); });
+      Roles all_roles;
+      TensorMap state = engine_->get_state(msg.body, &all_roles);
+      for (auto& item : state) {
+        const std::string& role = all_roles.at(item.first);
+        const auto& r = checked.train_roles;
+        if (r.empty() || std::find(r.begin(), r.end(), role) != r.end()) {
+          tensors[item.first] = std::move(item.second);
+          roles[item.first] = role;
+        }
+      }
+      if (own_rank) {
+        tensors = leading_ranks(tensors, own_prefixes, own_rank);
+        metrics["client_rank"] = own_rank;
+      }
+    } else {
+      const std::int64_t round = msg.round;
+      AlternatingRound a2 = train_alternating(
+          *engine_, data_.train, msg.body, msg.phase, [this, round] { return batches(round); }, task, checked.steps,
+          upload_rank(), checked.train_roles, [this] { link_->poll(); });
+      stats = a2.stats;
+      tensors = std::move(a2.tensors);
+      roles = std::move(a2.roles);
+      metrics["probe_s"] = a2.probe_s;
+      metrics["ranks_uploaded"] = a2.ranks();
+    }
+    last_losses_ = stats.losses;
+    metrics["train_loss"] = stats.loss;
+    metrics["train_s"] = stats.seconds;
+    metrics["steps"] = stats.steps;
+    if (config_.eval_after_training) {
+      const EvalStats after = engine_->evaluate(data_.test, test);
+      metrics["acc_after"] = after.accuracy;
+      metrics["loss_after"] = after.loss;
+      metrics["eval_s"] = before.seconds + after.seconds;
+    }
+    if (task.uses_experts()) {  // RSEA vectors on the aux set with the post-training weights
+      std::vector<Rows> aux;
+      const Rows rows = aux_indices(data_.num_train(), task.amole.aux_fraction,
+                                    static_cast<std::size_t>(task.amole.aux_max));
+      const auto size = static_cast<std::size_t>(task.train.eval_batch_size);
+      for (std::size_t start = 0; start < rows.size(); start += size) {
+        aux.emplace_back(rows.begin() + static_cast<std::ptrdiff_t>(start),
+                         rows.begin() + static_cast<std::ptrdiff_t>(std::min(rows.size(), start + size)));
+      }
+      TensorMap embeddings = engine_->embeddings(data_.train, aux, msg.body);
+      if (task.amole.dp_eta > 0) {
+        embeddings = privatize(embeddings, task.amole.dp_eta, batch_seed(task.seed, config_.client_id, msg.round) + 1);
+      }
+      for (auto& item : embeddings) {
+        roles[item.first] = kEmbeddingRole;
+        tensors[item.first] = std::move(item.second);
+      }
+    }
+    num_samples = static_cast<std::int64_t>(data_.num_train());
+  }
+  Message update;
+  update.kind = kind::kUpdate;
+  update.fleet = config_.fleet;
+  update.round = msg.round;
+  update.phase = msg.phase;
+  update.client = config_.client_id;
+  update.body = {{"run", run_id_}, {"num_samples", num_samples}, {"metrics", metrics}};
+  update.tensors = std::move(tensors);
+  update.roles = std::move(roles);
+  const std::vector<std::uint8_t> payload = encode(update);
+  link_->publish(topics_.update(config_.client_id), payload, false);
+  last_round_ = msg.round;
+  if (!config_.state_dir.empty()) {
+    save_deployed(config_.state_dir, task_json_, msg.body, msg.round, run_id_, engine_->get_state(msg.body));
+  }
+  log_info("round " + std::to_string(msg.round) + " " + msg.phase + ": acc " + fixed3(before.accuracy) + " -> " +
+           (metrics.contains("acc_after") ? fixed3(metrics["acc_after"].get<double>()) : std::string("-")) +
+           ", sent " + std::to_string(payload.size()) + " bytes");
+}
+
+}  // namespace edgemole

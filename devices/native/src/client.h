@@ -1,0 +1,116 @@
+// The native device client: the protocol state machine of edge_client/client.py over the ExecuTorch engine.
+//
+// It waits for the fleet's task, builds its model from the artifact, answers every assignment addressed to it with
+// one round of local work (evaluate, train, evaluate, RSEA embeddings) and publishes the update. Every inbound
+// message is validated before it touches any state; a bad one is logged, counted and (for an assignment of a new
+// round) reported on the status topic, and the client keeps serving.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "config.h"
+#include "engine.h"
+#include "manifest.h"
+#include "message.h"
+#include "tokenizer.h"
+#include "topics.h"
+
+namespace edgemole {
+
+struct Inbound {
+  std::string topic;
+  std::vector<std::uint8_t> payload;
+  bool retained = false;
+};
+
+// What the client needs from a transport: the MQTT link, or a recording one for one-shot rounds and tests.
+class Link {
+ public:
+  virtual ~Link() = default;
+  virtual void connect(double timeout_s) = 0;
+  virtual void subscribe(const std::vector<std::string>& topics) = 0;
+  virtual void publish(const std::string& topic, const std::vector<std::uint8_t>& payload, bool retain) = 0;
+  virtual std::optional<Inbound> receive(double timeout_s) = 0;
+  // Keep the connection alive during long local work (called between training steps).
+  virtual void poll() = 0;
+  // The retained message re-published after every reconnect (the device's latest status, over its last will).
+  virtual void set_birth(const std::string& topic, const std::vector<std::uint8_t>& payload) = 0;
+  virtual void close() = 0;
+};
+
+// The MQTT link of a device (Paho C): client id, clean session off, retained last will "offline".
+std::unique_ptr<Link> make_mqtt_link(const DeviceConfig& config, const Topics& topics,
+                                     const std::vector<std::uint8_t>& will);
+
+// A device's data, read once and tokenised for the fleet's labels when a task arrives.
+struct LocalData {
+  std::vector<std::string> train_texts, train_labels, test_texts, test_labels;
+  EncodedSplit train, test;
+  std::size_t num_train() const { return train_texts.size(); }
+  std::size_t num_test() const { return test_texts.size(); }
+};
+
+// Read the data file (and the optional test file, else hold out test_fraction with the split seed crc32(client)).
+LocalData read_local_data(const DeviceConfig& config);
+// Tokenise both splits for the fleet's label order; DataError for a label outside the task's.
+void prepare_local_data(LocalData& data, const std::vector<std::string>& labels, const Tokenizer& tokenizer,
+                        std::int64_t max_length);
+
+class DeviceClient {
+ public:
+  // Reads the data and the artifact's manifest (and checks its files) before connecting, so that a bad data file or
+  // artifact is a fatal one-line error at start.
+  DeviceClient(DeviceConfig config, std::unique_ptr<Link> link = nullptr);
+  ~DeviceClient();
+
+  // Serve until the run ends (or forever with keep_serving) or `stop` becomes true; returns the exit code.
+  int run(const std::atomic<bool>& stop);
+  // Connect, subscribe, announce online.
+  void start();
+  // Handle one inbound message (an assignment is a whole round of local work).
+  void handle(const Inbound& inbound);
+  // Announce offline and disconnect.
+  void finish();
+
+  bool done() const { return done_; }
+  std::int64_t rejected() const { return rejected_; }
+  std::int64_t last_round() const { return last_round_; }
+  // Per-step losses of the last round's training (the probe excluded), for parity checks.
+  const std::vector<float>& last_losses() const { return last_losses_; }
+  const Topics& topics() const { return topics_; }
+  Engine* engine() { return engine_.get(); }
+  LocalData& data() { return data_; }
+  std::vector<std::uint8_t> status_payload(const std::string& state, const std::string& error = "") const;
+
+ private:
+  void publish_status(const std::string& state, const std::string& error = "");
+  void reject(const std::string& what, const std::string& reason);
+  void on_task(const Message& msg);
+  void on_assignment(const Message& msg);
+  std::int64_t upload_rank() const;
+  BatchStream batches(std::int64_t round) const;
+  std::vector<Rows> eval_batches(std::size_t rows, std::int64_t batch_size) const;
+
+  DeviceConfig config_;
+  Topics topics_;
+  Manifest manifest_;
+  LocalData data_;
+  std::unique_ptr<Link> link_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<Engine> engine_;
+  std::optional<TaskSpec> task_;
+  nlohmann::json task_json_;  // the task as received (kept with the deployed model)
+  std::string run_id_;
+  std::int64_t last_round_ = 0;
+  std::optional<Message> pending_;
+  std::int64_t rejected_ = 0;
+  bool done_ = false;
+  std::vector<float> last_losses_;
+};
+
+}  // namespace edgemole

@@ -1,0 +1,1238 @@
+#include "data.h"
+
+#include <sys/stat.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <stdexcept>
+#include <unordered_map>
+
+#include "errors.h"
+
+// The reader reproduces what Python does, step by step, because its results (which rows, which strings) and its
+// messages must be the same as the Python client's:
+//  - the file is decoded as Python's "utf-8-sig" codec does (a leading BOM dropped; error offsets count from after
+//    it; a file that is only a prefix of the BOM reads as empty);
+//  - CSV follows CPython's _csv.c reader with the default dialect, fed the lines io.StringIO(newline="") yields;
+//  - JSON follows CPython's json C scanner (NaN and Infinity accepted, last duplicate key wins at the first key's
+//    position, its error messages and their positions in characters), written here because no JSON library accepts
+//    or rejects exactly the same documents with the same messages.
+
+namespace edgemole {
+namespace {
+
+// ----------------------------------------------------------------------------------------- UTF-8 helpers ----------
+
+// Decodes the code point at s[i] (valid UTF-8, or a surrogate encoded in 3 bytes) and advances i.
+char32_t next_code_point(std::string_view s, std::size_t& i) {
+  const auto b0 = static_cast<unsigned char>(s[i]);
+  std::size_t len = b0 < 0x80 ? 1 : b0 < 0xE0 ? 2 : b0 < 0xF0 ? 3 : 4;
+  if (i + len > s.size()) len = s.size() - i;
+  char32_t cp = len == 1 ? b0 : len == 2 ? (b0 & 0x1Fu) : len == 3 ? (b0 & 0x0Fu) : (b0 & 0x07u);
+  for (std::size_t k = 1; k < len; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3Fu);
+  i += len;
+  return cp;
+}
+
+// The code point that ends at s[end - 1]; moves end to its first byte.
+char32_t prev_code_point(std::string_view s, std::size_t& end) {
+  std::size_t start = end - 1;
+  while (start > 0 && end - start < 4 && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) --start;
+  std::size_t i = start;
+  const char32_t cp = next_code_point(s, i);
+  end = start;
+  return cp;
+}
+
+void append_utf8(std::string& out, char32_t cp) {
+  if (cp < 0x80) {
+    out += static_cast<char>(cp);
+  } else if (cp < 0x800) {
+    out += static_cast<char>(0xC0 | (cp >> 6));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {  // surrogates too (a lone one from a JSON \ud800 escape): 3 bytes, like Python keeps it
+    out += static_cast<char>(0xE0 | (cp >> 12));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else {
+    out += static_cast<char>(0xF0 | (cp >> 18));
+    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+}
+
+// Python's str.isspace: the characters of bidirectional class WS, B or S, or category Zs.
+bool py_isspace(char32_t c) {
+  return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+// Python's str.isprintable for non-ASCII code points (Unicode 14: categories Cc, Cf, Cs, Co, Zl, Zp and Zs other
+// than the space; unassigned code points, also unprintable to Python, are not known here).
+bool py_isprintable_nonascii(char32_t c) {
+  static constexpr std::array<std::pair<char32_t, char32_t>, 27> kUnprintable = {{
+      {0x80, 0xA0},       {0xAD, 0xAD},         {0x600, 0x605},     {0x61C, 0x61C},     {0x6DD, 0x6DD},
+      {0x70F, 0x70F},     {0x890, 0x891},       {0x8E2, 0x8E2},     {0x1680, 0x1680},   {0x180E, 0x180E},
+      {0x2000, 0x200F},   {0x2028, 0x202F},     {0x205F, 0x2064},   {0x2066, 0x206F},   {0x3000, 0x3000},
+      {0xD800, 0xF8FF},   {0xFEFF, 0xFEFF},     {0xFFF9, 0xFFFB},   {0x110BD, 0x110BD}, {0x110CD, 0x110CD},
+      {0x13430, 0x13438}, {0x1BCA0, 0x1BCA3},   {0x1D173, 0x1D17A}, {0xE0001, 0xE0001}, {0xE0020, 0xE007F},
+      {0xF0000, 0xFFFFD}, {0x100000, 0x10FFFD},
+  }};
+  for (const auto& [lo, hi] : kUnprintable) {
+    if (c >= lo && c <= hi) return false;
+  }
+  return true;
+}
+
+// The byte offset of the first ill-formed sequence of `s` (strict UTF-8, as Python's decoder), or npos.
+std::size_t invalid_utf8_offset(std::string_view s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const std::size_t n = s.size();
+  std::size_t i = 0;
+  while (i < n) {
+    const unsigned char b0 = p[i];
+    if (b0 < 0x80) {
+      ++i;
+      continue;
+    }
+    std::size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (b0 >= 0xC2 && b0 <= 0xDF) {
+      len = 2;
+    } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+      len = 3;
+      if (b0 == 0xE0) lo = 0xA0;
+      if (b0 == 0xED) hi = 0x9F;
+    } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+      len = 4;
+      if (b0 == 0xF0) lo = 0x90;
+      if (b0 == 0xF4) hi = 0x8F;
+    } else {
+      return i;
+    }
+    if (i + len > n) return i;
+    if (p[i + 1] < lo || p[i + 1] > hi) return i;
+    for (std::size_t k = 2; k < len; ++k) {
+      if (p[i + k] < 0x80 || p[i + k] > 0xBF) return i;
+    }
+    i += len;
+  }
+  return std::string_view::npos;
+}
+
+// Characters (code points) in s[0, byte_offset): Python's string positions.
+std::size_t char_index(std::string_view s, std::size_t byte_offset) {
+  std::size_t count = 0;
+  for (std::size_t i = 0; i < byte_offset && i < s.size(); ++i) {
+    if ((static_cast<unsigned char>(s[i]) & 0xC0) != 0x80) ++count;
+  }
+  return count;
+}
+
+// ------------------------------------------------------------------------------------------- files ----------
+
+struct PyPath {
+  std::string fs;      // str(Path(path)): what is opened
+  std::string suffix;  // Path(path).suffix
+};
+
+// pathlib's reading of a POSIX path: empty and "." parts dropped, a trailing slash ignored.
+PyPath parse_path(const std::string& path) {
+  std::vector<std::string> parts;
+  std::string root;
+  std::size_t i = 0;
+  if (!path.empty() && path[0] == '/') {
+    std::size_t slashes = path.find_first_not_of('/');
+    if (slashes == std::string::npos) slashes = path.size();
+    root = slashes == 2 ? "//" : "/";
+    i = slashes;
+  }
+  while (i < path.size()) {
+    std::size_t end = path.find('/', i);
+    if (end == std::string::npos) end = path.size();
+    const std::string part = path.substr(i, end - i);
+    if (!part.empty() && part != ".") parts.push_back(part);
+    i = end + 1;
+  }
+  PyPath out;
+  out.fs = root;
+  for (std::size_t k = 0; k < parts.size(); ++k) out.fs += (k ? "/" : "") + parts[k];
+  if (out.fs.empty()) out.fs = ".";
+  const std::string name = parts.empty() ? "" : parts.back();
+  const std::size_t dot = name.rfind('.');
+  if (dot != std::string::npos && dot > 0 && dot + 1 < name.size()) out.suffix = name.substr(dot);
+  return out;
+}
+
+std::string ascii_lower(std::string s) {
+  for (char& c : s) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return s;
+}
+
+// The file's text as Python's open(path, encoding="utf-8-sig", newline="").read() gives it.
+std::string read_file_text(const std::string& fs_path, const std::string& shown) {
+  struct stat st {};
+  if (::stat(fs_path.c_str(), &st) != 0) throw DataError("data file " + shown + " does not exist");
+  if (S_ISDIR(st.st_mode)) throw DataError("data file " + shown + " is a directory, not a file");
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(fs_path.c_str(), "rb"), &std::fclose);
+  if (!file) throw DataError("data file " + shown + " cannot be read: " + std::strerror(errno));
+  std::string bytes;
+  std::array<char, 65536> buffer{};
+  for (;;) {
+    const std::size_t got = std::fread(buffer.data(), 1, buffer.size(), file.get());
+    bytes.append(buffer.data(), got);
+    if (got < buffer.size()) {
+      if (std::ferror(file.get())) throw DataError("data file " + shown + " cannot be read: " + std::strerror(errno));
+      break;
+    }
+  }
+  static constexpr std::string_view kBom = "\xEF\xBB\xBF";
+  std::string content;
+  if (bytes.size() < kBom.size() && kBom.substr(0, bytes.size()) == bytes) {
+    content.clear();  // the codec waits for more bytes to decide and the file ends: nothing is decoded
+  } else {
+    content = bytes.compare(0, kBom.size(), kBom) == 0 ? bytes.substr(kBom.size()) : std::move(bytes);
+  }
+  const std::size_t bad = invalid_utf8_offset(content);
+  if (bad != std::string_view::npos) {
+    throw DataError("data file " + shown + " is not valid UTF-8 (byte " + std::to_string(bad) + ")");
+  }
+  if (py_strip(content).empty()) throw DataError("data file " + shown + " is empty");
+  return content;
+}
+
+// ------------------------------------------------------------------------------------- records ----------
+
+// One row: its place for messages and its values as strings by column, in key order (a missing key reads as "").
+struct Record {
+  std::string where;
+  std::vector<std::pair<std::string, std::string>> values;
+
+  std::string* find(const std::string& column) {
+    for (auto& [key, value] : values) {
+      if (key == column) return &value;
+    }
+    return nullptr;
+  }
+};
+
+struct Table {
+  std::vector<std::string> columns;
+  std::vector<Record> records;
+};
+
+// ------------------------------------------------------------------------------------------- CSV ----------
+
+class CsvError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// CPython's csv.reader (default dialect: delimiter ',', quotechar '"', doublequote, not strict) over the lines of
+// io.StringIO(content, newline=""), which end at "\n", "\r\n" or a lone "\r" and keep their line break.
+class CsvReader {
+ public:
+  explicit CsvReader(std::string_view content) : content_(content) {}
+
+  // The next row (empty for a blank line); false at the end of the input.
+  bool next(std::vector<std::string>& row) {
+    fields_.clear();
+    field_.clear();
+    state_ = State::kStartRecord;
+    do {
+      std::string_view line;
+      if (!next_line(line)) {
+        if (!field_.empty() || state_ == State::kInQuotedField) {
+          save_field();  // the input ended inside a field: it ends there (not strict)
+          break;
+        }
+        return false;
+      }
+      ++line_num_;
+      for (const char c : line) process(static_cast<unsigned char>(c));
+      process(kEol);
+    } while (state_ != State::kStartRecord);
+    row = std::move(fields_);
+    fields_ = {};
+    return true;
+  }
+
+  std::size_t line_num() const { return line_num_; }
+
+ private:
+  enum class State { kStartRecord, kStartField, kInField, kInQuotedField, kQuoteInQuotedField, kEatCrnl };
+  static constexpr int kEol = -2;
+
+  bool next_line(std::string_view& line) {
+    if (pos_ >= content_.size()) return false;
+    const std::size_t brk = content_.find_first_of("\r\n", pos_);
+    std::size_t end = content_.size();
+    if (brk != std::string_view::npos) {
+      end = brk + 1;
+      if (content_[brk] == '\r' && end < content_.size() && content_[end] == '\n') ++end;
+    }
+    line = content_.substr(pos_, end - pos_);
+    pos_ = end;
+    return true;
+  }
+
+  void save_field() {
+    fields_.push_back(std::move(field_));
+    field_.clear();
+  }
+
+  void process(int c) {
+    const bool newline = c == '\n' || c == '\r';
+    switch (state_) {
+      case State::kStartRecord:
+        if (c == kEol) return;  // a blank line: an empty row
+        if (newline) {
+          state_ = State::kEatCrnl;
+          return;
+        }
+        state_ = State::kStartField;
+        [[fallthrough]];
+      case State::kStartField:
+        if (newline || c == kEol) {
+          save_field();
+          state_ = c == kEol ? State::kStartRecord : State::kEatCrnl;
+        } else if (c == '"') {
+          state_ = State::kInQuotedField;
+        } else if (c == ',') {
+          save_field();
+        } else {
+          field_ += static_cast<char>(c);
+          state_ = State::kInField;
+        }
+        return;
+      case State::kInField:
+        if (newline || c == kEol) {
+          save_field();
+          state_ = c == kEol ? State::kStartRecord : State::kEatCrnl;
+        } else if (c == ',') {
+          save_field();
+          state_ = State::kStartField;
+        } else {
+          field_ += static_cast<char>(c);
+        }
+        return;
+      case State::kInQuotedField:
+        if (c == kEol) return;  // the record goes on with the next line
+        if (c == '"') {
+          state_ = State::kQuoteInQuotedField;
+        } else {
+          field_ += static_cast<char>(c);
+        }
+        return;
+      case State::kQuoteInQuotedField:
+        if (c == '"') {
+          field_ += '"';
+          state_ = State::kInQuotedField;
+        } else if (c == ',') {
+          save_field();
+          state_ = State::kStartField;
+        } else if (newline || c == kEol) {
+          save_field();
+          state_ = c == kEol ? State::kStartRecord : State::kEatCrnl;
+        } else {
+          field_ += static_cast<char>(c);
+          state_ = State::kInField;
+        }
+        return;
+      case State::kEatCrnl:
+        if (newline) return;
+        if (c == kEol) {
+          state_ = State::kStartRecord;
+          return;
+        }
+        throw CsvError("new-line character seen in unquoted field - do you need to open the file with newline=''?");
+    }
+  }
+
+  std::string_view content_;
+  std::size_t pos_ = 0;
+  std::size_t line_num_ = 0;
+  State state_ = State::kStartRecord;
+  std::vector<std::string> fields_;
+  std::string field_;
+};
+
+Table read_csv(const std::string& shown, std::string_view content) {
+  CsvReader reader(content);
+  Table table;
+  bool have_header = false;
+  std::size_t last_line = 0;
+  std::vector<std::string> row;
+  try {
+    while (reader.next(row)) {
+      const std::size_t start_line = last_line + 1;
+      last_line = reader.line_num();
+      if (row.empty() || (row.size() == 1 && py_strip(row[0]).empty())) continue;  // blank line
+      if (!have_header) {
+        for (std::size_t i = 0; i < row.size(); ++i) {
+          if (std::find(row.begin(), row.begin() + static_cast<std::ptrdiff_t>(i), row[i]) !=
+              row.begin() + static_cast<std::ptrdiff_t>(i)) {
+            throw DataError("data file " + shown + " has column " + py_repr(row[i]) + " twice in its header row");
+          }
+        }
+        table.columns = row;
+        have_header = true;
+        continue;
+      }
+      const std::string where =
+          "row " + std::to_string(table.records.size() + 1) + " (line " + std::to_string(start_line) + ")";
+      if (row.size() != table.columns.size()) {
+        throw DataError("data file " + shown + " " + where + " has " + std::to_string(row.size()) +
+                        " fields but the header has " + std::to_string(table.columns.size()));
+      }
+      Record record{where, {}};
+      record.values.reserve(row.size());
+      for (std::size_t i = 0; i < row.size(); ++i) record.values.emplace_back(table.columns[i], std::move(row[i]));
+      table.records.push_back(std::move(record));
+    }
+  } catch (const CsvError& err) {
+    throw DataError("data file " + shown + " is not valid CSV near line " + std::to_string(reader.line_num()) + ": " +
+                    err.what());
+  }
+  // Python asserts that a file that is not blank has a header row; one whose every row is blank (e.g. `""`)
+  // has none, and no data rows either.
+  return table;
+}
+
+// ------------------------------------------------------------------------------------------- JSON ----------
+
+// A decoded JSON value as Python's json module gives it (ints of any size kept as their digits).
+struct PyValue {
+  enum class Kind { kNone, kBool, kInt, kFloat, kStr, kList, kDict };
+  Kind kind = Kind::kNone;
+  bool boolean = false;
+  double number = 0;
+  std::string text;               // kInt: the decimal digits; kStr: the string
+  std::vector<PyValue> items;     // kList: the elements; kDict: the values
+  std::vector<std::string> keys;  // kDict: the keys, in first-insertion order, each once
+};
+
+const char* type_name(const PyValue& value) {
+  switch (value.kind) {
+    case PyValue::Kind::kNone:
+      return "NoneType";
+    case PyValue::Kind::kBool:
+      return "bool";
+    case PyValue::Kind::kInt:
+      return "int";
+    case PyValue::Kind::kFloat:
+      return "float";
+    case PyValue::Kind::kStr:
+      return "str";
+    case PyValue::Kind::kList:
+      return "list";
+    case PyValue::Kind::kDict:
+      return "dict";
+  }
+  return "object";
+}
+
+struct JsonError {
+  std::string msg;
+  std::size_t pos;  // byte offset into the document
+};
+
+// float(numstr) for a JSON number: correctly rounded, overflow to +-inf, underflow to +-0.
+double parse_float(std::string_view num) {
+  double value = 0;
+  const auto [ptr, ec] = std::from_chars(num.data(), num.data() + num.size(), value);
+  (void)ptr;
+  if (ec != std::errc::result_out_of_range) return value;
+  // Out of range: the decimal exponent of the first significant digit says which way.
+  const bool negative = num[0] == '-';
+  std::size_t i = negative ? 1 : 0;
+  long long position = 0;  // decimal exponent of the first nonzero digit, before the explicit exponent
+  bool found = false;
+  long long int_digits = 0;
+  for (; i < num.size() && num[i] >= '0' && num[i] <= '9'; ++i, ++int_digits) {
+    if (!found && num[i] != '0') {
+      found = true;
+      position = -int_digits;  // fixed below, once the number of integer digits is known
+    }
+  }
+  if (found) position += int_digits - 1;
+  if (i < num.size() && num[i] == '.') {
+    long long k = 0;
+    for (++i; i < num.size() && num[i] >= '0' && num[i] <= '9'; ++i) {
+      --k;
+      if (!found && num[i] != '0') {
+        found = true;
+        position = k;
+      }
+    }
+  }
+  long long exponent = 0;
+  if (i < num.size() && (num[i] == 'e' || num[i] == 'E')) {
+    ++i;
+    const bool exp_negative = i < num.size() && num[i] == '-';
+    if (i < num.size() && (num[i] == '-' || num[i] == '+')) ++i;
+    for (; i < num.size(); ++i) exponent = std::min(exponent * 10 + (num[i] - '0'), 1LL << 40);
+    if (exp_negative) exponent = -exponent;
+  }
+  const double magnitude = position + exponent >= 0 ? std::numeric_limits<double>::infinity() : 0.0;
+  return negative ? -magnitude : magnitude;
+}
+
+// CPython's json scanner (Modules/_json.c, strict mode), over UTF-8 bytes; every structural character is ASCII.
+class JsonScanner {
+ public:
+  explicit JsonScanner(std::string_view s) : s_(s) {}
+
+  // json.loads(s).
+  PyValue decode() {
+    if (s_.substr(0, 3) == "\xEF\xBB\xBF") throw JsonError{"Unexpected UTF-8 BOM (decode using utf-8-sig)", 0};
+    std::size_t idx = skip_ws(0);
+    PyValue value = scan_once(idx, idx, 0);
+    idx = skip_ws(idx);
+    if (idx != s_.size()) throw JsonError{"Extra data", idx};
+    return value;
+  }
+
+ private:
+  // Python's recursion limit ends deeper documents with a RecursionError (a traceback there, a DataError here).
+  static constexpr int kMaxDepth = 900;
+  static constexpr const char* kTooDeep = "maximum recursion depth exceeded while decoding a JSON ";
+  static constexpr const char* kFromUnicode = " from a unicode string";
+
+  static bool is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+  static bool is_digit(char c) { return c >= '0' && c <= '9'; }
+
+  std::size_t skip_ws(std::size_t idx) const {
+    while (idx < s_.size() && is_ws(s_[idx])) ++idx;
+    return idx;
+  }
+  bool at(std::size_t idx, std::string_view word) const { return s_.compare(idx, word.size(), word) == 0; }
+
+  // scan_once: the value at idx; "Expecting value" where none starts.
+  PyValue scan_once(std::size_t idx, std::size_t& next, int depth) {
+    if (idx >= s_.size()) throw JsonError{"Expecting value", idx};
+    PyValue value;
+    switch (s_[idx]) {
+      case '"':
+        value.kind = PyValue::Kind::kStr;
+        value.text = scan_string(idx + 1, next);
+        return value;
+      case '{':
+        if (depth >= kMaxDepth) throw JsonError{std::string(kTooDeep) + "object" + kFromUnicode, idx};
+        return parse_object(idx + 1, next, depth + 1);
+      case '[':
+        if (depth >= kMaxDepth) throw JsonError{std::string(kTooDeep) + "array" + kFromUnicode, idx};
+        return parse_array(idx + 1, next, depth + 1);
+      case 'n':
+        if (at(idx, "null")) {
+          next = idx + 4;
+          return value;
+        }
+        break;
+      case 't':
+        if (at(idx, "true")) {
+          value.kind = PyValue::Kind::kBool;
+          value.boolean = true;
+          next = idx + 4;
+          return value;
+        }
+        break;
+      case 'f':
+        if (at(idx, "false")) {
+          value.kind = PyValue::Kind::kBool;
+          next = idx + 5;
+          return value;
+        }
+        break;
+      case 'N':
+        if (at(idx, "NaN")) {
+          value.kind = PyValue::Kind::kFloat;
+          value.number = std::numeric_limits<double>::quiet_NaN();
+          next = idx + 3;
+          return value;
+        }
+        break;
+      case 'I':
+        if (at(idx, "Infinity")) {
+          value.kind = PyValue::Kind::kFloat;
+          value.number = std::numeric_limits<double>::infinity();
+          next = idx + 8;
+          return value;
+        }
+        break;
+      case '-':
+        if (at(idx, "-Infinity")) {
+          value.kind = PyValue::Kind::kFloat;
+          value.number = -std::numeric_limits<double>::infinity();
+          next = idx + 9;
+          return value;
+        }
+        break;
+      default:
+        break;
+    }
+    return match_number(idx, next);
+  }
+
+  PyValue match_number(std::size_t start, std::size_t& next) {
+    const std::size_t n = s_.size();
+    std::size_t idx = start;
+    if (s_[idx] == '-') {
+      ++idx;
+      if (idx >= n) throw JsonError{"Expecting value", start};
+    }
+    if (s_[idx] >= '1' && s_[idx] <= '9') {
+      ++idx;
+      while (idx < n && is_digit(s_[idx])) ++idx;
+    } else if (s_[idx] == '0') {
+      ++idx;
+    } else {
+      throw JsonError{"Expecting value", start};
+    }
+    bool is_float = false;
+    if (idx + 1 < n && s_[idx] == '.' && is_digit(s_[idx + 1])) {
+      is_float = true;
+      idx += 2;
+      while (idx < n && is_digit(s_[idx])) ++idx;
+    }
+    if (idx + 1 < n && (s_[idx] == 'e' || s_[idx] == 'E')) {
+      const std::size_t e_start = idx;
+      ++idx;
+      if (idx + 1 < n && (s_[idx] == '-' || s_[idx] == '+')) ++idx;
+      while (idx < n && is_digit(s_[idx])) ++idx;
+      if (is_digit(s_[idx - 1])) {
+        is_float = true;
+      } else {
+        idx = e_start;  // no exponent digits: the number ends before the 'e'
+      }
+    }
+    const std::string_view num = s_.substr(start, idx - start);
+    next = idx;
+    PyValue value;
+    if (is_float) {
+      value.kind = PyValue::Kind::kFloat;
+      value.number = parse_float(num);
+    } else {
+      value.kind = PyValue::Kind::kInt;
+      value.text = num == "-0" ? "0" : std::string(num);
+    }
+    return value;
+  }
+
+  // scanstring: `end` is just after the opening quote; returns the string and sets next after the closing one.
+  std::string scan_string(std::size_t end, std::size_t& next_out) {
+    const std::size_t begin = end - 1;
+    const std::size_t len = s_.size();
+    std::string out;
+    for (;;) {
+      std::size_t next = end;
+      char c = 0;
+      for (; next < len; ++next) {
+        c = s_[next];
+        if (c == '"' || c == '\\') break;
+        if (static_cast<unsigned char>(c) <= 0x1F) throw JsonError{"Invalid control character at", next};
+      }
+      if (next == len) throw JsonError{"Unterminated string starting at", begin};
+      out.append(s_.substr(end, next - end));
+      if (c == '"') {
+        next_out = next + 1;
+        return out;
+      }
+      ++next;  // the backslash
+      if (next == len) throw JsonError{"Unterminated string starting at", begin};
+      c = s_[next];
+      if (c != 'u') {
+        end = next + 1;
+        switch (c) {
+          case '"':
+            out += '"';
+            break;
+          case '\\':
+            out += '\\';
+            break;
+          case '/':
+            out += '/';
+            break;
+          case 'b':
+            out += '\b';
+            break;
+          case 'f':
+            out += '\f';
+            break;
+          case 'n':
+            out += '\n';
+            break;
+          case 'r':
+            out += '\r';
+            break;
+          case 't':
+            out += '\t';
+            break;
+          default:
+            throw JsonError{"Invalid \\escape", end - 2};
+        }
+        continue;
+      }
+      ++next;
+      end = next + 4;
+      if (end >= len) throw JsonError{"Invalid \\uXXXX escape", next - 1};
+      char32_t cp = hex4(next, end);
+      if (cp >= 0xD800 && cp <= 0xDBFF && end + 6 < len && s_[end] == '\\' && s_[end + 1] == 'u') {
+        const char32_t low = hex4(end + 2, end + 6);
+        if (low >= 0xDC00 && low <= 0xDFFF) {
+          cp = 0x10000 + (((cp - 0xD800) << 10) | (low - 0xDC00));
+          end += 6;
+        }
+      }
+      append_utf8(out, cp);
+    }
+  }
+
+  // Four hex digits at s[from, to); an error names the position of the 'u' before them.
+  char32_t hex4(std::size_t from, std::size_t to) const {
+    char32_t cp = 0;
+    for (std::size_t i = from; i < to; ++i) {
+      const char d = s_[i];
+      cp <<= 4;
+      if (d >= '0' && d <= '9') {
+        cp |= static_cast<char32_t>(d - '0');
+      } else if (d >= 'a' && d <= 'f') {
+        cp |= static_cast<char32_t>(d - 'a' + 10);
+      } else if (d >= 'A' && d <= 'F') {
+        cp |= static_cast<char32_t>(d - 'A' + 10);
+      } else {
+        throw JsonError{"Invalid \\uXXXX escape", to - 5};  // the 'u'
+      }
+    }
+    return cp;
+  }
+
+  PyValue parse_object(std::size_t idx, std::size_t& next, int depth) {
+    PyValue obj;
+    obj.kind = PyValue::Kind::kDict;
+    std::unordered_map<std::string, std::size_t> slot;
+    const std::size_t n = s_.size();
+    idx = skip_ws(idx);
+    if (idx >= n || s_[idx] != '}') {
+      for (;;) {
+        if (idx >= n || s_[idx] != '"') throw JsonError{"Expecting property name enclosed in double quotes", idx};
+        std::size_t after = 0;
+        std::string key = scan_string(idx + 1, after);
+        idx = skip_ws(after);
+        if (idx >= n || s_[idx] != ':') throw JsonError{"Expecting ':' delimiter", idx};
+        idx = skip_ws(idx + 1);
+        PyValue value = scan_once(idx, after, depth);
+        const auto [it, fresh] = slot.emplace(key, obj.items.size());
+        if (fresh) {
+          obj.keys.push_back(std::move(key));
+          obj.items.push_back(std::move(value));
+        } else {
+          obj.items[it->second] = std::move(value);  // dict semantics: the last value, at the first key's place
+        }
+        idx = skip_ws(after);
+        if (idx < n && s_[idx] == '}') break;
+        if (idx >= n || s_[idx] != ',') throw JsonError{"Expecting ',' delimiter", idx};
+        idx = skip_ws(idx + 1);
+      }
+    }
+    next = idx + 1;
+    return obj;
+  }
+
+  PyValue parse_array(std::size_t idx, std::size_t& next, int depth) {
+    PyValue list;
+    list.kind = PyValue::Kind::kList;
+    const std::size_t n = s_.size();
+    idx = skip_ws(idx);
+    if (idx >= n || s_[idx] != ']') {
+      for (;;) {
+        std::size_t after = 0;
+        list.items.push_back(scan_once(idx, after, depth));
+        idx = skip_ws(after);
+        if (idx < n && s_[idx] == ']') break;
+        if (idx >= n || s_[idx] != ',') throw JsonError{"Expecting ',' delimiter", idx};
+        idx = skip_ws(idx + 1);
+      }
+    }
+    next = idx + 1;
+    return list;
+  }
+
+  std::string_view s_;
+};
+
+// json.dumps(value, ensure_ascii=False, sort_keys=True).
+void dump_json(const PyValue& value, std::string& out) {
+  switch (value.kind) {
+    case PyValue::Kind::kNone:
+      out += "null";
+      return;
+    case PyValue::Kind::kBool:
+      out += value.boolean ? "true" : "false";
+      return;
+    case PyValue::Kind::kInt:
+      out += value.text;
+      return;
+    case PyValue::Kind::kFloat:
+      if (std::isnan(value.number)) {
+        out += "NaN";
+      } else if (std::isinf(value.number)) {
+        out += value.number > 0 ? "Infinity" : "-Infinity";
+      } else {
+        out += py_float_str(value.number);
+      }
+      return;
+    case PyValue::Kind::kStr:
+      out += '"';
+      for (const char c : value.text) {
+        switch (c) {
+          case '"':
+            out += "\\\"";
+            break;
+          case '\\':
+            out += "\\\\";
+            break;
+          case '\n':
+            out += "\\n";
+            break;
+          case '\r':
+            out += "\\r";
+            break;
+          case '\t':
+            out += "\\t";
+            break;
+          case '\b':
+            out += "\\b";
+            break;
+          case '\f':
+            out += "\\f";
+            break;
+          default:
+            if (static_cast<unsigned char>(c) < 0x20) {
+              char buf[8];
+              std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(static_cast<unsigned char>(c)));
+              out += buf;
+            } else {
+              out += c;
+            }
+        }
+      }
+      out += '"';
+      return;
+    case PyValue::Kind::kList:
+      out += '[';
+      for (std::size_t i = 0; i < value.items.size(); ++i) {
+        if (i) out += ", ";
+        dump_json(value.items[i], out);
+      }
+      out += ']';
+      return;
+    case PyValue::Kind::kDict: {
+      std::vector<std::size_t> order(value.keys.size());
+      std::iota(order.begin(), order.end(), std::size_t{0});
+      // Byte order of UTF-8 is code point order, which is how Python sorts str keys.
+      std::sort(order.begin(), order.end(),
+                [&](std::size_t a, std::size_t b) { return value.keys[a] < value.keys[b]; });
+      out += '{';
+      for (std::size_t i = 0; i < order.size(); ++i) {
+        if (i) out += ", ";
+        PyValue key;
+        key.kind = PyValue::Kind::kStr;
+        key.text = value.keys[order[i]];
+        dump_json(key, out);
+        out += ": ";
+        dump_json(value.items[order[i]], out);
+      }
+      out += '}';
+      return;
+    }
+  }
+}
+
+// loaders.py `_to_str`: strings as they are, None as "", JSON spellings of booleans, str() of numbers, nested
+// values as JSON.
+std::string to_str(const PyValue& value) {
+  switch (value.kind) {
+    case PyValue::Kind::kStr:
+      return value.text;
+    case PyValue::Kind::kNone:
+      return "";
+    case PyValue::Kind::kBool:
+      return value.boolean ? "true" : "false";
+    case PyValue::Kind::kInt:
+      return value.text;
+    case PyValue::Kind::kFloat:
+      return py_float_str(value.number);
+    case PyValue::Kind::kList:
+    case PyValue::Kind::kDict:
+      break;
+  }
+  std::string out;
+  dump_json(value, out);
+  return out;
+}
+
+Record to_record(std::string where, PyValue&& obj) {
+  Record record{std::move(where), {}};
+  record.values.reserve(obj.keys.size());
+  for (std::size_t i = 0; i < obj.keys.size(); ++i) record.values.emplace_back(obj.keys[i], to_str(obj.items[i]));
+  return record;
+}
+
+// loaders.py `_collect_columns`: every key, in order of first appearance.
+std::vector<std::string> collect_columns(const std::vector<Record>& records) {
+  std::vector<std::string> columns;
+  std::unordered_map<std::string, bool> seen;
+  for (const Record& record : records) {
+    for (const auto& kv : record.values) {
+      if (seen.emplace(kv.first, true).second) columns.push_back(kv.first);
+    }
+  }
+  return columns;
+}
+
+Table read_jsonl(const std::string& shown, std::string_view content) {
+  Table table;
+  std::size_t number = 0;
+  std::size_t start = 0;
+  while (start <= content.size()) {
+    std::size_t end = content.find('\n', start);
+    if (end == std::string_view::npos) end = content.size();
+    const std::string_view line = content.substr(start, end - start);
+    start = end + 1;
+    ++number;
+    if (py_strip(line).empty()) continue;
+    PyValue obj;
+    try {
+      obj = JsonScanner(line).decode();
+    } catch (const JsonError& err) {
+      throw DataError("data file " + shown + " line " + std::to_string(number) + " is not valid JSON: " + err.msg +
+                      " (column " + std::to_string(char_index(line, err.pos) + 1) + ")");
+    }
+    if (obj.kind != PyValue::Kind::kDict) {
+      throw DataError("data file " + shown + " line " + std::to_string(number) + " is a JSON " + type_name(obj) +
+                      ", expected an object");
+    }
+    table.records.push_back(to_record("line " + std::to_string(number), std::move(obj)));
+  }
+  table.columns = collect_columns(table.records);
+  return table;
+}
+
+Table read_json(const std::string& shown, std::string_view content) {
+  PyValue data;
+  try {
+    data = JsonScanner(content).decode();
+  } catch (const JsonError& err) {
+    const std::string_view before = content.substr(0, err.pos);
+    const std::size_t lineno = static_cast<std::size_t>(std::count(before.begin(), before.end(), '\n')) + 1;
+    const std::size_t newline = before.rfind('\n');
+    const std::size_t colno = newline == std::string_view::npos
+                                  ? char_index(content, err.pos) + 1
+                                  : char_index(content, err.pos) - char_index(content, newline);
+    throw DataError("data file " + shown + " is not valid JSON: " + err.msg + " (line " + std::to_string(lineno) +
+                    ", column " + std::to_string(colno) + ")");
+  }
+  if (data.kind != PyValue::Kind::kList) {
+    throw DataError("data file " + shown + " holds a JSON " + type_name(data) + ", expected a list of objects");
+  }
+  Table table;
+  table.records.reserve(data.items.size());
+  for (std::size_t i = 0; i < data.items.size(); ++i) {
+    PyValue& obj = data.items[i];
+    if (obj.kind != PyValue::Kind::kDict) {
+      throw DataError("data file " + shown + " element [" + std::to_string(i) + "] is a JSON " + type_name(obj) +
+                      ", expected an object");
+    }
+    table.records.push_back(to_record("element [" + std::to_string(i) + "]", std::move(obj)));
+  }
+  table.columns = collect_columns(table.records);
+  return table;
+}
+
+// ------------------------------------------------------------------------------------ the table ----------
+
+std::string join(const std::vector<std::string>& items, const std::string& sep) {
+  std::string out;
+  for (std::size_t i = 0; i < items.size(); ++i) out += (i ? sep : "") + items[i];
+  return out;
+}
+
+std::string pick_column(const std::string& shown, const std::vector<std::string>& columns, const std::string& wanted,
+                        const std::vector<std::string>& candidates, const char* role, bool is_csv) {
+  const std::string available = columns.empty() ? "none" : join(columns, ", ");
+  const auto has = [&](const std::string& name) {
+    return std::find(columns.begin(), columns.end(), name) != columns.end();
+  };
+  if (!wanted.empty()) {
+    if (!has(wanted)) {
+      throw DataError("data file " + shown + " has no column " + py_repr(wanted) + " (columns: " + available + ")");
+    }
+    return wanted;
+  }
+  for (const std::string& name : candidates) {
+    if (has(name)) return name;
+  }
+  throw DataError("data file " + shown + " has no " + role + " column (looked for " + join(candidates, ", ") +
+                  "; columns: " + available + ")" + (is_csv ? "; is the header row missing?" : ""));
+}
+
+}  // namespace
+
+// --------------------------------------------------------------------------------------- public ----------
+
+TextTable load_table(const std::string& path, const std::string& text_column, const std::string& label_column) {
+  static const std::vector<std::string> kTextColumns = {"text", "sentence", "content", "instruction"};
+  static const std::vector<std::string> kLabelColumns = {"label", "category", "label_name", "intent", "class"};
+  const PyPath p = parse_path(path);
+  const std::string shown = py_repr(path);
+  const std::string ext = ascii_lower(p.suffix);
+  if (ext != ".csv" && ext != ".jsonl" && ext != ".json") {
+    throw DataError("data file " + shown + " has unsupported extension " +
+                    py_repr(p.suffix.empty() ? "(none)" : p.suffix) + " (supported: .csv, .jsonl, .json)");
+  }
+  const std::string content = read_file_text(p.fs, shown);
+  Table table = ext == ".csv"     ? read_csv(shown, content)
+                : ext == ".jsonl" ? read_jsonl(shown, content)
+                                  : read_json(shown, content);
+  if (table.records.empty()) throw DataError("data file " + shown + " has no data rows");
+
+  const std::string text_col = pick_column(shown, table.columns, text_column, kTextColumns, "text", ext == ".csv");
+  const std::string label_col = pick_column(shown, table.columns, label_column, kLabelColumns, "label", ext == ".csv");
+  if (text_col == label_col) {
+    throw DataError("data file " + shown + ": column " + py_repr(text_col) + " cannot be both the text and the label");
+  }
+  TextTable out;
+  out.texts.reserve(table.records.size());
+  out.labels.reserve(table.records.size());
+  for (Record& record : table.records) {
+    std::string* text = record.find(text_col);  // a JSON record without the key reads as None: ""
+    std::string text_value = text ? std::move(*text) : std::string();
+    if (py_strip(text_value).empty()) {
+      throw DataError("data file " + shown + " " + record.where + " has an empty text in column " + py_repr(text_col));
+    }
+    const std::string* label = record.find(label_col);
+    const std::string_view stripped = label ? py_strip(*label) : std::string_view();
+    if (stripped.empty()) {
+      throw DataError("data file " + shown + " " + record.where + " has an empty label in column " +
+                      py_repr(label_col));
+    }
+    out.labels.emplace_back(stripped);
+    out.texts.push_back(std::move(text_value));
+  }
+  return out;
+}
+
+std::pair<std::vector<std::size_t>, std::vector<std::size_t>> split_train_test(const std::vector<std::string>& labels,
+                                                                               double test_fraction,
+                                                                               std::uint64_t seed) {
+  if (!(test_fraction >= 0 && test_fraction < 1) || !std::isfinite(test_fraction)) {
+    throw ConfigError("test fraction must be in [0, 1), got " + py_float_str(test_fraction));
+  }
+  const std::size_t n = labels.size();
+  std::vector<std::size_t> train, test;
+  if (n < 2 || test_fraction == 0) {
+    train.resize(n);
+    std::iota(train.begin(), train.end(), std::size_t{0});
+    return {train, test};
+  }
+  const auto n_test = static_cast<std::size_t>(
+      std::min(static_cast<double>(n - 1), std::max(1.0, py_round(static_cast<double>(n) * test_fraction))));
+  SplitMix64 rng(seed);
+  // Labels in sorted order (byte order of UTF-8 is Python's code point order), members in row order.
+  std::vector<std::string> names(labels);
+  std::sort(names.begin(), names.end());
+  names.erase(std::unique(names.begin(), names.end()), names.end());
+  std::vector<std::vector<std::size_t>> members(names.size());
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto pos = std::lower_bound(names.begin(), names.end(), labels[i]) - names.begin();
+    members[static_cast<std::size_t>(pos)].push_back(i);
+  }
+  // A random order of the labels breaks the ties of the largest-remainder quota (partition.py _largest_remainder,
+  // in float64 as numpy computes it).
+  const std::vector<std::size_t> order = rng.permutation(names.size());
+  double total = 0;
+  for (const auto& m : members) total += static_cast<double>(m.size());
+  std::vector<std::size_t> quota(order.size());
+  std::vector<double> remainder(order.size());
+  std::size_t assigned = 0;
+  for (std::size_t k = 0; k < order.size(); ++k) {
+    const double exact = static_cast<double>(members[order[k]].size()) / total * static_cast<double>(n_test);
+    const double whole = std::floor(exact);
+    quota[k] = static_cast<std::size_t>(whole);
+    remainder[k] = exact - whole;
+    assigned += quota[k];
+  }
+  if (assigned < n_test) {
+    std::vector<std::size_t> by_remainder(order.size());
+    std::iota(by_remainder.begin(), by_remainder.end(), std::size_t{0});
+    std::stable_sort(by_remainder.begin(), by_remainder.end(),
+                     [&](std::size_t a, std::size_t b) { return remainder[a] > remainder[b]; });
+    for (std::size_t k = 0; k < n_test - assigned; ++k) ++quota[by_remainder[k]];
+  }
+  // One shuffle per label, in the random label order: its first `quota` members are held out.
+  for (std::size_t k = 0; k < order.size(); ++k) {
+    std::vector<std::size_t>& group = members[order[k]];
+    rng.shuffle(group);
+    test.insert(test.end(), group.begin(), group.begin() + static_cast<std::ptrdiff_t>(quota[k]));
+    train.insert(train.end(), group.begin() + static_cast<std::ptrdiff_t>(quota[k]), group.end());
+  }
+  std::sort(train.begin(), train.end());
+  std::sort(test.begin(), test.end());
+  return {train, test};
+}
+
+std::uint32_t crc32(std::string_view data) {
+  uLong crc = ::crc32(0L, Z_NULL, 0);
+  std::size_t offset = 0;
+  while (offset < data.size()) {  // zlib takes uInt lengths
+    const auto chunk = static_cast<uInt>(std::min<std::size_t>(data.size() - offset, 1u << 30));
+    crc = ::crc32(crc, reinterpret_cast<const Bytef*>(data.data() + offset), chunk);
+    offset += chunk;
+  }
+  return static_cast<std::uint32_t>(crc);
+}
+
+std::uint64_t batch_seed(std::int64_t task_seed, const std::string& client_id, std::int64_t round) {
+  // Two's complement and wrap-around are arithmetic mod 2^64, and 2^63 divides 2^64: the low 63 bits are
+  // Python's non-negative result of the exact integer expression mod 2^63.
+  const std::uint64_t x = static_cast<std::uint64_t>(task_seed) * 1000003ULL +
+                          static_cast<std::uint64_t>(round) * 7919ULL + crc32(client_id);
+  return x & ((1ULL << 63) - 1);
+}
+
+BatchOrder::BatchOrder(std::size_t num_train, std::size_t batch_size, std::uint64_t seed)
+    : batch_size_(batch_size), rng_(seed), order_(num_train), pos_(num_train) {
+  if (num_train == 0 || batch_size == 0) {
+    throw std::invalid_argument("BatchOrder needs training rows and a positive batch size");
+  }
+}
+
+std::vector<std::size_t> BatchOrder::next() {
+  if (pos_ >= order_.size()) {
+    order_ = rng_.permutation(order_.size());
+    pos_ = 0;
+    ++epochs_;
+  }
+  const std::size_t end = std::min(order_.size(), pos_ + batch_size_);
+  std::vector<std::size_t> batch(order_.begin() + static_cast<std::ptrdiff_t>(pos_),
+                                 order_.begin() + static_cast<std::ptrdiff_t>(end));
+  pos_ = end;
+  return batch;
+}
+
+std::vector<std::size_t> aux_indices(std::size_t num_train, double fraction, std::size_t max_examples) {
+  const double wanted = py_round(fraction * static_cast<double>(num_train));
+  const double n = std::max(1.0, std::min({static_cast<double>(max_examples), wanted, static_cast<double>(num_train)}));
+  std::vector<std::size_t> order = SplitMix64(num_train).permutation(num_train);
+  order.resize(std::min(order.size(), static_cast<std::size_t>(n)));
+  return order;
+}
+
+double py_round(double x) {
+  if (!std::isfinite(x)) throw std::invalid_argument("cannot round " + py_float_str(x) + " to an integer");
+  const double down = std::floor(x);
+  const double diff = x - down;  // exact for doubles
+  if (diff < 0.5) return down;
+  if (diff > 0.5) return down + 1;
+  return std::fmod(down, 2.0) == 0 ? down : down + 1;
+}
+
+std::string py_float_str(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  std::array<char, 64> buf{};
+  // Shortest digits that read back, in scientific form: d[.ddd]e[+-]XX.
+  const auto result = std::to_chars(buf.data(), buf.data() + buf.size(), x, std::chars_format::scientific);
+  const std::string_view sci(buf.data(), static_cast<std::size_t>(result.ptr - buf.data()));
+  std::string out = sci[0] == '-' ? "-" : "";
+  const std::size_t e = sci.find('e');
+  std::string digits;
+  for (std::size_t i = out.size(); i < e; ++i) {
+    if (sci[i] != '.') digits += sci[i];
+  }
+  const long decpt = std::strtol(std::string(sci.substr(e + 1)).c_str(), nullptr, 10) + 1;
+  const auto ndigits = static_cast<long>(digits.size());
+  if (decpt <= -4 || decpt > 16) {  // Python's repr switches to the exponent form here
+    out += digits[0];
+    if (digits.size() > 1) out += "." + digits.substr(1);
+    const long exponent = decpt - 1;
+    const std::string magnitude = std::to_string(exponent < 0 ? -exponent : exponent);
+    out += std::string(exponent < 0 ? "e-" : "e+") + (magnitude.size() < 2 ? "0" : "") + magnitude;
+  } else if (decpt <= 0) {
+    out += "0." + std::string(static_cast<std::size_t>(-decpt), '0') + digits;
+  } else if (decpt >= ndigits) {
+    out += digits + std::string(static_cast<std::size_t>(decpt - ndigits), '0') + ".0";
+  } else {
+    out += digits.substr(0, static_cast<std::size_t>(decpt)) + "." + digits.substr(static_cast<std::size_t>(decpt));
+  }
+  return out;
+}
+
+std::string py_repr(std::string_view text) {
+  const bool has_single = text.find('\'') != std::string_view::npos;
+  const bool has_double = text.find('"') != std::string_view::npos;
+  const char quote = has_single && !has_double ? '"' : '\'';
+  std::string out(1, quote);
+  std::size_t i = 0;
+  while (i < text.size()) {
+    const char32_t c = next_code_point(text, i);
+    char buf[16];
+    if (c == static_cast<char32_t>(quote) || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (c < 0x20 || c == 0x7F) {
+      std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned>(c));
+      out += buf;
+    } else if (c < 0x7F || py_isprintable_nonascii(c)) {
+      append_utf8(out, c);
+    } else {
+      if (c <= 0xFF) {
+        std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned>(c));
+      } else if (c <= 0xFFFF) {
+        std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(c));
+      } else {
+        std::snprintf(buf, sizeof buf, "\\U%08x", static_cast<unsigned>(c));
+      }
+      out += buf;
+    }
+  }
+  out += quote;
+  return out;
+}
+
+std::string_view py_strip(std::string_view text) {
+  std::size_t begin = 0;
+  while (begin < text.size()) {
+    std::size_t i = begin;
+    if (!py_isspace(next_code_point(text, i))) break;
+    begin = i;
+  }
+  std::size_t end = text.size();
+  while (end > begin) {
+    std::size_t i = end;
+    if (!py_isspace(prev_code_point(text, i))) break;
+    end = i;
+  }
+  return text.substr(begin, end - begin);
+}
+
+}  // namespace edgemole

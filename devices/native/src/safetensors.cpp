@@ -1,0 +1,338 @@
+#include "safetensors.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <set>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "errors.h"
+
+namespace edgemole {
+namespace {
+
+constexpr std::string_view kMetadataKey = "__metadata__";
+constexpr std::string_view kUtf8Bom = "\xEF\xBB\xBF";
+
+// Length of the valid UTF-8 sequence at text[i] (1 to 4), or 0 when the byte there does not start one.
+std::size_t utf8_length(std::string_view text, std::size_t i) {
+  const auto byte = [&](std::size_t k) { return static_cast<unsigned char>(text[k]); };
+  const unsigned char b0 = byte(i);
+  if (b0 < 0x80) return 1;
+  std::size_t n = 0;
+  std::uint32_t min = 0;
+  if ((b0 & 0xe0u) == 0xc0u) {
+    n = 2;
+    min = 0x80;
+  } else if ((b0 & 0xf0u) == 0xe0u) {
+    n = 3;
+    min = 0x800;
+  } else if ((b0 & 0xf8u) == 0xf0u) {
+    n = 4;
+    min = 0x10000;
+  } else {
+    return 0;
+  }
+  if (i + n > text.size()) return 0;
+  std::uint32_t code = b0 & (0x7fu >> n);
+  for (std::size_t k = 1; k < n; ++k) {
+    if ((byte(i + k) & 0xc0u) != 0x80u) return 0;
+    code = (code << 6) | (byte(i + k) & 0x3fu);
+  }
+  if (code < min || code > 0x10ffff || (code >= 0xd800 && code <= 0xdfff)) return 0;
+  return n;
+}
+
+// nlohmann's messages start with "[json.exception.parse_error.101] "; the reason alone reads better in one line.
+// Its "last read: '...'" part echoes payload bytes: made printable.
+std::string json_reason(const std::exception& exc) {
+  std::string text = exc.what();
+  if (!text.empty() && text.front() == '[') {
+    const auto end = text.find("] ");
+    if (end != std::string::npos) text.erase(0, end + 2);
+  }
+  return printable(text);
+}
+
+// Quotes a name for an error message, shortened so that a hostile name cannot make the line huge.
+std::string quoted(const std::string& name) { return "'" + printable(name, 100, '\'') + "'"; }
+
+template <typename Json>
+Json parse_strict(std::string_view text) {
+  if (text.substr(0, kUtf8Bom.size()) == kUtf8Bom) throw ProtocolError("unexpected UTF-8 byte order mark");
+  // nlohmann stops at a NUL byte as if the text ended there; valid JSON never contains one.
+  const auto nul = text.find('\0');
+  if (nul != std::string_view::npos) throw ProtocolError("NUL byte at " + std::to_string(nul));
+  // The parser calls back for every object start/key/end, in document order: one set of keys per open object.
+  std::vector<std::set<std::string>> open_objects;
+  int depth = 0;
+  using Event = typename Json::parse_event_t;
+  typename Json::parser_callback_t check = [&](int, Event event, Json& parsed) {
+    switch (event) {
+      case Event::object_start:
+      case Event::array_start:
+        if (++depth > kMaxJsonDepth) throw ProtocolError("nesting deeper than " + std::to_string(kMaxJsonDepth));
+        if (event == Event::object_start) open_objects.emplace_back();
+        break;
+      case Event::object_end:
+      case Event::array_end:
+        --depth;
+        if (event == Event::object_end && !open_objects.empty()) open_objects.pop_back();
+        break;
+      case Event::key:
+        if (!open_objects.empty() && !open_objects.back().insert(parsed.template get<std::string>()).second) {
+          throw ProtocolError("duplicate key " + quoted(parsed.template get<std::string>()));
+        }
+        break;
+      case Event::value:
+        break;
+    }
+    return true;
+  };
+  try {
+    return Json::parse(text.begin(), text.end(), check, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+  } catch (const nlohmann::json::exception& exc) {  // syntax errors, bad UTF-8, overflowing numbers (406)
+    throw ProtocolError(json_reason(exc));
+  }
+}
+
+std::uint64_t load_u64_le(const std::uint8_t* p) {
+  std::uint64_t value = 0;
+  for (int i = 7; i >= 0; --i) value = (value << 8) | p[i];
+  return value;
+}
+
+[[noreturn]] void malformed(const std::string& why) { throw ProtocolError("tensor data is malformed: " + why); }
+
+// A JSON value that is a non-negative integer (not a boolean, not 2.0), as serde's usize would require.
+bool as_size(const nlohmann::ordered_json& value, std::uint64_t& out) {
+  if (!value.is_number_unsigned()) {
+    if (value.is_number_integer() && value.get<std::int64_t>() >= 0) {
+      out = static_cast<std::uint64_t>(value.get<std::int64_t>());
+      return true;
+    }
+    return false;
+  }
+  out = value.get<std::uint64_t>();
+  return true;
+}
+
+struct Entry {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<std::int64_t> shape;
+  std::uint64_t begin = 0, end = 0;
+};
+
+Entry parse_entry(const std::string& name, const nlohmann::ordered_json& info) {
+  Entry entry;
+  entry.name = name;
+  entry.dtype = *parse_dtype(info.at("dtype").get_ref<const std::string&>());  // checked by the caller
+  const auto shape = info.find("shape");
+  if (shape == info.end() || !shape->is_array()) malformed("tensor " + quoted(name) + " has no 'shape' array");
+  // The product of the non-zero dimensions must fit an int64, so that no partial product overflows later.
+  std::uint64_t nonzero_product = 1;
+  for (const auto& dim : *shape) {
+    std::uint64_t d = 0;
+    if (!as_size(dim, d)) malformed("tensor " + quoted(name) + " has a shape that is not non-negative integers");
+    if (d != 0) {
+      if (nonzero_product > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) / d) {
+        malformed("tensor " + quoted(name) + " has a shape too large");
+      }
+      nonzero_product *= d;
+    }
+    entry.shape.push_back(static_cast<std::int64_t>(d));
+  }
+  const auto offsets = info.find("data_offsets");
+  if (offsets == info.end() || !offsets->is_array() || offsets->size() != 2 || !as_size((*offsets)[0], entry.begin) ||
+      !as_size((*offsets)[1], entry.end)) {
+    malformed("tensor " + quoted(name) + " has no 'data_offsets' pair of non-negative integers");
+  }
+  return entry;
+}
+
+}  // namespace
+
+std::string printable(std::string_view text, std::size_t max_bytes, char quote) {
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (std::size_t i = 0; i < text.size();) {
+    if (out.size() >= max_bytes) return out + "...";
+    const char c = text[i];
+    const auto byte = static_cast<unsigned char>(c);
+    const std::size_t n = utf8_length(text, i);
+    if (c == '\\' || (quote != 0 && c == quote)) {
+      out += '\\';
+      out += c;
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (n == 0 || byte < 0x20 || byte == 0x7f) {
+      out += "\\x";
+      out += hex[byte >> 4];
+      out += hex[byte & 0xfu];
+    } else {
+      out.append(text.substr(i, n));
+      i += n;
+      continue;
+    }
+    ++i;
+  }
+  return out;
+}
+
+nlohmann::json parse_strict_json(std::string_view text) { return parse_strict<nlohmann::json>(text); }
+
+nlohmann::ordered_json parse_strict_ordered_json(std::string_view text) {
+  return parse_strict<nlohmann::ordered_json>(text);
+}
+
+nlohmann::ordered_json read_header(const std::uint8_t* data, std::size_t size) {
+  if (size < 8) {
+    throw ProtocolError("payload of " + std::to_string(size) + " bytes is too short for a safetensors header");
+  }
+  const std::uint64_t n = load_u64_le(data);
+  if (n > kMaxHeaderBytes || n > size - 8) {
+    throw ProtocolError("header length " + std::to_string(n) + " exceeds the payload (" + std::to_string(size) +
+                        " bytes) or the limit");
+  }
+  nlohmann::ordered_json header;
+  try {
+    header = parse_strict_ordered_json(std::string_view(reinterpret_cast<const char*>(data + 8), n));
+  } catch (const ProtocolError& exc) {
+    throw ProtocolError(std::string("header is not valid JSON: ") + exc.what());
+  }
+  if (!header.is_object()) throw ProtocolError("header is not a JSON object");
+  return header;
+}
+
+TensorMap read_tensors(const nlohmann::ordered_json& header, const std::uint8_t* data, std::size_t size) {
+  // Every dtype first, in document order, before anything else of the entries is looked at (section 7.1 step 8).
+  for (const auto& [name, info] : header.items()) {
+    if (name == kMetadataKey) continue;
+    const nlohmann::ordered_json* dtype = nullptr;
+    if (info.is_object()) {
+      const auto it = info.find("dtype");
+      if (it != info.end()) dtype = &*it;
+    }
+    if (dtype == nullptr || !dtype->is_string() || !parse_dtype(dtype->get_ref<const std::string&>())) {
+      const std::string shown =
+          dtype == nullptr ? "None" : dtype->is_string() ? quoted(dtype->get<std::string>()) : dtype->dump();
+      throw ProtocolError("tensor " + quoted(name) + " has dtype " + shown +
+                          ", not one of ['BF16', 'F16', 'F32', 'I32', 'I64']");
+    }
+  }
+  const std::size_t data_start = 8 + static_cast<std::size_t>(load_u64_le(data));  // read_header checked it
+  const std::uint64_t data_size = size - data_start;
+  std::vector<Entry> entries;
+  for (const auto& [name, info] : header.items()) {
+    if (name != kMetadataKey) entries.push_back(parse_entry(name, info));
+  }
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
+  });
+  std::uint64_t expected_begin = 0;
+  for (const Entry& entry : entries) {
+    if (entry.begin != expected_begin || entry.end < entry.begin) {
+      malformed("invalid offset for tensor " + quoted(entry.name) + " (tensors must tile the data section)");
+    }
+    std::uint64_t numel = 1;
+    for (std::int64_t d : entry.shape) numel *= static_cast<std::uint64_t>(d);  // fits: parse_entry checked it
+    const std::uint64_t element = dtype_size(entry.dtype);
+    if (numel > std::numeric_limits<std::uint64_t>::max() / element || entry.end - entry.begin != numel * element) {
+      malformed("tensor " + quoted(entry.name) + " has " + std::to_string(entry.end - entry.begin) +
+                " bytes, not what its shape and dtype need");
+    }
+    if (entry.end > data_size) malformed("tensor " + quoted(entry.name) + " ends past the end of the payload");
+    expected_begin = entry.end;
+  }
+  if (expected_begin != data_size) {
+    malformed("the tensors cover " + std::to_string(expected_begin) + " of the " + std::to_string(data_size) +
+              " bytes of the data section");
+  }
+  TensorMap tensors;
+  for (Entry& entry : entries) {
+    Tensor tensor;
+    tensor.dtype = entry.dtype;
+    tensor.shape = std::move(entry.shape);
+    const std::uint8_t* begin = data + data_start + entry.begin;
+    tensor.bytes.assign(begin, begin + (entry.end - entry.begin));
+    tensors.emplace(std::move(entry.name), std::move(tensor));
+  }
+  return tensors;
+}
+
+Safetensors read_safetensors(const std::uint8_t* data, std::size_t size) {
+  const nlohmann::ordered_json header = read_header(data, size);
+  Safetensors out;
+  const auto meta = header.find(kMetadataKey);
+  if (meta != header.end()) {
+    if (!meta->is_object()) throw ProtocolError("header has no '__metadata__' object of strings");
+    for (const auto& [key, value] : meta->items()) {
+      if (!value.is_string()) throw ProtocolError("header has no '__metadata__' object of strings");
+      out.metadata[key] = value.get<std::string>();
+    }
+  }
+  out.tensors = read_tensors(header, data, size);
+  return out;
+}
+
+std::vector<std::uint8_t> write_safetensors(const std::vector<std::pair<std::string, std::string>>& metadata,
+                                            const TensorMap& tensors) {
+  // Larger elements first, then by name: the reference encoder's order, which keeps every tensor aligned.
+  std::vector<const TensorMap::value_type*> order;
+  for (const auto& item : tensors) {
+    const auto& [name, tensor] = item;
+    if (name.empty() || name == kMetadataKey) throw ProtocolError("invalid tensor name " + quoted(name));
+    std::uint64_t numel = 1;
+    for (std::int64_t d : tensor.shape) {
+      if (d < 0) throw ProtocolError("tensor " + quoted(name) + " has a negative dimension");
+      numel *= static_cast<std::uint64_t>(d);
+    }
+    if (tensor.bytes.size() != numel * dtype_size(tensor.dtype)) {
+      throw ProtocolError("tensor " + quoted(name) + " has " + std::to_string(tensor.bytes.size()) +
+                          " bytes, its shape and dtype need " + std::to_string(numel * dtype_size(tensor.dtype)));
+    }
+    order.push_back(&item);
+  }
+  std::stable_sort(order.begin(), order.end(), [](const auto* a, const auto* b) {
+    return dtype_size(a->second.dtype) > dtype_size(b->second.dtype);  // names already sorted (std::map)
+  });
+
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) {
+    nlohmann::ordered_json meta = nlohmann::ordered_json::object();
+    for (const auto& [key, value] : metadata) meta[key] = value;
+    header[std::string(kMetadataKey)] = std::move(meta);
+  }
+  std::uint64_t offset = 0;
+  for (const auto* item : order) {
+    const Tensor& tensor = item->second;
+    nlohmann::ordered_json entry = nlohmann::ordered_json::object();
+    entry["dtype"] = dtype_name(tensor.dtype);
+    entry["shape"] = tensor.shape;
+    entry["data_offsets"] = {offset, offset + tensor.bytes.size()};
+    offset += tensor.bytes.size();
+    header[item->first] = std::move(entry);
+  }
+  std::string text = header.dump();  // compact; UTF-8 as is, like serde_json
+  text.append((8 - text.size() % 8) % 8, ' ');
+  if (text.size() > kMaxHeaderBytes) {
+    throw ProtocolError("the header would be " + std::to_string(text.size()) + " bytes, more than the limit");
+  }
+
+  std::vector<std::uint8_t> out;
+  out.reserve(8 + text.size() + offset);
+  std::uint64_t n = text.size();
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<std::uint8_t>((n >> (8 * i)) & 0xffu));
+  out.insert(out.end(), text.begin(), text.end());
+  for (const auto* item : order) out.insert(out.end(), item->second.bytes.begin(), item->second.bytes.end());
+  return out;
+}
+
+}  // namespace edgemole

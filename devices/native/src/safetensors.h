@@ -1,0 +1,63 @@
+// The safetensors container that every MQTT payload is (docs/protocol.md section 2). Reading never trusts a length,
+// offset or shape before checking it against the buffer, so a hostile payload is one ProtocolError, never a read
+// past the end or a huge allocation; writing produces what the reference decoder (Python `safetensors`) reads.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "tensor.h"
+
+namespace edgemole {
+
+// Largest header N accepted (section 2.4).
+inline constexpr std::size_t kMaxHeaderBytes = 1024 * 1024;
+// Deepest JSON nesting accepted in the header and in the metadata's JSON strings (the protocol needs 4).
+inline constexpr int kMaxJsonDepth = 64;
+
+// `text` made safe for a one-line error message that may travel in a JSON status: valid UTF-8 sequences are kept,
+// control characters, invalid bytes and `quote` (when not 0) and backslashes are escaped (\n, \x01, \'), and the
+// result is cut to about max_bytes at a character boundary ("..." added).
+std::string printable(std::string_view text, std::size_t max_bytes = 200, char quote = 0);
+
+// Parses RFC 8259 JSON text strictly: no NaN/Infinity literals, no comments, no numbers that overflow a binary64,
+// no duplicate keys in any object, nesting at most kMaxJsonDepth, valid UTF-8. Throws ProtocolError whose text is
+// only the reason (e.g. "duplicate key 'a'"), so that callers can say which JSON was bad. The ordered variant
+// keeps the members in document order (for messages that name the first offending member).
+nlohmann::json parse_strict_json(std::string_view text);
+nlohmann::ordered_json parse_strict_ordered_json(std::string_view text);
+
+// The header object of a safetensors buffer, members in document order: checks the 8-byte length (at most
+// kMaxHeaderBytes and at most size - 8) and parses the header strictly. Errors as in edgemole/protocol/messages.py:
+// "payload of 5 bytes is too short for a safetensors header", "header length 4096 exceeds the payload (32 bytes)
+// or the limit", "header is not valid JSON: ...", "header is not a JSON object".
+nlohmann::ordered_json read_header(const std::uint8_t* data, std::size_t size);
+
+// The tensors described by `header` (every member except "__metadata__"), copied out of the data section that
+// starts at data + 8 + header_length. Checks every entry (an allowed dtype, a shape of non-negative integers,
+// two data offsets), that each tensor's byte size equals its shape times its element size, and that the tensors
+// tile the data section exactly (no gap, overlap or trailing byte). Errors: "tensor 'x' has dtype 'F64', not one
+// of [...]" for a dtype, "tensor data is malformed: ..." for the rest.
+TensorMap read_tensors(const nlohmann::ordered_json& header, const std::uint8_t* data, std::size_t size);
+
+// A whole safetensors buffer whose metadata values are strings (any safetensors file, not only messages).
+struct Safetensors {
+  std::map<std::string, std::string> metadata;
+  TensorMap tensors;
+};
+Safetensors read_safetensors(const std::uint8_t* data, std::size_t size);
+
+// Serialises tensors and string metadata: the header written compactly with "__metadata__" first (its keys in the
+// order given), then the tensors by descending element size and name (as the reference encoder orders them),
+// padded with spaces to a multiple of 8, the data section in the same order. Throws ProtocolError for a tensor
+// whose byte count does not match its shape and dtype, or a name that is empty or "__metadata__".
+std::vector<std::uint8_t> write_safetensors(const std::vector<std::pair<std::string, std::string>>& metadata,
+                                            const TensorMap& tensors);
+
+}  // namespace edgemole

@@ -1,0 +1,140 @@
+"""The native client (devices/native) against the Python client on the ExecuTorch engine: the same round from the
+same task, assignment, artifact, data and seed gives the same per-step losses and the same update."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_AMOLE, tiny_task, write_client_data
+from native import native_build
+
+from aggregator.strategies.lora_a2 import a2_expectation
+from edge_client.client import ClientOptions, EdgeClient
+from edgemole.mqtt import Inbound
+from edgemole.protocol import Kind, Message, Topics, decode, encode
+
+FLEET, RUN, CLIENT = "t", "run-1", "dev-0"
+
+
+class RecordingLink:
+    """A link that keeps what the Python client publishes (the native tool has the same one)."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+        self.birth = None
+        self.bytes_in = self.bytes_out = 0
+        self.connected = True
+
+    def connect(self, timeout_s: float = 30.0) -> None: ...
+    def subscribe(self, *topics: str) -> None: ...
+    def receive(self, timeout_s: float) -> None: ...
+    def close(self) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, wait_s: float | None = 30.0) -> int:
+        self.published.append((topic, payload))
+        return len(payload)
+
+
+def _assignment(task, client: EdgeClient, phase: str, rnd: int) -> Message:  # noqa: ANN001
+    """A round's assignment with a random starting point (B != 0, so that every rank of both factors scores)."""
+    engine = client.engine
+    assert engine is not None
+    body: dict = {"run": RUN}
+    if task.uses_experts:
+        body["experts"] = {m: [0, 1, 3] if i % 2 else [2, 3] for i, m in enumerate(engine.wire.layers)}
+    full, roles = engine.wire.initial_fleet_state()
+    spec = engine.expected_state(body)
+    gen = torch.Generator().manual_seed(11)
+    tensors = {n: full[n] + 0.05 * torch.randn(full[n].shape, generator=gen) for n in spec}
+    if phase in ("train-A", "train-B"):
+        body["train_roles"] = a2_expectation(tensors, {n: s.role for n, s in spec.items()}, phase)[1]
+    return Message(Kind.ASSIGN, FLEET, rnd, phase, CLIENT, body, tensors, {n: s.role for n, s in spec.items()})
+
+
+def _python_round(task, artifact: Path, data: tuple[Path, Path], phase: str, rnd: int,  # noqa: ANN001
+                  upload_rank: int | None) -> tuple[bytes, bytes, bytes, list[float]]:
+    link = RecordingLink()
+    opts = ClientOptions(broker="mqtt://127.0.0.1:1", client_id=CLIENT, data=str(data[0]), test_data=str(data[1]),
+                         fleet=FLEET, engine="executorch", artifact=artifact, threads=1, upload_rank=upload_rank)
+    client = EdgeClient(opts, link=link)
+    topics = Topics(FLEET)
+    task_payload = encode(Message(Kind.TASK, FLEET, body={"run": RUN, "task": task.to_body()}))
+    client.handle(Inbound(topics.task, task_payload, True))
+    losses: list[list[float]] = []
+    train = client.engine.train
+
+    def recording_train(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        stats = train(*args, **kwargs)
+        losses.append(stats.losses)
+        return stats
+
+    client.engine.train = recording_train
+    assign_payload = encode(_assignment(task, client, phase, rnd))
+    client.handle(Inbound(topics.assign(CLIENT), assign_payload, False))
+    updates = [p for t, p in link.published if t == topics.update(CLIENT)]
+    assert len(updates) == 1, f"the Python client sent {len(updates)} updates (rejected {client.rejected})"
+    return task_payload, assign_payload, updates[0], losses[-1] if losses else []
+
+
+def _native_round(tmp: Path, artifact: Path, data: tuple[Path, Path], task_payload: bytes, assign_payload: bytes,
+                  upload_rank: int | None) -> tuple[bytes, list[float]]:
+    build = native_build()
+    config = {"client_id": CLIENT, "fleet": FLEET, "artifact": str(artifact), "data": str(data[0]),
+              "test_data": str(data[1]), "threads": 1, "upload_rank": upload_rank or 0}
+    (tmp / "device.json").write_text(json.dumps(config))
+    (tmp / "task.st").write_bytes(task_payload)
+    (tmp / "assign.st").write_bytes(assign_payload)
+    proc = subprocess.run([str(build / "edgemole-device"), "round", "--config", str(tmp / "device.json"),
+                           "--task", str(tmp / "task.st"), "--assign", str(tmp / "assign.st"),
+                           "--out", str(tmp / "update.st"), "--losses", str(tmp / "losses.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (tmp / "update.st").read_bytes(), json.loads((tmp / "losses.json").read_text())
+
+
+CASES = [  # (method, phase, round, upload rank)
+    ("fedit", "train", 1, None),
+    ("ffa-lora", "train", 1, None),
+    ("flexlora", "train", 1, 2),
+    ("lora-a2", "train-B", 1, 1),
+    ("lora-a2", "train-A", 2, 2),
+    ("fedamole-a2", "train-B", 3, 1),
+    ("fedamole-a2", "train-A", 4, 1),
+    ("fedamole", "train", 1, None),
+    ("fedit", "eval", 3, None),
+]
+
+
+@pytest.mark.parametrize("method, phase, rnd, upload_rank", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_native_round_equals_the_python_round(tmp_path: Path, tiny_model: str, tiny_artifacts: dict[str, Path],
+                                              method: str, phase: str, rnd: int, upload_rank: int | None) -> None:
+    amole = dict(TINY_AMOLE, dp_eta=0.5) if method == "fedamole" else TINY_AMOLE
+    task = tiny_task(tiny_model, method, amole, weight_decay=0.01, local_steps=4)
+    artifact = tiny_artifacts["amole" if task.uses_experts else "lora"]
+    files, _ = write_client_data(tmp_path, [37])
+    task_payload, assign_payload, py_update, py_losses = _python_round(task, artifact, files[0], phase, rnd,
+                                                                       upload_rank)
+    native_update, native_losses = _native_round(tmp_path, artifact, files[0], task_payload, assign_payload,
+                                                 upload_rank)
+    a, b = decode(py_update), decode(native_update)
+    assert (b.kind, b.fleet, b.round, b.phase, b.client) == (a.kind, a.fleet, a.round, a.phase, a.client)
+    assert b.body["num_samples"] == a.body["num_samples"] and b.body["run"] == RUN
+    if phase != "eval":
+        assert len(native_losses) == len(py_losses) == 4
+        assert torch.allclose(torch.tensor(native_losses), torch.tensor(py_losses), rtol=1e-5, atol=0)
+    assert sorted(b.tensors) == sorted(a.tensors) and b.roles == a.roles
+    assert set(b.body["metrics"]) == set(a.body["metrics"])
+    for key in ("acc_before", "acc_after", "num_test", "steps", "ranks_uploaded", "client_rank"):
+        assert b.body["metrics"].get(key) == a.body["metrics"].get(key), key
+    for name, t in a.tensors.items():
+        if t.is_floating_point():
+            assert torch.allclose(b.tensors[name], t, rtol=1e-5, atol=1e-6), name
+        else:
+            assert torch.equal(b.tensors[name], t), name
+    if phase in ("train-A", "train-B"):  # rank selection kept a strict subset of the ranks
+        ranks = [n for n in a.tensors if n.endswith(".ranks")]
+        assert ranks and sum(a.tensors[n].numel() for n in ranks) == a.body["metrics"]["ranks_uploaded"]
