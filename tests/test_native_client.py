@@ -4,6 +4,7 @@ same task, assignment, artifact, data and seed gives the same per-step losses an
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -138,3 +139,112 @@ def test_native_round_equals_the_python_round(tmp_path: Path, tiny_model: str, t
     if phase in ("train-A", "train-B"):  # rank selection kept a strict subset of the ranks
         ranks = [n for n in a.tensors if n.endswith(".ranks")]
         assert ranks and sum(a.tensors[n].numel() for n in ranks) == a.body["metrics"]["ranks_uploaded"]
+
+
+def test_bad_assignment_is_reported_and_changes_nothing(tmp_path: Path, tiny_model: str,
+                                                       tiny_artifacts: dict[str, Path]) -> None:
+    """An A round that would train both factors is rejected with a status line; no update is sent."""
+    task = tiny_task(tiny_model, "lora-a2", TINY_AMOLE, local_steps=2)
+    files, _ = write_client_data(tmp_path, [20])
+    task_payload, assign_payload, _, _ = _python_round(task, tiny_artifacts["lora"], files[0], "train-A", 2, 1)
+    bad = decode(assign_payload)
+    bad.body["train_roles"] = ["lora_A", "lora_B"]
+    build = native_build()
+    config = {"client_id": CLIENT, "fleet": FLEET, "artifact": str(tiny_artifacts["lora"]), "data": str(files[0][0]),
+              "test_data": str(files[0][1])}
+    (tmp_path / "device.json").write_text(json.dumps(config))
+    (tmp_path / "task.st").write_bytes(task_payload)
+    (tmp_path / "assign.st").write_bytes(encode(bad))
+    proc = subprocess.run([str(build / "edgemole-device"), "round", "--config", str(tmp_path / "device.json"),
+                           "--task", str(tmp_path / "task.st"), "--assign", str(tmp_path / "assign.st"),
+                           "--out", str(tmp_path / "update.st"), "--published", str(tmp_path / "published.jsonl")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "sent no update (rejected 1 message(s))" in proc.stderr
+    published = [json.loads(line) for line in (tmp_path / "published.jsonl").read_text().splitlines()]
+    assert [m["kind"] for m in published] == ["status", "status"]
+    assert published[0]["body"]["state"] == "ready"
+    assert published[1]["body"]["state"] == "error"
+    assert published[1]["body"]["error"] == "round 2: a train-A round must train lora_A and not lora_B"
+    assert not (tmp_path / "update.st").exists()
+
+
+def _break_tokenizer(directory: Path) -> None:
+    raw = json.loads((directory / "tokenizer" / "tokenizer.json").read_text())
+    raw["model"]["type"] = "BPE"
+    (directory / "tokenizer" / "tokenizer.json").write_text(json.dumps(raw))
+
+
+def _corrupt_base(directory: Path) -> None:
+    data = bytearray((directory / "base.ptd").read_bytes())
+    data[1000:1010] = b"\x00" * 10
+    (directory / "base.ptd").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("unknown key", "unknown key 'colour'"),
+    ("missing data", "does not exist"),
+    ("no artifact", "no manifest.json"),
+    ("corrupt base", "corrupt, truncated or from another export"),
+    ("unsupported tokenizer", "BPE"),
+    ("bad flag", "--threads has an invalid value"),
+])
+def test_fatal_configuration_errors_are_one_line(tmp_path: Path, tiny_artifacts: dict[str, Path], fault: str,
+                                                 message: str) -> None:
+    files, _ = write_client_data(tmp_path, [20])
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tiny_artifacts["lora"], artifact)
+    config = {"broker": "mqtt://127.0.0.1:1", "client_id": CLIENT, "artifact": str(artifact),
+              "data": str(files[0][0])}
+    flags: list[str] = []
+    if fault == "unknown key":
+        config["colour"] = "red"
+    elif fault == "missing data":
+        config["data"] = str(tmp_path / "nope.csv")
+    elif fault == "no artifact":
+        config["artifact"] = str(tmp_path)
+    elif fault == "corrupt base":
+        _corrupt_base(artifact)
+    elif fault == "unsupported tokenizer":
+        _break_tokenizer(artifact)
+    else:
+        flags = ["--threads", "many"]
+    (tmp_path / "device.json").write_text(json.dumps(config))
+    proc = subprocess.run([str(native_build() / "edgemole-device"), "--config", str(tmp_path / "device.json"),
+                           *flags], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_predict_answers_with_the_deployed_model(tmp_path: Path, tiny_model: str,
+                                                 tiny_artifacts: dict[str, Path]) -> None:
+    task = tiny_task(tiny_model, "fedamole-a2", TINY_AMOLE, local_steps=2)
+    artifact = tiny_artifacts["amole"]
+    files, labels = write_client_data(tmp_path, [20])
+    task_payload, assign_payload, _, _ = _python_round(task, artifact, files[0], "train-B", 1, 1)
+    build = native_build()
+    state = tmp_path / "state"
+    state.mkdir()
+    config = {"client_id": CLIENT, "fleet": FLEET, "artifact": str(artifact), "data": str(files[0][0]),
+              "test_data": str(files[0][1]), "state_dir": str(state)}
+    (tmp_path / "device.json").write_text(json.dumps(config))
+    predict = [str(build / "edgemole-device"), "predict", "--config", str(tmp_path / "device.json")]
+    early = subprocess.run([*predict, "hello"], capture_output=True, text=True, timeout=60)
+    assert early.returncode == 2 and "no deployed model" in early.stderr
+    (tmp_path / "task.st").write_bytes(task_payload)
+    (tmp_path / "assign.st").write_bytes(assign_payload)
+    subprocess.run([str(build / "edgemole-device"), "round", "--config", str(tmp_path / "device.json"),
+                    "--task", str(tmp_path / "task.st"), "--assign", str(tmp_path / "assign.st"),
+                    "--out", str(tmp_path / "update.st")], check=True, capture_output=True, timeout=120)
+    proc = subprocess.run([*predict, "I need to cancel my appointment", "where is my card"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    answers = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(answers) == 2
+    for answer in answers:
+        assert answer["label"] in labels and answer["round"] == 1
+        assert abs(sum(answer["probabilities"].values()) - 1) < 1e-5
+        assert answer["probability"] == max(answer["probabilities"].values())
+    piped = subprocess.run([*predict, "-"], input="I need to cancel my appointment\n", capture_output=True,
+                           text=True, timeout=60)
+    assert json.loads(piped.stdout)["probabilities"] == answers[0]["probabilities"]

@@ -27,7 +27,8 @@ def run_fleet(tmp: Path, broker: str, model: str, artifact: Path, method: str, n
     tmp.mkdir(parents=True, exist_ok=True)
     files, labels = write_client_data(tmp, [30, 36, 42, 48])
     config = write_config(tmp / "config.json", model, labels, {"dropout": False, "weight_decay": 0.01},
-                          TINY_AMOLE, method=method, rounds=3, min_clients=4, round_deadline_s=120.0)
+                          TINY_AMOLE, method=method, rounds=3, min_clients=4, round_deadline_s=120.0,
+                          wait_clients_s=300.0)
     aggregator = spawn(["aggregator", "--broker", broker, "--config", str(config), "--json-out",
                         str(tmp / "summary.json"), "--checkpoint-dir", str(tmp / "checkpoints")],
                        tmp / "aggregator.log")

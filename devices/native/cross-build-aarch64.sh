@@ -127,7 +127,8 @@ fetch_wheel() {
     fi
     say "downloading executorch==$EXECUTORCH_VERSION for $WHEEL_PLATFORM into $CACHE"
     "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --platform "$WHEEL_PLATFORM" \
-      --python-version "$WHEEL_PYTHON" --dest "$CACHE" "executorch==$EXECUTORCH_VERSION"
+      --python-version "$WHEEL_PYTHON" --dest "$CACHE" "executorch==$EXECUTORCH_VERSION" ||
+      die "pip could not download executorch==$EXECUTORCH_VERSION for $WHEEL_PLATFORM"
     wheel="$(find "$CACHE" -maxdepth 1 -name "executorch-$EXECUTORCH_VERSION-*-$WHEEL_PLATFORM.whl" | sort | tail -n1)"
     [[ -n "$wheel" ]] || die "pip download gave no executorch $WHEEL_PLATFORM wheel in $CACHE"
   else
@@ -167,20 +168,22 @@ configure_and_build() {
   if ((WANT_SYSROOT)); then args+=("-DCMAKE_CROSSCOMPILING_EMULATOR=qemu-aarch64;-L;$SYSROOT"); fi
   args+=("${EXTRA[@]}")
   say "configuring: cmake ${args[*]}"
-  cmake "${args[@]}"
+  cmake "${args[@]}" || die "cmake could not configure $BUILD (see above)"
   local build=(--build "$BUILD" -j "$JOBS")
   for target in "${TARGETS[@]}"; do build+=(--target "$target"); done
   say "building: cmake ${build[*]}"
-  cmake "${build[@]}"
+  cmake "${build[@]}" || die "the build failed (see above)"
 }
 
 # -- 4. a sysroot for qemu-aarch64 -L --------------------------------------------------------------------------------
 # qemu-user resolves every absolute path the program opens under the -L folder first and falls back to the host's
 # path when the file is not there. So the sysroot holds the aarch64 loader (the binaries' /lib/ld-linux-aarch64.so.1)
 # and, at their canonical multiarch path, the libraries they need, from the cross libc (/usr/$TRIPLE/lib) and the
-# :arm64 packages; the wheel's runtime is found through the binaries' absolute rpath on the host. It also holds a
-# sys/devices/system/cpu saying there is one CPU (number 0): Debian's qemu-aarch64 7.2 hangs on this host kernel when
-# the program starts a thread, and with one CPU the runtime's thread pool starts no worker threads.
+# :arm64 packages; the wheel's runtime is found through the binaries' absolute rpath on the host. Loader and libc
+# must come from the same glibc build: with -L /usr/$TRIPLE alone, the cross loader loads the host's libc6:arm64
+# (/lib/$TRIPLE is not in that folder) and a program that starts a thread hangs. The sysroot also holds a
+# sys/devices/system/cpu that says there is one CPU (number 0), so the runtime's thread pool starts no worker threads:
+# emulated runs stay single-threaded (an emulated fleet member uses one core) and deterministic.
 needed_of() { LC_ALL=C readelf -d "$1" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; }
 
 prepare_sysroot() {
@@ -193,12 +196,11 @@ prepare_sysroot() {
   install -m 0755 "/usr/$TRIPLE/lib/ld-linux-aarch64.so.1" "$SYSROOT/lib/ld-linux-aarch64.so.1"
   for f in online possible present kernel_max; do printf '0\n' >"$SYSROOT/sys/devices/system/cpu/$f"; done
 
-  # The ELF executables of the build and the wheel's libraries, then their NEEDED libraries, transitively.
+  # The build's aarch64 executables, then their NEEDED libraries, transitively.
   local queue=() seen=" " copied=0
   while IFS= read -r -d '' f; do
     if LC_ALL=C readelf -h "$f" 2>/dev/null | grep -q 'Machine:.*AArch64'; then queue+=("$f"); fi
   done < <(find "$BUILD" -path "$SYSROOT" -prune -o -type f -perm -u+x -print0)
-  queue+=("$EXECUTORCH_ROOT"/lib/*.so)
   while ((${#queue[@]})); do
     local obj="${queue[0]}"
     queue=("${queue[@]:1}")
@@ -206,7 +208,10 @@ prepare_sysroot() {
     for lib in $(needed_of "$obj"); do
       [[ "$seen" == *" $lib "* ]] && continue
       seen+="$lib "
-      [[ -e "$EXECUTORCH_ROOT/lib/$lib" ]] && continue  # reached through the rpath
+      if [[ -e "$EXECUTORCH_ROOT/lib/$lib" ]]; then  # reached through the rpath; its own needs are walked
+        queue+=("$EXECUTORCH_ROOT/lib/$lib")
+        continue
+      fi
       local src=""
       for dir in "/usr/$TRIPLE/lib" "$MULTIARCH_LIB" "/lib/$TRIPLE"; do
         if [[ -e "$dir/$lib" ]]; then src="$dir/$lib"; break; fi

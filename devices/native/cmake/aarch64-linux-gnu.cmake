@@ -4,7 +4,8 @@
 #   dpkg --add-architecture arm64 && apt-get update
 #   apt-get install -y crossbuild-essential-arm64 libpaho-mqtt-dev:arm64 nlohmann-json3-dev libutf8proc-dev:arm64 \
 #     libssl-dev:arm64 zlib1g-dev:arm64
-#   cmake -S devices/native -B build/native-aarch64 -DCMAKE_TOOLCHAIN_FILE=devices/native/cmake/aarch64-linux-gnu.cmake \
+#   cmake -S devices/native -B build/native-aarch64 \
+#     -DCMAKE_TOOLCHAIN_FILE=devices/native/cmake/aarch64-linux-gnu.cmake \
 #     -DEXECUTORCH_ROOT=<the aarch64 executorch wheel, unpacked>/executorch
 #
 # cross-build-aarch64.sh does all of it. Multiarch keeps arm64 libraries in /usr/lib/aarch64-linux-gnu and their
@@ -33,9 +34,11 @@ set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE BOTH)
 set(ENV{PKG_CONFIG_LIBDIR} "/usr/lib/${EDGEMOLE_CROSS_TRIPLE}/pkgconfig:/usr/share/pkgconfig")
 set(ENV{PKG_CONFIG_PATH} "")
 
-# Run a cross-built test program under qemu when ctest has to execute one. cross-build-aarch64.sh passes its one-CPU
-# sysroot instead (-DCMAKE_CROSSCOMPILING_EMULATOR="qemu-aarch64;-L;<sysroot>"): see README.md on qemu and threads.
+# Run a cross-built test program under qemu when ctest has to execute one. LD_LIBRARY_PATH=/lib (which -L maps to
+# /usr/aarch64-linux-gnu/lib) keeps the cross libc next to the cross loader: otherwise the loader picks the host's
+# libc6:arm64 from /lib/aarch64-linux-gnu, a different glibc build, and threaded programs hang. cross-build-aarch64.sh
+# passes its one-CPU sysroot instead (-DCMAKE_CROSSCOMPILING_EMULATOR="qemu-aarch64;-L;<sysroot>"; see README.md).
 find_program(EDGEMOLE_QEMU_AARCH64 qemu-aarch64)
 if(EDGEMOLE_QEMU_AARCH64 AND NOT CMAKE_CROSSCOMPILING_EMULATOR)
-  set(CMAKE_CROSSCOMPILING_EMULATOR ${EDGEMOLE_QEMU_AARCH64} -L /usr/${EDGEMOLE_CROSS_TRIPLE})
+  set(CMAKE_CROSSCOMPILING_EMULATOR ${EDGEMOLE_QEMU_AARCH64} -L /usr/${EDGEMOLE_CROSS_TRIPLE} -E LD_LIBRARY_PATH=/lib)
 endif()

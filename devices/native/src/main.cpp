@@ -36,6 +36,7 @@ const char* kUsage =
     "                       [--upload-rank R] [--threads T] [--keep-serving] [--KEY VALUE ...]\n"
     "       edgemole-device predict --config FILE [TEXT ... | -]\n"
     "       edgemole-device round --config FILE --task FILE --assign FILE --out FILE [--losses FILE]\n"
+    "                             [--published FILE]\n"
     "       edgemole-device --version\n"
     "Keys of the JSON config file (and --key-with-dashes flags): broker, client_id, fleet, topic_prefix, artifact,\n"
     "data, test_data, test_fraction, text_column, label_column, upload_rank, threads, max_message_bytes,\n"
@@ -128,7 +129,7 @@ class RecordingLink final : public Link {
 };
 
 int one_round(int argc, char** argv) {
-  Parsed p = parse(argc, argv, 2, {"task", "assign", "out", "losses"});
+  Parsed p = parse(argc, argv, 2, {"task", "assign", "out", "losses", "published"});
   for (const char* key : {"task", "assign", "out"}) {
     if (!p.extra.count(key)) throw ConfigError(std::string("round needs --") + key + " FILE");
   }
@@ -140,6 +141,15 @@ int one_round(int argc, char** argv) {
   client.handle(Inbound{client.topics().task(), read_file(p.extra["task"]), true});
   client.handle(Inbound{client.topics().assign(p.config.client_id), read_file(p.extra["assign"]), false});
   const std::string update_topic = client.topics().update(p.config.client_id);
+  if (p.extra.count("published")) {  // every message the client sent, as JSON lines (topic, kind, round, body)
+    std::string lines;
+    for (const auto& item : recorded->published) {
+      const Message m = decode(item.second);
+      lines += nlohmann::json{{"topic", item.first}, {"kind", m.kind}, {"round", m.round}, {"body", m.body}}.dump() +
+               "\n";
+    }
+    write_file(p.extra["published"], lines);
+  }
   for (const auto& item : recorded->published) {
     if (item.first == update_topic) {
       write_file(p.extra["out"], std::string(item.second.begin(), item.second.end()));

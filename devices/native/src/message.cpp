@@ -81,7 +81,7 @@ bool find_non_finite(const nlohmann::json& value, const std::string& path, std::
 }
 
 // The metadata string `key` (absent: "{}") parsed as a JSON object, as messages.py's _json_field.
-nlohmann::json json_field(const nlohmann::ordered_json& meta, const char* key) {
+nlohmann::json json_field(const nlohmann::json& meta, const char* key) {
   const auto it = meta.find(key);
   const std::string text = it == meta.end() ? "{}" : it->get<std::string>();
   nlohmann::json value;
@@ -95,13 +95,13 @@ nlohmann::json json_field(const nlohmann::ordered_json& meta, const char* key) {
   return value;
 }
 
-std::string meta_string(const nlohmann::ordered_json& meta, const char* key) {
+std::string meta_string(const nlohmann::json& meta, const char* key) {
   const auto it = meta.find(key);
   return it == meta.end() ? std::string() : it->get<std::string>();
 }
 
 // A metadata value for an error message: Python's repr of meta.get(key), None when absent.
-std::string meta_repr(const nlohmann::ordered_json& meta, const char* key) {
+std::string meta_repr(const nlohmann::json& meta, const char* key) {
   const auto it = meta.find(key);
   return it == meta.end() ? "None" : repr_string(it->get<std::string>());
 }
@@ -142,7 +142,9 @@ std::vector<std::uint8_t> encode(const Message& msg) {
     throw ProtocolError("message body has a non-finite number at '" + where + "' (JSON has no NaN or infinity)");
   }
   const nlohmann::json roles(msg.roles);
-  // nlohmann::json keeps object keys sorted; dump(-1, ' ', true) is compact with non-ASCII escaped, like json.dumps.
+  // nlohmann::json keeps object keys sorted; dump(-1, ' ', true) is compact with non-ASCII escaped, like json.dumps;
+  // a string with invalid UTF-8 (which Python's str cannot hold) gets U+FFFD rather than failing the message.
+  constexpr auto kReplace = nlohmann::json::error_handler_t::replace;
   const std::vector<std::pair<std::string, std::string>> metadata = {
       {"schema", std::string(kSchemaVersion)},
       {"kind", msg.kind},
@@ -150,8 +152,8 @@ std::vector<std::uint8_t> encode(const Message& msg) {
       {"round", std::to_string(msg.round)},
       {"phase", msg.phase},
       {"client", msg.client},
-      {"body", msg.body.dump(-1, ' ', true)},
-      {"roles", roles.dump(-1, ' ', true)},
+      {"body", msg.body.dump(-1, ' ', true, kReplace)},
+      {"roles", roles.dump(-1, ' ', true, kReplace)},
   };
   return write_safetensors(metadata, msg.tensors);
 }
@@ -161,14 +163,14 @@ Message decode(const std::uint8_t* data, std::size_t size, std::size_t max_bytes
     throw ProtocolError("payload of " + std::to_string(size) + " bytes exceeds the limit of " +
                         std::to_string(max_bytes) + " bytes");
   }
-  const nlohmann::ordered_json header = read_header(data, size);
-  const auto meta_it = header.find("__metadata__");
-  bool strings = meta_it != header.end() && meta_it->is_object();
+  const Header header = read_header(data, size);
+  const auto meta_it = header.object.find("__metadata__");
+  bool strings = meta_it != header.object.end() && meta_it->is_object();
   if (strings) {
     for (const auto& item : *meta_it) strings = strings && item.is_string();
   }
   if (!strings) throw ProtocolError("header has no '__metadata__' object of strings");
-  const nlohmann::ordered_json& meta = *meta_it;
+  const nlohmann::json& meta = *meta_it;
 
   if (meta_string(meta, "schema") != kSchemaVersion) {
     throw ProtocolError("unsupported schema " + meta_repr(meta, "schema") + " (expected 'edgemole/1')");

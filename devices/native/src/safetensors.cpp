@@ -59,8 +59,7 @@ std::string json_reason(const std::exception& exc) {
 // Quotes a name for an error message, shortened so that a hostile name cannot make the line huge.
 std::string quoted(const std::string& name) { return "'" + printable(name, 100, '\'') + "'"; }
 
-template <typename Json>
-Json parse_strict(std::string_view text) {
+nlohmann::json parse_strict(std::string_view text, std::vector<std::string>* top_level_keys) {
   if (text.substr(0, kUtf8Bom.size()) == kUtf8Bom) throw ProtocolError("unexpected UTF-8 byte order mark");
   // nlohmann stops at a NUL byte as if the text ended there; valid JSON never contains one.
   const auto nul = text.find('\0');
@@ -68,8 +67,8 @@ Json parse_strict(std::string_view text) {
   // The parser calls back for every object start/key/end, in document order: one set of keys per open object.
   std::vector<std::set<std::string>> open_objects;
   int depth = 0;
-  using Event = typename Json::parse_event_t;
-  typename Json::parser_callback_t check = [&](int, Event event, Json& parsed) {
+  using Event = nlohmann::json::parse_event_t;
+  nlohmann::json::parser_callback_t check = [&](int, Event event, nlohmann::json& parsed) {
     switch (event) {
       case Event::object_start:
       case Event::array_start:
@@ -81,18 +80,22 @@ Json parse_strict(std::string_view text) {
         --depth;
         if (event == Event::object_end && !open_objects.empty()) open_objects.pop_back();
         break;
-      case Event::key:
-        if (!open_objects.empty() && !open_objects.back().insert(parsed.template get<std::string>()).second) {
-          throw ProtocolError("duplicate key " + quoted(parsed.template get<std::string>()));
+      case Event::key: {
+        const auto& key = parsed.get_ref<const std::string&>();
+        if (!open_objects.empty() && !open_objects.back().insert(key).second) {
+          throw ProtocolError("duplicate key " + quoted(key));
         }
+        if (depth == 1 && top_level_keys != nullptr) top_level_keys->push_back(key);
         break;
+      }
       case Event::value:
         break;
     }
     return true;
   };
   try {
-    return Json::parse(text.begin(), text.end(), check, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+    return nlohmann::json::parse(text.begin(), text.end(), check, /*allow_exceptions=*/true,
+                                 /*ignore_comments=*/false);
   } catch (const nlohmann::json::exception& exc) {  // syntax errors, bad UTF-8, overflowing numbers (406)
     throw ProtocolError(json_reason(exc));
   }
@@ -107,7 +110,7 @@ std::uint64_t load_u64_le(const std::uint8_t* p) {
 [[noreturn]] void malformed(const std::string& why) { throw ProtocolError("tensor data is malformed: " + why); }
 
 // A JSON value that is a non-negative integer (not a boolean, not 2.0), as serde's usize would require.
-bool as_size(const nlohmann::ordered_json& value, std::uint64_t& out) {
+bool as_size(const nlohmann::json& value, std::uint64_t& out) {
   if (!value.is_number_unsigned()) {
     if (value.is_number_integer() && value.get<std::int64_t>() >= 0) {
       out = static_cast<std::uint64_t>(value.get<std::int64_t>());
@@ -119,6 +122,11 @@ bool as_size(const nlohmann::ordered_json& value, std::uint64_t& out) {
   return true;
 }
 
+// A JSON string literal of `text`; invalid UTF-8 becomes U+FFFD instead of an exception.
+std::string json_text(const std::string& text) {
+  return nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 struct Entry {
   std::string name;
   DType dtype = DType::F32;
@@ -126,7 +134,7 @@ struct Entry {
   std::uint64_t begin = 0, end = 0;
 };
 
-Entry parse_entry(const std::string& name, const nlohmann::ordered_json& info) {
+Entry parse_entry(const std::string& name, const nlohmann::json& info) {
   Entry entry;
   entry.name = name;
   entry.dtype = *parse_dtype(info.at("dtype").get_ref<const std::string&>());  // checked by the caller
@@ -186,13 +194,11 @@ std::string printable(std::string_view text, std::size_t max_bytes, char quote) 
   return out;
 }
 
-nlohmann::json parse_strict_json(std::string_view text) { return parse_strict<nlohmann::json>(text); }
-
-nlohmann::ordered_json parse_strict_ordered_json(std::string_view text) {
-  return parse_strict<nlohmann::ordered_json>(text);
+nlohmann::json parse_strict_json(std::string_view text, std::vector<std::string>* top_level_keys) {
+  return parse_strict(text, top_level_keys);
 }
 
-nlohmann::ordered_json read_header(const std::uint8_t* data, std::size_t size) {
+Header read_header(const std::uint8_t* data, std::size_t size) {
   if (size < 8) {
     throw ProtocolError("payload of " + std::to_string(size) + " bytes is too short for a safetensors header");
   }
@@ -201,21 +207,22 @@ nlohmann::ordered_json read_header(const std::uint8_t* data, std::size_t size) {
     throw ProtocolError("header length " + std::to_string(n) + " exceeds the payload (" + std::to_string(size) +
                         " bytes) or the limit");
   }
-  nlohmann::ordered_json header;
+  Header header;
   try {
-    header = parse_strict_ordered_json(std::string_view(reinterpret_cast<const char*>(data + 8), n));
+    header.object = parse_strict(std::string_view(reinterpret_cast<const char*>(data + 8), n), &header.order);
   } catch (const ProtocolError& exc) {
     throw ProtocolError(std::string("header is not valid JSON: ") + exc.what());
   }
-  if (!header.is_object()) throw ProtocolError("header is not a JSON object");
+  if (!header.object.is_object()) throw ProtocolError("header is not a JSON object");
   return header;
 }
 
-TensorMap read_tensors(const nlohmann::ordered_json& header, const std::uint8_t* data, std::size_t size) {
+TensorMap read_tensors(const Header& header, const std::uint8_t* data, std::size_t size) {
   // Every dtype first, in document order, before anything else of the entries is looked at (section 7.1 step 8).
-  for (const auto& [name, info] : header.items()) {
+  for (const std::string& name : header.order) {
     if (name == kMetadataKey) continue;
-    const nlohmann::ordered_json* dtype = nullptr;
+    const nlohmann::json& info = header.object.at(name);
+    const nlohmann::json* dtype = nullptr;
     if (info.is_object()) {
       const auto it = info.find("dtype");
       if (it != info.end()) dtype = &*it;
@@ -230,7 +237,7 @@ TensorMap read_tensors(const nlohmann::ordered_json& header, const std::uint8_t*
   const std::size_t data_start = 8 + static_cast<std::size_t>(load_u64_le(data));  // read_header checked it
   const std::uint64_t data_size = size - data_start;
   std::vector<Entry> entries;
-  for (const auto& [name, info] : header.items()) {
+  for (const auto& [name, info] : header.object.items()) {
     if (name != kMetadataKey) entries.push_back(parse_entry(name, info));
   }
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
@@ -268,10 +275,10 @@ TensorMap read_tensors(const nlohmann::ordered_json& header, const std::uint8_t*
 }
 
 Safetensors read_safetensors(const std::uint8_t* data, std::size_t size) {
-  const nlohmann::ordered_json header = read_header(data, size);
+  const Header header = read_header(data, size);
   Safetensors out;
-  const auto meta = header.find(kMetadataKey);
-  if (meta != header.end()) {
+  const auto meta = header.object.find(kMetadataKey);
+  if (meta != header.object.end()) {
     if (!meta->is_object()) throw ProtocolError("header has no '__metadata__' object of strings");
     for (const auto& [key, value] : meta->items()) {
       if (!value.is_string()) throw ProtocolError("header has no '__metadata__' object of strings");
@@ -304,23 +311,25 @@ std::vector<std::uint8_t> write_safetensors(const std::vector<std::pair<std::str
     return dtype_size(a->second.dtype) > dtype_size(b->second.dtype);  // names already sorted (std::map)
   });
 
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  // Written member by member (dump() of an object would sort the names and lose the order above).
+  std::string text = "{";
   if (!metadata.empty()) {
-    nlohmann::ordered_json meta = nlohmann::ordered_json::object();
-    for (const auto& [key, value] : metadata) meta[key] = value;
-    header[std::string(kMetadataKey)] = std::move(meta);
+    std::string meta = "{";
+    for (const auto& [key, value] : metadata) {
+      meta += (meta.size() > 1 ? "," : "") + json_text(key) + ":" + json_text(value);
+    }
+    text += "\"__metadata__\":" + meta + "}";
   }
   std::uint64_t offset = 0;
   for (const auto* item : order) {
     const Tensor& tensor = item->second;
-    nlohmann::ordered_json entry = nlohmann::ordered_json::object();
-    entry["dtype"] = dtype_name(tensor.dtype);
-    entry["shape"] = tensor.shape;
-    entry["data_offsets"] = {offset, offset + tensor.bytes.size()};
+    const std::string entry = "{\"dtype\":\"" + std::string(dtype_name(tensor.dtype)) + "\",\"shape\":" +
+                              nlohmann::json(tensor.shape).dump() + ",\"data_offsets\":[" + std::to_string(offset) +
+                              "," + std::to_string(offset + tensor.bytes.size()) + "]}";
     offset += tensor.bytes.size();
-    header[item->first] = std::move(entry);
+    text += (text.size() > 1 ? "," : "") + json_text(item->first) + ":" + entry;
   }
-  std::string text = header.dump();  // compact; UTF-8 as is, like serde_json
+  text += "}";  // compact; UTF-8 as is, like serde_json
   text.append((8 - text.size() % 8) % 8, ' ');
   if (text.size() > kMaxHeaderBytes) {
     throw ProtocolError("the header would be " + std::to_string(text.size()) + " bytes, more than the limit");

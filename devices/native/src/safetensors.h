@@ -28,23 +28,30 @@ std::string printable(std::string_view text, std::size_t max_bytes = 200, char q
 
 // Parses RFC 8259 JSON text strictly: no NaN/Infinity literals, no comments, no numbers that overflow a binary64,
 // no duplicate keys in any object, nesting at most kMaxJsonDepth, valid UTF-8. Throws ProtocolError whose text is
-// only the reason (e.g. "duplicate key 'a'"), so that callers can say which JSON was bad. The ordered variant
-// keeps the members in document order (for messages that name the first offending member).
-nlohmann::json parse_strict_json(std::string_view text);
-nlohmann::ordered_json parse_strict_ordered_json(std::string_view text);
+// only the reason (e.g. "duplicate key 'a'"), so that callers can say which JSON was bad. `top_level_keys`, when
+// given, receives the members of a top-level object in document order (nlohmann::json keeps them sorted).
+nlohmann::json parse_strict_json(std::string_view text, std::vector<std::string>* top_level_keys = nullptr);
 
-// The header object of a safetensors buffer, members in document order: checks the 8-byte length (at most
-// kMaxHeaderBytes and at most size - 8) and parses the header strictly. Errors as in edgemole/protocol/messages.py:
-// "payload of 5 bytes is too short for a safetensors header", "header length 4096 exceeds the payload (32 bytes)
-// or the limit", "header is not valid JSON: ...", "header is not a JSON object".
-nlohmann::ordered_json read_header(const std::uint8_t* data, std::size_t size);
+// A parsed safetensors header: the object, and its member names in document order (messages name the first
+// offending member, as the reference does).
+struct Header {
+  nlohmann::json object;
+  std::vector<std::string> order;
+};
+
+// The header of a safetensors buffer: checks the 8-byte length (at most kMaxHeaderBytes and at most size - 8) and
+// parses the header strictly. Errors as in edgemole/protocol/messages.py: "payload of 5 bytes is too short for a
+// safetensors header", "header length 4096 exceeds the payload (32 bytes) or the limit", "header is not valid
+// JSON: ...", "header is not a JSON object".
+Header read_header(const std::uint8_t* data, std::size_t size);
 
 // The tensors described by `header` (every member except "__metadata__"), copied out of the data section that
-// starts at data + 8 + header_length. Checks every entry (an allowed dtype, a shape of non-negative integers,
+// starts at data + 8 + header length. Checks every entry (an allowed dtype, a shape of non-negative integers,
 // two data offsets), that each tensor's byte size equals its shape times its element size, and that the tensors
 // tile the data section exactly (no gap, overlap or trailing byte). Errors: "tensor 'x' has dtype 'F64', not one
-// of [...]" for a dtype, "tensor data is malformed: ..." for the rest.
-TensorMap read_tensors(const nlohmann::ordered_json& header, const std::uint8_t* data, std::size_t size);
+// of [...]" for a dtype (the first in document order, before anything else is checked), "tensor data is
+// malformed: ..." for the rest.
+TensorMap read_tensors(const Header& header, const std::uint8_t* data, std::size_t size);
 
 // A whole safetensors buffer whose metadata values are strings (any safetensors file, not only messages).
 struct Safetensors {

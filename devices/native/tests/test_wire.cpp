@@ -277,6 +277,17 @@ TEST_CASE("encoding a decoded vector gives back its exact bytes") {
   }
 }
 
+TEST_CASE("a header with very many members is decoded in linear time") {
+  std::string members;
+  for (int i = 0; i < 35000; ++i) members += ",\"k" + std::to_string(i) + "\":{\"dtype\":\"F32\"}";
+  const Bytes wide = payload(header_with(metadata(), members.substr(1)));
+  CHECK(wide.size() < kMaxHeaderBytes);
+  CHECK(rejection(wide) == "tensor data is malformed: tensor 'k0' has no 'shape' array");
+  std::string meta_members;
+  for (int i = 0; i < 60000; ++i) meta_members += ",\"m" + std::to_string(i) + "\":\"x\"";
+  CHECK(rejection(payload(header_with(metadata({{"extra", "\"x\"" + meta_members}}))) ).empty());
+}
+
 TEST_CASE("no vector with a flipped or truncated byte crashes the decoder") {
   for (const char* name : {"update-ok", "task", "hostile-offsets"}) {
     const Bytes& good = vec(name);
@@ -571,9 +582,17 @@ TEST_CASE("encode and decode round trip every field") {
   CHECK(raw.metadata.at("schema") == "edgemole/1");
   CHECK(raw.metadata.at("round") == "1000000000");
   // larger elements first in the data section: I64 before F32 before F16
-  const auto header = read_header(bytes.data(), bytes.size());
-  CHECK(header.at("ranks").at("data_offsets") == nlohmann::ordered_json::array({0, 16}));
-  CHECK(header.at("half").at("data_offsets").at(0) == 16 + 16 + 4);
+  const Header header = read_header(bytes.data(), bytes.size());
+  CHECK(header.order == std::vector<std::string>{"__metadata__", "ranks", "empty", "scalar", "w", "half"});
+  CHECK(header.object.at("ranks").at("data_offsets") == nlohmann::json::array({0, 16}));
+  CHECK(header.object.at("half").at("data_offsets").at(0) == 16 + 16 + 4);
+
+  // text that is not valid UTF-8 (say, a file name in an error) is replaced, not a failure to send the status
+  Message status;
+  status.kind = "status";
+  status.body = {{"error", "cannot read /data/\xff.csv"}};
+  const Message sent = decode(encode(status));
+  CHECK(sent.body["error"] == "cannot read /data/\xef\xbf\xbd.csv");
 }
 
 TEST_CASE("encode refuses what the decoder would reject") {
