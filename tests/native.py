@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
+import torch
+from conftest import TINY_AMOLE, spawn, write_client_data, write_config
 
+from aggregator.checkpoint import load_checkpoint
 from edgemole.native import DEFAULT_BUILD, REPO, SOURCE, NativeBuildError, build_native
+from edgemole.simulate import stop_processes
 
 _BUILT: dict[tuple, Path] = {}
 
@@ -79,3 +85,51 @@ def native_build_aarch64(targets: tuple[str, ...] = (PROGRAM_PROBE,)) -> tuple[P
         pytest.fail(f"the aarch64 cross build failed (log: {log}):\n{tail}")
     _AARCH64[targets] = (build_dir, ["qemu-aarch64", "-L", str(sysroot)])
     return _AARCH64[targets]
+
+
+def run_fleet(tmp: Path, broker: str, model: str, artifact: Path, method: str, native: set[str],
+              device: list[str], sizes: tuple[int, ...] = (30, 36, 42, 48), rounds: int = 3,
+              timeout_s: float = 400) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An aggregator and clients c0, c1, ... (those in ``native`` run as ``device``: the edgemole-device command,
+    possibly under qemu; the others as Python ExecuTorch-engine clients) through ``broker``; the aggregator's
+    summary and its final state."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    files, labels = write_client_data(tmp, list(sizes))
+    config = write_config(tmp / "config.json", model, labels, {"dropout": False, "weight_decay": 0.01},
+                          TINY_AMOLE, method=method, rounds=rounds, min_clients=len(sizes), round_deadline_s=300.0,
+                          wait_clients_s=300.0)
+    aggregator = spawn(["aggregator", "--broker", broker, "--config", str(config), "--json-out",
+                        str(tmp / "summary.json"), "--checkpoint-dir", str(tmp / "checkpoints")],
+                       tmp / "aggregator.log")
+    procs = [aggregator]
+    for k, (train, test) in enumerate(files):
+        name = f"c{k}"
+        if name in native:
+            with open(tmp / f"{name}.log", "ab") as log:
+                procs.append(subprocess.Popen(
+                    [*device, "--broker", broker, "--client-id", name, "--fleet", "t", "--artifact", str(artifact),
+                     "--data", str(train), "--test-data", str(test), "--threads", "1"],
+                    stdout=log, stderr=subprocess.STDOUT))
+        else:
+            procs.append(spawn(["client", "--broker", broker, "--client-id", name, "--data", str(train),
+                                "--test-data", str(test), "--fleet", "t", "--threads", "1", "--engine", "executorch",
+                                "--artifact", str(artifact)], tmp / f"{name}.log"))
+    deadline = time.monotonic() + timeout_s
+    try:
+        while aggregator.poll() is None:
+            if time.monotonic() > deadline:
+                pytest.fail("the fleet did not finish in time:\n" + _logs(tmp))
+            time.sleep(0.5)
+        assert aggregator.returncode == 0, _logs(tmp)
+        for k, p in enumerate(procs[1:]):  # every client saw the end of the run and exited cleanly
+            p.wait(30)
+            assert p.returncode == 0, f"c{k} exited with {p.returncode}:\n" + _logs(tmp)
+    finally:
+        stop_processes(procs)
+    loaded = load_checkpoint(tmp / "checkpoints", method=method)
+    assert loaded is not None
+    return json.loads((tmp / "summary.json").read_text()), loaded[0]
+
+
+def _logs(tmp: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(tmp.glob("*.log")))

@@ -107,4 +107,47 @@ def test_sysroot_reports_one_cpu(aarch64: tuple[Path, list[str]]) -> None:
     assert elf_machine(sysroot / "lib" / "ld-linux-aarch64.so.1") == EM_AARCH64
 
 
-# -- the client as a fleet member under qemu: to come (edgemole-device, built with targets=("edgemole-device",)) ------
+# -- the whole client under qemu: one round against the Python client, and a fleet member through Mosquitto --------
+
+
+@pytest.fixture(scope="module")
+def arm_device() -> list[str]:
+    """The aarch64 edgemole-device under qemu, as a command prefix."""
+    build, qemu = native_build_aarch64(targets=("edgemole-device",))
+    assert elf_machine(build / "edgemole-device") == EM_AARCH64
+    return [*qemu, str(build / "edgemole-device")]
+
+
+def test_client_round_under_qemu_equals_the_python_round(arm_device: list[str], tmp_path: Path, tiny_model: str,
+                                                         tiny_artifacts: dict[str, Path]) -> None:
+    """A whole fedamole-a2 round (probe, rank selection, masked training, RSEA) on the aarch64 build."""
+    import torch
+    from conftest import TINY_AMOLE, tiny_task, write_client_data
+    from test_native_client import native_round, python_round
+
+    from edgemole.protocol import decode
+
+    task = tiny_task(tiny_model, "fedamole-a2", TINY_AMOLE, weight_decay=0.01, local_steps=3)
+    files, _ = write_client_data(tmp_path, [24])
+    task_payload, assign_payload, py_update, py_losses = python_round(task, tiny_artifacts["amole"], files[0],
+                                                                      "train-B", 1, 1)
+    arm_update, arm_losses = native_round(tmp_path, tiny_artifacts["amole"], files[0], task_payload, assign_payload,
+                                          1, arm_device)
+    assert arm_losses == pytest.approx(py_losses, rel=1e-5)
+    a, b = decode(py_update), decode(arm_update)
+    assert sorted(a.tensors) == sorted(b.tensors)
+    for name, t in a.tensors.items():
+        assert torch.allclose(b.tensors[name].to(t.dtype), t, rtol=1e-4, atol=1e-5), name
+
+
+def test_client_under_qemu_is_a_fleet_member(arm_device: list[str], tmp_path: Path, mosquitto: str, tiny_model: str,
+                                             tiny_artifacts: dict[str, Path]) -> None:
+    """The aarch64 client joins a fleet through Mosquitto on loopback next to a Python client: a round of
+    fedamole-a2 and the final evaluation complete with both."""
+    from native import run_fleet
+
+    summary, state = run_fleet(tmp_path, mosquitto, tiny_model, tiny_artifacts["amole"], "fedamole-a2", {"c1"},
+                               arm_device, sizes=(24, 30), rounds=1, timeout_s=600)
+    assert summary["rounds"][0]["answered"] == ["c0", "c1"]
+    assert summary["final"]["answered"] == ["c0", "c1"] and summary["rejected"] == {}
+    assert any(n.endswith("lora_B") and bool(t.abs().sum() > 0) for n, t in state.items())

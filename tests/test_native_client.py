@@ -56,8 +56,10 @@ def _assignment(task, client: EdgeClient, phase: str, rnd: int) -> Message:  # n
     return Message(Kind.ASSIGN, FLEET, rnd, phase, CLIENT, body, tensors, {n: s.role for n, s in spec.items()})
 
 
-def _python_round(task, artifact: Path, data: tuple[Path, Path], phase: str, rnd: int,  # noqa: ANN001
-                  upload_rank: int | None) -> tuple[bytes, bytes, bytes, list[float]]:
+def python_round(task, artifact: Path, data: tuple[Path, Path], phase: str, rnd: int,  # noqa: ANN001
+                 upload_rank: int | None) -> tuple[bytes, bytes, bytes, list[float]]:
+    """One round of the Python client on the ExecuTorch engine: task, assignment, update payloads and the
+    per-step losses of its training (the probe excluded)."""
     link = RecordingLink()
     opts = ClientOptions(broker="mqtt://127.0.0.1:1", client_id=CLIENT, data=str(data[0]), test_data=str(data[1]),
                          fleet=FLEET, engine="executorch", artifact=artifact, threads=1, upload_rank=upload_rank)
@@ -81,18 +83,20 @@ def _python_round(task, artifact: Path, data: tuple[Path, Path], phase: str, rnd
     return task_payload, assign_payload, updates[0], losses[-1] if losses else []
 
 
-def _native_round(tmp: Path, artifact: Path, data: tuple[Path, Path], task_payload: bytes, assign_payload: bytes,
-                  upload_rank: int | None) -> tuple[bytes, list[float]]:
-    build = native_build()
+def native_round(tmp: Path, artifact: Path, data: tuple[Path, Path], task_payload: bytes, assign_payload: bytes,
+                 upload_rank: int | None, device: list[str] | None = None) -> tuple[bytes, list[float]]:
+    """One round of the native client (``device``: the edgemole-device command, by default the x86-64 build) from
+    saved task and assignment payloads; the update payload and the per-step losses."""
+    device = device or [str(native_build() / "edgemole-device")]
     config = {"client_id": CLIENT, "fleet": FLEET, "artifact": str(artifact), "data": str(data[0]),
               "test_data": str(data[1]), "threads": 1, "upload_rank": upload_rank or 0}
     (tmp / "device.json").write_text(json.dumps(config))
     (tmp / "task.st").write_bytes(task_payload)
     (tmp / "assign.st").write_bytes(assign_payload)
-    proc = subprocess.run([str(build / "edgemole-device"), "round", "--config", str(tmp / "device.json"),
+    proc = subprocess.run([*device, "round", "--config", str(tmp / "device.json"),
                            "--task", str(tmp / "task.st"), "--assign", str(tmp / "assign.st"),
                            "--out", str(tmp / "update.st"), "--losses", str(tmp / "losses.json")],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return (tmp / "update.st").read_bytes(), json.loads((tmp / "losses.json").read_text())
 
@@ -117,9 +121,9 @@ def test_native_round_equals_the_python_round(tmp_path: Path, tiny_model: str, t
     task = tiny_task(tiny_model, method, amole, weight_decay=0.01, local_steps=4)
     artifact = tiny_artifacts["amole" if task.uses_experts else "lora"]
     files, _ = write_client_data(tmp_path, [37])
-    task_payload, assign_payload, py_update, py_losses = _python_round(task, artifact, files[0], phase, rnd,
+    task_payload, assign_payload, py_update, py_losses = python_round(task, artifact, files[0], phase, rnd,
                                                                        upload_rank)
-    native_update, native_losses = _native_round(tmp_path, artifact, files[0], task_payload, assign_payload,
+    native_update, native_losses = native_round(tmp_path, artifact, files[0], task_payload, assign_payload,
                                                  upload_rank)
     a, b = decode(py_update), decode(native_update)
     assert (b.kind, b.fleet, b.round, b.phase, b.client) == (a.kind, a.fleet, a.round, a.phase, a.client)
@@ -146,7 +150,7 @@ def test_bad_assignment_is_reported_and_changes_nothing(tmp_path: Path, tiny_mod
     """An A round that would train both factors is rejected with a status line; no update is sent."""
     task = tiny_task(tiny_model, "lora-a2", TINY_AMOLE, local_steps=2)
     files, _ = write_client_data(tmp_path, [20])
-    task_payload, assign_payload, _, _ = _python_round(task, tiny_artifacts["lora"], files[0], "train-A", 2, 1)
+    task_payload, assign_payload, _, _ = python_round(task, tiny_artifacts["lora"], files[0], "train-A", 2, 1)
     bad = decode(assign_payload)
     bad.body["train_roles"] = ["lora_A", "lora_B"]
     build = native_build()
@@ -221,7 +225,7 @@ def test_predict_answers_with_the_deployed_model(tmp_path: Path, tiny_model: str
     task = tiny_task(tiny_model, "fedamole-a2", TINY_AMOLE, local_steps=2)
     artifact = tiny_artifacts["amole"]
     files, labels = write_client_data(tmp_path, [20])
-    task_payload, assign_payload, _, _ = _python_round(task, artifact, files[0], "train-B", 1, 1)
+    task_payload, assign_payload, _, _ = python_round(task, artifact, files[0], "train-B", 1, 1)
     build = native_build()
     state = tmp_path / "state"
     state.mkdir()

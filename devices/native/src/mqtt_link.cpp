@@ -156,9 +156,6 @@ void MqttLink::warn(const std::string& line) const {
 
 int MqttLink::start_publish(const std::string& topic, const std::vector<std::uint8_t>& payload, bool retain,
                             int* token) {
-  if (payload.size() > static_cast<std::size_t>(INT_MAX)) {
-    throw BrokerError("cannot publish " + std::to_string(payload.size()) + " bytes to " + topic + ": too large");
-  }
   MQTTClient_message message = MQTTClient_message_initializer;
   message.payload = const_cast<std::uint8_t*>(payload.data());  // Paho copies it and never writes to it
   message.payloadlen = static_cast<int>(payload.size());
@@ -315,6 +312,9 @@ void MqttLink::subscribe(const std::vector<std::string>& topics) {
 
 std::size_t MqttLink::publish(const std::string& topic, const std::vector<std::uint8_t>& payload, bool retain,
                               std::optional<double> wait_s) {
+  if (payload.size() > static_cast<std::size_t>(INT_MAX)) {  // Paho's length is an int (MQTT's limit is 256 MiB)
+    throw BrokerError("cannot publish " + std::to_string(payload.size()) + " bytes to " + topic + ": too large");
+  }
   const double deadline = now_s() + (wait_s ? std::max(*wait_s, 0.0) : 0.0);
   if (!connected()) {
     lost();

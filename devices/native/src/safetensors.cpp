@@ -57,46 +57,70 @@ std::string json_reason(const std::exception& exc) {
 }
 
 // Quotes a name for an error message, shortened so that a hostile name cannot make the line huge.
-std::string quoted(const std::string& name) { return "'" + printable(name, 100, '\'') + "'"; }
+std::string quote_name(const std::string& name) { return "'" + printable(name, 100, '\'') + "'"; }
+
+// A SAX pass over JSON text that builds nothing and throws ProtocolError at the first syntax error, duplicate key or
+// nesting deeper than kMaxJsonDepth. (nlohmann's callback parser would do the same in one pass, but it rescans the
+// parent object at every nested object's end: quadratic for a hostile header with many entries.)
+class StrictChecker {
+ public:
+  using json = nlohmann::json;
+  explicit StrictChecker(std::vector<std::string>* top_level_keys) : top_level_keys_(top_level_keys) {}
+
+  bool null() { return true; }
+  bool boolean(bool) { return true; }
+  bool number_integer(json::number_integer_t) { return true; }
+  bool number_unsigned(json::number_unsigned_t) { return true; }
+  bool number_float(json::number_float_t, const json::string_t&) { return true; }
+  bool string(json::string_t&) { return true; }
+  bool binary(json::binary_t&) { return true; }
+  bool start_object(std::size_t) {
+    enter();
+    open_objects_.emplace_back();
+    return true;
+  }
+  bool key(json::string_t& key) {
+    if (!open_objects_.back().insert(key).second) throw ProtocolError("duplicate key " + quote_name(key));
+    if (depth_ == 1 && top_level_keys_ != nullptr) top_level_keys_->push_back(key);
+    return true;
+  }
+  bool end_object() {
+    open_objects_.pop_back();
+    --depth_;
+    return true;
+  }
+  bool start_array(std::size_t) {
+    enter();
+    return true;
+  }
+  bool end_array() {
+    --depth_;
+    return true;
+  }
+  bool parse_error(std::size_t, const std::string&, const json::exception& exc) {
+    throw ProtocolError(json_reason(exc));  // syntax errors, bad UTF-8, overflowing numbers (406)
+  }
+
+ private:
+  void enter() {
+    if (++depth_ > kMaxJsonDepth) throw ProtocolError("nesting deeper than " + std::to_string(kMaxJsonDepth));
+  }
+  std::vector<std::string>* top_level_keys_;
+  std::vector<std::set<std::string>> open_objects_;  // the keys seen so far in each open object
+  int depth_ = 0;
+};
 
 nlohmann::json parse_strict(std::string_view text, std::vector<std::string>* top_level_keys) {
   if (text.substr(0, kUtf8Bom.size()) == kUtf8Bom) throw ProtocolError("unexpected UTF-8 byte order mark");
   // nlohmann stops at a NUL byte as if the text ended there; valid JSON never contains one.
   const auto nul = text.find('\0');
   if (nul != std::string_view::npos) throw ProtocolError("NUL byte at " + std::to_string(nul));
-  // The parser calls back for every object start/key/end, in document order: one set of keys per open object.
-  std::vector<std::set<std::string>> open_objects;
-  int depth = 0;
-  using Event = nlohmann::json::parse_event_t;
-  nlohmann::json::parser_callback_t check = [&](int, Event event, nlohmann::json& parsed) {
-    switch (event) {
-      case Event::object_start:
-      case Event::array_start:
-        if (++depth > kMaxJsonDepth) throw ProtocolError("nesting deeper than " + std::to_string(kMaxJsonDepth));
-        if (event == Event::object_start) open_objects.emplace_back();
-        break;
-      case Event::object_end:
-      case Event::array_end:
-        --depth;
-        if (event == Event::object_end && !open_objects.empty()) open_objects.pop_back();
-        break;
-      case Event::key: {
-        const auto& key = parsed.get_ref<const std::string&>();
-        if (!open_objects.empty() && !open_objects.back().insert(key).second) {
-          throw ProtocolError("duplicate key " + quoted(key));
-        }
-        if (depth == 1 && top_level_keys != nullptr) top_level_keys->push_back(key);
-        break;
-      }
-      case Event::value:
-        break;
-    }
-    return true;
-  };
+  StrictChecker checker(top_level_keys);
+  nlohmann::json::sax_parse(text.begin(), text.end(), &checker, nlohmann::json::input_format_t::json,
+                            /*strict=*/true, /*ignore_comments=*/false);
   try {
-    return nlohmann::json::parse(text.begin(), text.end(), check, /*allow_exceptions=*/true,
-                                 /*ignore_comments=*/false);
-  } catch (const nlohmann::json::exception& exc) {  // syntax errors, bad UTF-8, overflowing numbers (406)
+    return nlohmann::json::parse(text.begin(), text.end());  // checked above: linear, and cannot fail now
+  } catch (const nlohmann::json::exception& exc) {
     throw ProtocolError(json_reason(exc));
   }
 }
@@ -139,15 +163,15 @@ Entry parse_entry(const std::string& name, const nlohmann::json& info) {
   entry.name = name;
   entry.dtype = *parse_dtype(info.at("dtype").get_ref<const std::string&>());  // checked by the caller
   const auto shape = info.find("shape");
-  if (shape == info.end() || !shape->is_array()) malformed("tensor " + quoted(name) + " has no 'shape' array");
+  if (shape == info.end() || !shape->is_array()) malformed("tensor " + quote_name(name) + " has no 'shape' array");
   // The product of the non-zero dimensions must fit an int64, so that no partial product overflows later.
   std::uint64_t nonzero_product = 1;
   for (const auto& dim : *shape) {
     std::uint64_t d = 0;
-    if (!as_size(dim, d)) malformed("tensor " + quoted(name) + " has a shape that is not non-negative integers");
+    if (!as_size(dim, d)) malformed("tensor " + quote_name(name) + " has a shape that is not non-negative integers");
     if (d != 0) {
       if (nonzero_product > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) / d) {
-        malformed("tensor " + quoted(name) + " has a shape too large");
+        malformed("tensor " + quote_name(name) + " has a shape too large");
       }
       nonzero_product *= d;
     }
@@ -156,7 +180,7 @@ Entry parse_entry(const std::string& name, const nlohmann::json& info) {
   const auto offsets = info.find("data_offsets");
   if (offsets == info.end() || !offsets->is_array() || offsets->size() != 2 || !as_size((*offsets)[0], entry.begin) ||
       !as_size((*offsets)[1], entry.end)) {
-    malformed("tensor " + quoted(name) + " has no 'data_offsets' pair of non-negative integers");
+    malformed("tensor " + quote_name(name) + " has no 'data_offsets' pair of non-negative integers");
   }
   return entry;
 }
@@ -229,8 +253,8 @@ TensorMap read_tensors(const Header& header, const std::uint8_t* data, std::size
     }
     if (dtype == nullptr || !dtype->is_string() || !parse_dtype(dtype->get_ref<const std::string&>())) {
       const std::string shown =
-          dtype == nullptr ? "None" : dtype->is_string() ? quoted(dtype->get<std::string>()) : dtype->dump();
-      throw ProtocolError("tensor " + quoted(name) + " has dtype " + shown +
+          dtype == nullptr ? "None" : dtype->is_string() ? quote_name(dtype->get<std::string>()) : dtype->dump();
+      throw ProtocolError("tensor " + quote_name(name) + " has dtype " + shown +
                           ", not one of ['BF16', 'F16', 'F32', 'I32', 'I64']");
     }
   }
@@ -246,16 +270,16 @@ TensorMap read_tensors(const Header& header, const std::uint8_t* data, std::size
   std::uint64_t expected_begin = 0;
   for (const Entry& entry : entries) {
     if (entry.begin != expected_begin || entry.end < entry.begin) {
-      malformed("invalid offset for tensor " + quoted(entry.name) + " (tensors must tile the data section)");
+      malformed("invalid offset for tensor " + quote_name(entry.name) + " (tensors must tile the data section)");
     }
     std::uint64_t numel = 1;
     for (std::int64_t d : entry.shape) numel *= static_cast<std::uint64_t>(d);  // fits: parse_entry checked it
     const std::uint64_t element = dtype_size(entry.dtype);
     if (numel > std::numeric_limits<std::uint64_t>::max() / element || entry.end - entry.begin != numel * element) {
-      malformed("tensor " + quoted(entry.name) + " has " + std::to_string(entry.end - entry.begin) +
+      malformed("tensor " + quote_name(entry.name) + " has " + std::to_string(entry.end - entry.begin) +
                 " bytes, not what its shape and dtype need");
     }
-    if (entry.end > data_size) malformed("tensor " + quoted(entry.name) + " ends past the end of the payload");
+    if (entry.end > data_size) malformed("tensor " + quote_name(entry.name) + " ends past the end of the payload");
     expected_begin = entry.end;
   }
   if (expected_begin != data_size) {
@@ -295,14 +319,14 @@ std::vector<std::uint8_t> write_safetensors(const std::vector<std::pair<std::str
   std::vector<const TensorMap::value_type*> order;
   for (const auto& item : tensors) {
     const auto& [name, tensor] = item;
-    if (name.empty() || name == kMetadataKey) throw ProtocolError("invalid tensor name " + quoted(name));
+    if (name.empty() || name == kMetadataKey) throw ProtocolError("invalid tensor name " + quote_name(name));
     std::uint64_t numel = 1;
     for (std::int64_t d : tensor.shape) {
-      if (d < 0) throw ProtocolError("tensor " + quoted(name) + " has a negative dimension");
+      if (d < 0) throw ProtocolError("tensor " + quote_name(name) + " has a negative dimension");
       numel *= static_cast<std::uint64_t>(d);
     }
     if (tensor.bytes.size() != numel * dtype_size(tensor.dtype)) {
-      throw ProtocolError("tensor " + quoted(name) + " has " + std::to_string(tensor.bytes.size()) +
+      throw ProtocolError("tensor " + quote_name(name) + " has " + std::to_string(tensor.bytes.size()) +
                           " bytes, its shape and dtype need " + std::to_string(numel * dtype_size(tensor.dtype)));
     }
     order.push_back(&item);

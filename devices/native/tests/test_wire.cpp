@@ -2,6 +2,7 @@
 // two cannot drift apart), hostile payloads of our own, the receiver's tensor checks, and topic names.
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -79,7 +80,9 @@ std::string rejection(const Bytes& payload, std::size_t max_bytes = kDefaultMaxM
   return "";
 }
 
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
 
 // A payload from header text (padded with spaces to a multiple of 8) and a data section.
 Bytes payload(const std::string& header, const Bytes& data = {}, bool pad = true) {
@@ -96,8 +99,9 @@ Bytes payload(const std::string& header, const Bytes& data = {}, bool pad = true
 // A valid status message's metadata, as JSON members, with `override` replacing (or adding) members verbatim.
 std::string metadata(const std::map<std::string, std::string>& override = {}) {
   std::map<std::string, std::string> members = {
-      {"schema", "\"edgemole/1\""}, {"kind", "\"status\""}, {"fleet", "\"demo\""}, {"round", "\"0\""},
-      {"phase", "\"\""},            {"client", "\"phone-1\""}, {"body", "\"{}\""},  {"roles", "\"{}\""}};
+      {"schema", "\"edgemole/1\""}, {"kind", "\"status\""}, {"fleet", "\"demo\""},
+      {"round", "\"0\""},           {"phase", "\"\""},      {"client", "\"phone-1\""},
+      {"body", "\"{}\""},           {"roles", "\"{}\""}};
   for (const auto& [key, value] : override) members[key] = value;
   std::string out = "{";
   for (const auto& [key, value] : members) {
@@ -139,7 +143,9 @@ std::string check_error(const Message& msg, const SpecMap& expected) {
   return "";
 }
 
-Message update_ok() { return decode(vec("update-ok")); }
+Message update_ok() {
+  return decode(vec("update-ok"));
+}
 
 }  // namespace
 
@@ -193,8 +199,9 @@ TEST_CASE("vector status-ready") {
   CHECK(m.client == "phone-1");
   CHECK(m.roles.empty());
   CHECK(m.tensors.empty());
-  CHECK(m.body == nlohmann::json::parse(
-                      R"({"engine": "eager", "num_test": 30, "num_train": 120, "run": "5f3a9c0e12ab", "state": "ready"})"));
+  CHECK(m.body ==
+        nlohmann::json::parse(
+            R"({"engine": "eager", "num_test": 30, "num_train": 120, "run": "5f3a9c0e12ab", "state": "ready"})"));
 }
 
 TEST_CASE("vectors round-train and round-done") {
@@ -243,8 +250,9 @@ TEST_CASE("vector update-ok, and the aggregator's checks of it") {
   CHECK(m.round == 1);
   CHECK(m.phase == "train");
   CHECK(m.client == "phone-1");
-  CHECK(m.body == nlohmann::json::parse(
-                      R"({"metrics": {"acc_before": 0.5, "train_loss": 0.25}, "num_samples": 120, "run": "5f3a9c0e12ab"})"));
+  CHECK(m.body ==
+        nlohmann::json::parse(
+            R"({"metrics": {"acc_before": 0.5, "train_loss": 0.25}, "num_samples": 120, "run": "5f3a9c0e12ab"})"));
   CHECK(m.roles == std::map<std::string, std::string>{{kA, "lora_A"}, {kB, "lora_B"}});
   CHECK(m.tensors.at(kA).f32() == std::vector<float>{0.5f, -1.0f, 2.0f, 0.25f, 1.5f, -0.75f});
   CHECK(m.tensors.at(kB).f32() == std::vector<float>{1.0f, 0.0f, -0.5f, 0.125f, 3.0f, -2.0f});
@@ -270,14 +278,15 @@ TEST_CASE("hostile vectors are rejected while decoding, with the reference's rea
 }
 
 TEST_CASE("encoding a decoded vector gives back its exact bytes") {
-  for (const char* name : {"task", "status-ready", "round-train", "assign-train", "update-ok", "round-done",
-                           "update-nan"}) {
+  for (const char* name :
+       {"task", "status-ready", "round-train", "assign-train", "update-ok", "round-done", "update-nan"}) {
     CAPTURE(name);
     CHECK(encode(decode(vec(name))) == vec(name));
   }
 }
 
 TEST_CASE("a header with very many members is decoded in linear time") {
+  const auto start = std::chrono::steady_clock::now();
   std::string members;
   for (int i = 0; i < 35000; ++i) members += ",\"k" + std::to_string(i) + "\":{\"dtype\":\"F32\"}";
   const Bytes wide = payload(header_with(metadata(), members.substr(1)));
@@ -285,7 +294,9 @@ TEST_CASE("a header with very many members is decoded in linear time") {
   CHECK(rejection(wide) == "tensor data is malformed: tensor 'k0' has no 'shape' array");
   std::string meta_members;
   for (int i = 0; i < 60000; ++i) meta_members += ",\"m" + std::to_string(i) + "\":\"x\"";
-  CHECK(rejection(payload(header_with(metadata({{"extra", "\"x\"" + meta_members}}))) ).empty());
+  CHECK(rejection(payload(header_with(metadata({{"extra", "\"x\"" + meta_members}})))).empty());
+  // about a second with sanitizers; a parser that rescans objects took minutes here
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(60));
 }
 
 TEST_CASE("no vector with a flipped or truncated byte crashes the decoder") {
@@ -339,14 +350,14 @@ TEST_CASE("the size limit and the header length are checked before anything is p
 
 TEST_CASE("the header must be one strict JSON object") {
   const std::string meta = metadata();
-  for (const std::string& bad : std::vector<std::string>{std::string("{"), std::string("{\"__metadata__\":") + meta,
-                                 header_with(meta) + "x", header_with(meta) + std::string(1, '\0'),
-                                 "\xEF\xBB\xBF" + header_with(meta), "/* c */" + header_with(meta),
-                                 std::string("{\"__metadata__\":") + meta + ",\"t\":NaN}",
-                                 std::string("{\"__metadata__\":") + meta + ",\"t\":1e999}",
-                                 std::string("{\"__metadata__\":") + meta + ",\"t\":\"\xff\"}",
-                                 std::string("{\"__metadata__\":") + meta + ",\"t\":\"\\ud800\"}",
-                                 std::string("{\"__metadata__\":") + meta + ",'t':1}"}) {
+  for (const std::string& bad :
+       std::vector<std::string>{std::string("{"), std::string("{\"__metadata__\":") + meta, header_with(meta) + "x",
+                                header_with(meta) + std::string(1, '\0'), "\xEF\xBB\xBF" + header_with(meta),
+                                "/* c */" + header_with(meta), std::string("{\"__metadata__\":") + meta + ",\"t\":NaN}",
+                                std::string("{\"__metadata__\":") + meta + ",\"t\":1e999}",
+                                std::string("{\"__metadata__\":") + meta + ",\"t\":\"\xff\"}",
+                                std::string("{\"__metadata__\":") + meta + ",\"t\":\"\\ud800\"}",
+                                std::string("{\"__metadata__\":") + meta + ",'t':1}"}) {
     CAPTURE(bad);
     CHECK(contains(rejection(payload(bad)), "header is not valid JSON: "));
   }
@@ -398,8 +409,9 @@ TEST_CASE("schema, kind and round") {
   CHECK(rejection(payload(header_with(metadata({{"kind", ""}})))) == "unknown message kind None");
   CHECK(rejection(payload(header_with(metadata({{"kind", "\"Task\""}})))) == "unknown message kind 'Task'");
   CHECK(rejection(payload(header_with(metadata({{"round", ""}})))) == "invalid round ''");
-  for (const std::string& round : std::vector<std::string>{"\"\"", "\"-1\"", "\"+1\"", "\"1e3\"", "\" 1\"", "\"1 \"", "\"1.0\"", "\"0x10\"",
-                                   "\"1000000001\"", "\"99999999999\"", "\"\\u0661\"", "\"\\uff11\""}) {
+  for (const std::string& round :
+       std::vector<std::string>{"\"\"", "\"-1\"", "\"+1\"", "\"1e3\"", "\" 1\"", "\"1 \"", "\"1.0\"", "\"0x10\"",
+                                "\"1000000001\"", "\"99999999999\"", "\"\\u0661\"", "\"\\uff11\""}) {
     CAPTURE(round);
     CHECK(contains(rejection(payload(header_with(metadata({{"round", round}})))), "invalid round "));
   }
@@ -430,18 +442,19 @@ TEST_CASE("tensor entries: dtype first, then structure, sizes and tiling") {
   CHECK(reject(R"("z":{"dtype":"F32"},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]})", Bytes(1)) ==
         "tensor 'a' has dtype 'U8'" + allowed);
 
-  for (const std::string& entry : std::vector<std::string>{R"({"dtype":"F32","data_offsets":[0,4]})", R"({"dtype":"F32","shape":4,"data_offsets":[0,4]})",
-        R"({"dtype":"F32","shape":[-1],"data_offsets":[0,4]})", R"({"dtype":"F32","shape":[1.0],"data_offsets":[0,4]})",
-        R"({"dtype":"F32","shape":[true],"data_offsets":[0,4]})", R"({"dtype":"F32","shape":["1"],"data_offsets":[0,4]})",
-        R"({"dtype":"F32","shape":[1]})", R"({"dtype":"F32","shape":[1],"data_offsets":[0]})",
-        R"({"dtype":"F32","shape":[1],"data_offsets":[0,4,4]})", R"({"dtype":"F32","shape":[1],"data_offsets":[-4,0]})",
-        R"({"dtype":"F32","shape":[1],"data_offsets":[0,4.0]})", R"({"dtype":"F32","shape":[1],"data_offsets":{}})",
-        R"({"dtype":"F32","shape":[2],"data_offsets":[0,4]})",
-        R"({"dtype":"F32","shape":[1],"data_offsets":[4,8]})",
-        R"({"dtype":"F32","shape":[0],"data_offsets":[4,0]})",
-        R"({"dtype":"F32","shape":[1],"data_offsets":[0,4]})",
-        R"({"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]})",
-        R"({"dtype":"F32","shape":[1],"data_offsets":[18446744073709551612,18446744073709551615]})"}) {
+  for (const std::string& entry : std::vector<std::string>{
+           R"({"dtype":"F32","data_offsets":[0,4]})", R"({"dtype":"F32","shape":4,"data_offsets":[0,4]})",
+           R"({"dtype":"F32","shape":[-1],"data_offsets":[0,4]})",
+           R"({"dtype":"F32","shape":[1.0],"data_offsets":[0,4]})",
+           R"({"dtype":"F32","shape":[true],"data_offsets":[0,4]})",
+           R"({"dtype":"F32","shape":["1"],"data_offsets":[0,4]})", R"({"dtype":"F32","shape":[1]})",
+           R"({"dtype":"F32","shape":[1],"data_offsets":[0]})", R"({"dtype":"F32","shape":[1],"data_offsets":[0,4,4]})",
+           R"({"dtype":"F32","shape":[1],"data_offsets":[-4,0]})",
+           R"({"dtype":"F32","shape":[1],"data_offsets":[0,4.0]})", R"({"dtype":"F32","shape":[1],"data_offsets":{}})",
+           R"({"dtype":"F32","shape":[2],"data_offsets":[0,4]})", R"({"dtype":"F32","shape":[1],"data_offsets":[4,8]})",
+           R"({"dtype":"F32","shape":[0],"data_offsets":[4,0]})", R"({"dtype":"F32","shape":[1],"data_offsets":[0,4]})",
+           R"({"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]})",
+           R"({"dtype":"F32","shape":[1],"data_offsets":[18446744073709551612,18446744073709551615]})"}) {
     CAPTURE(entry);
     CHECK(contains(reject("\"t\":" + entry, Bytes(8)), "tensor data is malformed: "));
   }
@@ -472,15 +485,14 @@ TEST_CASE("valid unusual tensors: every dtype, scalars, empty tensors, any order
   const std::string meta = metadata();
   Bytes data;
   for (int i = 0; i < 8; ++i) data.push_back(static_cast<std::uint8_t>(i + 1));  // I64 scalar
-  for (const std::uint8_t b : Bytes{0x00, 0x3c, 0x00, 0xc0}) data.push_back(b);       // F16 [1.0, -2.0]
-  for (const std::uint8_t b : Bytes{0x80, 0x3f}) data.push_back(b);                   // BF16 [1.0]
-  for (const std::uint8_t b : Bytes{0xff, 0xff, 0xff, 0xff}) data.push_back(b);       // I32 [-1]
-  const Message m = decode(payload(header_with(meta,
-                                               R"("s":{"dtype":"I64","shape":[],"data_offsets":[0,8]},)"
-                                               R"("z":{"dtype":"F32","shape":[0,3],"data_offsets":[18,18]},)"
-                                               R"("i":{"dtype":"I32","shape":[1],"data_offsets":[14,18]},)"
-                                               R"("h":{"dtype":"F16","shape":[2],"data_offsets":[8,12]},)"
-                                               R"("b":{"dtype":"BF16","shape":[1,1],"data_offsets":[12,14]})"),
+  for (const std::uint8_t b : Bytes{0x00, 0x3c, 0x00, 0xc0}) data.push_back(b);  // F16 [1.0, -2.0]
+  for (const std::uint8_t b : Bytes{0x80, 0x3f}) data.push_back(b);              // BF16 [1.0]
+  for (const std::uint8_t b : Bytes{0xff, 0xff, 0xff, 0xff}) data.push_back(b);  // I32 [-1]
+  const Message m = decode(payload(header_with(meta, R"("s":{"dtype":"I64","shape":[],"data_offsets":[0,8]},)"
+                                                     R"("z":{"dtype":"F32","shape":[0,3],"data_offsets":[18,18]},)"
+                                                     R"("i":{"dtype":"I32","shape":[1],"data_offsets":[14,18]},)"
+                                                     R"("h":{"dtype":"F16","shape":[2],"data_offsets":[8,12]},)"
+                                                     R"("b":{"dtype":"BF16","shape":[1,1],"data_offsets":[12,14]})"),
                                    data));
   REQUIRE(m.tensors.size() == 5);
   CHECK(m.tensors.at("s").shape.empty());
@@ -491,8 +503,7 @@ TEST_CASE("valid unusual tensors: every dtype, scalars, empty tensors, any order
   CHECK(m.tensors.at("z").numel() == 0);
   CHECK(m.tensors.at("z").bytes.empty());
   // unknown fields of an entry are ignored, as the reference decoder does
-  CHECK(rejection(payload(header_with(meta, R"("t":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1})"),
-                          Bytes(4)))
+  CHECK(rejection(payload(header_with(meta, R"("t":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1})"), Bytes(4)))
             .empty());
 }
 
@@ -503,14 +514,16 @@ TEST_CASE("roles and body") {
   };
   CHECK(reject({{"roles", R"("{\"t\":\"head\"}")"}}).empty());
   CHECK(reject({{"roles", ""}}).empty());  // absent: {}
-  CHECK(reject({{"roles", R"("{\"u\":\"head\"}")"}}) == "metadata 'roles' must map tensor names in the message to strings");
+  CHECK(reject({{"roles", R"("{\"u\":\"head\"}")"}}) ==
+        "metadata 'roles' must map tensor names in the message to strings");
   CHECK(reject({{"roles", R"("{\"t\":1}")"}}) == "metadata 'roles' must map tensor names in the message to strings");
   CHECK(reject({{"roles", R"("{\"t\":null}")"}}) == "metadata 'roles' must map tensor names in the message to strings");
   CHECK(reject({{"roles", R"("[]")"}}) == "metadata 'roles' is not a JSON object");
   CHECK(contains(reject({{"roles", R"("{")"}}), "metadata 'roles' is not valid JSON ("));
 
   CHECK(reject({{"body", ""}}).empty());  // absent: {}
-  for (const std::string& body : std::vector<std::string>{"NaN", "Infinity", "-Infinity", "1e999", "-1e999", "nan", "1e400"}) {
+  for (const std::string& body :
+       std::vector<std::string>{"NaN", "Infinity", "-Infinity", "1e999", "-1e999", "nan", "1e400"}) {
     CAPTURE(body);
     CHECK(contains(reject({{"body", "\"{\\\"a\\\":" + body + "}\""}}), "metadata 'body' is not valid JSON ("));
     CHECK(contains(reject({{"body", "\"{\\\"a\\\":[1," + body + "]}\""}}), "metadata 'body' is not valid JSON ("));
@@ -540,8 +553,9 @@ TEST_CASE("encode and decode round trip every field") {
   m.round = 1000000000;
   m.phase = "train-B";
   m.client = "dev_1";
-  m.body = {{"run", "r"}, {"num_samples", 3}, {"text", "caf\xc3\xa9 \"q\" \\ \n"}, {"x", -0.1}, {"big", 1e300},
-            {"nested", {{"b", {1, 2.5, nullptr, true}}, {"a", nlohmann::json::object()}}}};
+  m.body = {
+      {"run", "r"}, {"num_samples", 3}, {"text", "caf\xc3\xa9 \"q\" \\ \n"},
+      {"x", -0.1},  {"big", 1e300},     {"nested", {{"b", {1, 2.5, nullptr, true}}, {"a", nlohmann::json::object()}}}};
   m.tensors["w"] = f32({2, 2}, {1.0f, -2.0f, 3.5f, 0.0f});
   m.tensors["ranks"] = Tensor::from_i64({2}, {0, 3});
   m.tensors["scalar"] = f32({}, {7.0f});
@@ -649,7 +663,8 @@ TEST_CASE("encode refuses what the decoder would reject") {
 TEST_CASE("error texts stay printable, one line and valid UTF-8") {
   CHECK(printable("abc") == "abc");
   CHECK(printable("caf\xc3\xa9") == "caf\xc3\xa9");  // valid UTF-8 is kept
-  CHECK(printable("a\xff\xc3" "b") == "a\\xff\\xc3b");
+  CHECK(printable("a\xff\xc3"
+                  "b") == "a\\xff\\xc3b");
   CHECK(printable("\xed\xa0\x80") == "\\xed\\xa0\\x80");  // an encoded surrogate is not valid UTF-8
   CHECK(printable("\xc0\xaf") == "\\xc0\\xaf");           // nor is an overlong sequence
   CHECK(printable("a\nb\x01\\") == "a\\nb\\x01\\\\");
@@ -693,8 +708,8 @@ TEST_CASE("check_tensors: names, shapes, dtypes, roles, finite values") {
   CHECK(check_error(m, expected) == "tensor names differ from expected: missing [], unexpected ['" + kB + "']");
   SpecMap many;
   for (const char* name : {"a", "b", "c", "d"}) many[name] = spec({1});
-  CHECK(check_error(m, many) == "tensor names differ from expected: missing ['a', 'b', 'c'], unexpected ['" + kA +
-                                    "', '" + kB + "']");
+  CHECK(check_error(m, many) ==
+        "tensor names differ from expected: missing ['a', 'b', 'c'], unexpected ['" + kA + "', '" + kB + "']");
 
   expected = lora_spec();
   expected[kA].shape = {3, 2};
@@ -922,8 +937,9 @@ TEST_CASE("names and prefixes") {
     CHECK(valid_name(good));
     CHECK_NOTHROW(check_name(good, "client id"));
   }
-  for (const std::string& bad : std::vector<std::string>{"", std::string(65, 'x'), "-a", "_a", ".a", "a b", "a/b", "a+b", "a#b", "a:b",
-                                 "caf\xc3\xa9", std::string("a\0b", 3), "a\n"}) {
+  for (const std::string& bad :
+       std::vector<std::string>{"", std::string(65, 'x'), "-a", "_a", ".a", "a b", "a/b", "a+b", "a#b", "a:b",
+                                "caf\xc3\xa9", std::string("a\0b", 3), "a\n"}) {
     CAPTURE(bad);
     CHECK_FALSE(valid_name(bad));
     CHECK_THROWS_AS(check_name(bad, "client id"), ConfigError);
@@ -937,7 +953,6 @@ TEST_CASE("names and prefixes") {
     CAPTURE(prefix);
     CHECK_THROWS_AS(Topics("demo", prefix), ConfigError);
   }
-  CHECK_THROWS_WITH_AS(Topics("demo", "a//b"), "invalid topic prefix 'a//b': no empty levels, '+' or '#'",
-                       ConfigError);
+  CHECK_THROWS_WITH_AS(Topics("demo", "a//b"), "invalid topic prefix 'a//b': no empty levels, '+' or '#'", ConfigError);
   CHECK_NOTHROW(Topics("demo", "a/b/c"));
 }
