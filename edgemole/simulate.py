@@ -222,7 +222,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
                 "--test-data", str(work / "data" / f"{name}.test.jsonl"),
                 "--fleet", settings.fleet.fleet, "--topic-prefix", settings.fleet.topic_prefix,
                 "--engine", settings.simulate.engine, "--threads", str(threads),
-                *(["--artifact", str(artifact)] if artifact else []),
+                *(["--artifact", str(artifact)] if settings.simulate.engine == "executorch" else []),
                 *(["--upload-rank", str(ranks[i % len(ranks)])] if (ranks := settings.simulate.upload_ranks) else []),
             ], work / "logs" / f"{name}.log", threads))
         procs.extend(clients)

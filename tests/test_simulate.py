@@ -75,8 +75,24 @@ def test_simulate_with_the_executorch_engine_exports_once_and_trains_on_it(tmp_p
     _check_result(result, clients=2, rounds=2)
     assert result["engine"] == "executorch" and result["task"]["train"]["dropout"] is False
     assert [r["phase"] for r in result["rounds"]] == ["train-B", "train-A"]
-    assert "trains without dropout" in proc.stderr and "exported lora program" in proc.stdout
+    assert "train without dropout" in proc.stderr and "exported lora program" in proc.stdout
     manifest = json.loads((tmp_path / "work" / "artifact" / "manifest.json").read_text())
     assert manifest["adapter"] == "lora" and "lora-a2" in manifest["methods"]
     logs = (tmp_path / "work" / "logs" / "client-0.log").read_text()
     assert "building executorch engine" in logs
+
+
+def test_simulate_runs_native_clients_beside_python_ones(tmp_path: Path, tiny_model: str) -> None:
+    """``--native-clients 1``: the last client is edgemole-device (devices/native), trained on the exported program
+    next to a Python client; both answer every round."""
+    from native import native_build
+
+    native_build()  # simulate finds it in build/native (or builds it there)
+    result, proc = _simulate(tmp_path, "--native-clients", "1", "--method", "fedamole-a2", "--clients", "2",
+                             "--rounds", "2", "--model", tiny_model, "--local-steps", "2", "--samples-per-domain",
+                             "30", "--max-length", "16", "--rank", "2", "--experts", "2", "--slots", "2")
+    _check_result(result, clients=2, rounds=2)
+    assert result["native_clients"] == 1 and result["task"]["train"]["dropout"] is False
+    assert "edgemole.device: client client-1 online" in (tmp_path / "work" / "logs" / "client-1.log").read_text()
+    assert "edgemole.client INFO client client-0 online" in (tmp_path / "work" / "logs" / "client-0.log").read_text()
+    assert result["client_exit_codes"] == {"client-0": 0, "client-1": 0}
