@@ -548,7 +548,8 @@ def main() -> None:
                    help="repeats of the step timing with every core (0: skip)")
     p.add_argument("--artifact", help="artifact folder (exported there when missing, unless --no-export)")
     p.add_argument("--no-export", action="store_true")
-    p.add_argument("--binary", help="edgemole-device to measure (default: build build/native)")
+    p.add_argument("--binary", help="edgemole-device to measure (default: build it in build/native-bench, "
+                   "RelWithDebInfo)")
     p.add_argument("--aarch64", default=str(REPO / "build" / "native-aarch64" / "edgemole-device"))
     p.add_argument("--max-load", type=float, default=1.5, help="wait for a lower load average before measuring")
     p.add_argument("--out", help="write the figures as JSON to this file")
@@ -568,8 +569,9 @@ def main() -> None:
     else:
         from edgemole.native import build_native
 
-        with console.status("building the native client (build/native)"):
-            binary = build_native(targets=("edgemole-device",)) / "edgemole-device"
+        with console.status("building the native client (build/native-bench)"):
+            binary = build_native(REPO / "build" / "native-bench", targets=("edgemole-device",)) / "edgemole-device"
+    binary = Path(shutil.copy2(binary, work / "edgemole-device"))  # others may relink the build meanwhile
     rows = banking_rows()
     labels = sorted({label for _, label in rows})
     task = build_task(labels, args.method)

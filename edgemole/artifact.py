@@ -35,6 +35,9 @@ TOKENIZER_DIR = "tokenizer"
 PREFIX = "model."
 #: the joint forward/backward method of the program
 METHOD = "forward"
+#: the inference method: logits from the inputs and the trainable tensors (in the manifest's ``predict_inputs``
+#: order), with no backward pass
+PREDICT_METHOD = "predict"
 #: label of padding rows that fill a batch up to the program's fixed batch size (cross-entropy ignores it)
 IGNORE_LABEL = -100
 #: methods an artifact serves, by its adapter kind
@@ -83,6 +86,10 @@ class Manifest:
     #: the ONNX inference model (adapters as inputs) and its input names, in order
     onnx: FileEntry | None = None
     onnx_inputs: list[str] = field(default_factory=list)
+    #: the program's inference method and the trainable tensors it takes after the token inputs, in order ("" and []
+    #: in artifacts exported before it existed: evaluation then runs the training method)
+    predict_method: str = ""
+    predict_inputs: list[str] = field(default_factory=list)
     xnnpack: bool = True
     versions: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
@@ -140,6 +147,7 @@ def read_manifest(directory: Path) -> Manifest:
             tensors=[TensorEntry(t["name"], t["param"], tuple(t["shape"]), t["role"]) for t in raw["tensors"]],
             tokenizer=list(raw.get("tokenizer", [])), xnnpack=bool(raw.get("xnnpack", True)),
             onnx=FileEntry(**raw["onnx"]) if raw.get("onnx") else None, onnx_inputs=list(raw.get("onnx_inputs", [])),
+            predict_method=str(raw.get("predict_method", "")), predict_inputs=list(raw.get("predict_inputs", [])),
             versions=dict(raw.get("versions", {})))
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: missing or malformed field ({type(exc).__name__}: {exc})") from None

@@ -20,7 +20,9 @@ from edgemole.adapters.amole.model import amole_layers
 from edgemole.artifact import (
     DATA_FILE,
     MANIFEST_FILE,
+    METHOD,
     ONNX_FILE,
+    PREDICT_METHOD,
     PREFIX,
     PROGRAM_FILE,
     TOKENIZER_DIR,
@@ -36,7 +38,7 @@ from edgemole.errors import ArtifactError
 from edgemole.model import WireState, build_classifier, parameter_roles
 from export.causal import build_causal_lm, export_causal_lm
 from export.onnx import write_onnx
-from export.program import export_classifier, lower
+from export.program import export_classifier, export_inference, lower
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -44,7 +46,8 @@ def _check_out(out: Path, force: bool) -> None:
         raise ArtifactError(f"{out} exists and is not empty (give --force to replace it)")
 
 
-def _lowered(export: Callable[[], torch.export.ExportedProgram], xnnpack: bool):  # noqa: ANN202
+def _lowered(export: Callable[[], torch.export.ExportedProgram | dict[str, torch.export.ExportedProgram]],
+             xnnpack: bool):  # noqa: ANN202
     with warnings.catch_warnings():  # torch.export's and ExecuTorch's internal deprecation notices
         warnings.simplefilter("ignore")
         return lower(export(), xnnpack=xnnpack)
@@ -99,11 +102,13 @@ def write_artifact(task: TaskSpec, out: Path, batch_size: int | None = None, xnn
     wire = WireState.of_model(model, task)
     shape = ProgramShape(batch_size or task.train.batch_size, task.model.max_length,
                          task.amole.slots if task.uses_experts else 0, tuple(wire.layers))
-    program = _lowered(lambda: export_classifier(model, task, shape), xnnpack)
+    program = _lowered(lambda: {METHOD: export_classifier(model, task, shape),
+                                PREDICT_METHOD: export_inference(model, task, shape, wire.params)}, xnnpack)
 
     def onnx(staging: Path) -> dict[str, Any]:
         names = write_onnx(model, task, wire.params, staging / ONNX_FILE, shape.batch_size, shape.max_length)
-        return {"onnx": file_entry(staging / ONNX_FILE), "onnx_inputs": names}
+        return {"onnx": file_entry(staging / ONNX_FILE), "onnx_inputs": names,
+                "predict_method": PREDICT_METHOD, "predict_inputs": [PREFIX + n for n in wire.params]}
 
     return _write_folder(out, program, tokenizer, onnx, model=task.model.name, task="classify",
                          adapter=adapter_kind(task), num_labels=len(task.labels), config=program_config(task),

@@ -13,13 +13,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from edgemole.adapters.amole.model import amole_layers
 from edgemole.artifact import PREFIX
 from edgemole.config import TaskSpec
 from edgemole.errors import ArtifactError, first_line
 from edgemole.model import SequenceClassifier
+from export.program import InferenceClassifier
 
 #: largest difference between onnxruntime's and the eager model's logits that passes the check
 TOLERANCE = 1e-4
@@ -28,26 +27,6 @@ TOLERANCE = 1e-4
 def onnx_input_name(param: str) -> str:
     """ONNX input name of a trainable tensor (graph input names stay plain identifiers)."""
     return (PREFIX + param).replace(".", "__")
-
-
-class InferenceClassifier(nn.Module):
-    """``(input_ids, attention_mask[, slot_mask], *adapter tensors) -> logits`` of the classifier."""
-
-    def __init__(self, model: SequenceClassifier, task: TaskSpec, names: list[str]) -> None:
-        super().__init__()
-        self.model, self.names = model, names
-        self.layers = list(amole_layers(model).values()) if task.uses_experts else []
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        slot_mask, tensors = (args[0], args[1:]) if self.layers else (None, args)
-        for i, layer in enumerate(self.layers):
-            layer.slot_mask = slot_mask[i]
-        try:
-            return torch.func.functional_call(self.model, dict(zip(self.names, tensors, strict=True)),
-                                              (input_ids, attention_mask), strict=False)
-        finally:
-            for layer in self.layers:
-                layer.slot_mask = None
 
 
 def write_onnx(model: SequenceClassifier, task: TaskSpec, params: dict[str, torch.Tensor], out: Path,

@@ -62,6 +62,29 @@ class TrainableClassifier(nn.Module):
                 layer.slot_mask, layer.emit_sums, layer.batch_sums = None, False, None
 
 
+class InferenceClassifier(nn.Module):
+    """``(input_ids, attention_mask[, slot_mask], *trainable tensors) -> logits``: the classifier for inference,
+    with the adapters (and head) as inputs. The artifact's ``predict`` method and its ONNX model are this graph, so
+    a device predicts with the weights it trains, passed from the training method's memory, with no backward pass
+    and no state shared between the two methods (ExecuTorch shares mutable state between methods poorly)."""
+
+    def __init__(self, model: SequenceClassifier, task: TaskSpec, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+        self.layers = list(amole_layers(model).values()) if task.uses_experts else []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        slot_mask, tensors = (args[0], args[1:]) if self.layers else (None, args)
+        for i, layer in enumerate(self.layers):
+            layer.slot_mask = slot_mask[i]
+        try:
+            return torch.func.functional_call(self.model, dict(zip(self.names, tensors, strict=True)),
+                                              (input_ids, attention_mask), strict=False)
+        finally:
+            for layer in self.layers:
+                layer.slot_mask = None
+
+
 def example_inputs(shape: ProgramShape) -> tuple[torch.Tensor, ...]:
     """Inputs of the program's shapes (values do not matter for export)."""
     ids = torch.ones(shape.batch_size, shape.max_length, dtype=torch.long)
@@ -139,6 +162,24 @@ def export_classifier(model: SequenceClassifier, task: TaskSpec, shape: ProgramS
     return export_joint(TrainableClassifier(model, task), model.backbone, example_inputs(shape), task.model.name)
 
 
+def export_inference(model: SequenceClassifier, task: TaskSpec, shape: ProgramShape,
+                     params: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
+    """The inference graph (:class:`InferenceClassifier`) at the program's input shapes, the trainable tensors in
+    the order of ``params`` (the program's ``predict`` method)."""
+    model.eval()
+    prepare_for_export(model.backbone)
+    wrapper = InferenceClassifier(model, task, list(params))
+    ids, mask, *rest = example_inputs(shape)
+    slot_mask = rest[1:]  # example_inputs gives labels, then the slot mask for AMoLE
+    inputs = (ids, mask, *slot_mask, *(p.detach().clone() for p in params.values()))
+    try:
+        with linear_as_matmul(wrapper), torch.no_grad():
+            return torch.export.export(wrapper, inputs, strict=False)
+    except Exception as exc:
+        first = first_line(exc)
+        raise ModelError(f"cannot export {task.model.name!r} for inference: {first[:300]}") from None
+
+
 def xnnpack_configs() -> list[type]:
     """The operators given to XNNPACK, measured on a 2-layer MiniLM-sized BERT with AMoLE (fedamole-a2, 16 x 32,
     one thread; step time against eager in the same run): matmuls only 2.9x, + permute 1.9x, + bmm 1.6x,
@@ -151,9 +192,12 @@ def xnnpack_configs() -> list[type]:
             node.MulConfig, node.SubConfig, node.DivConfig, node.GeluConfig]
 
 
-def lower(joint: torch.export.ExportedProgram, xnnpack: bool = True):  # noqa: ANN201 (ExecutorchProgramManager)
+def lower(methods: torch.export.ExportedProgram | dict[str, torch.export.ExportedProgram],
+          xnnpack: bool = True):  # noqa: ANN201 (ExecutorchProgramManager)
     """Edge dialect, the operators of :func:`xnnpack_configs` to XNNPACK (matmul weights as runtime tensors),
-    then the ExecuTorch program with its constants (the frozen base) tagged for the external ``.ptd``."""
+    then the ExecuTorch program with its constants (the frozen base) tagged for the external ``.ptd``. ``methods``
+    is one program (its method is ``forward``) or several by method name; constants they share (the frozen base of
+    ``forward`` and ``predict``) are stored once."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
 
     config = EdgeCompileConfig(_check_ir_validity=False)
@@ -162,9 +206,9 @@ def lower(joint: torch.export.ExportedProgram, xnnpack: bool = True):  # noqa: A
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
             partitioner = XnnpackPartitioner(configs=xnnpack_configs(), force_non_static_weights_for_f32_linear=True)
-            edge = to_edge_transform_and_lower(joint, partitioner=[partitioner], compile_config=config)
+            edge = to_edge_transform_and_lower(methods, partitioner=[partitioner], compile_config=config)
         else:
-            edge = to_edge(joint, compile_config=config)
+            edge = to_edge(methods, compile_config=config)
         return edge.to_executorch(ExecutorchBackendConfig(external_constants=True))
     except Exception as exc:
         first = first_line(exc)

@@ -327,3 +327,23 @@ def test_assignment_that_does_not_fit_the_slots_is_rejected(tiny_model: str, tin
         et.expected_state({"experts": {modules[0]: [0, 1]}})
     before = et.get_state({"experts": {m: [0, 1] for m in modules}})[0]
     assert all(torch.equal(v, et.get_state({"experts": {m: [0, 1] for m in modules}})[0][k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("method", ["fedit", "fedamole-a2"])
+def test_predict_method_gives_the_training_methods_logits(tiny_model: str, tiny_artifacts: dict[str, Path],
+                                                          method: str) -> None:
+    """The artifact's inference method, fed the training method's own parameter memory, predicts what the joint
+    graph computes (after training moved the weights), without a backward pass."""
+    task = tiny_task(tiny_model, method, TINY_AMOLE)
+    directory = tiny_artifacts["amole" if task.uses_experts else "lora"]
+    manifest = read_manifest(directory)
+    assert manifest.predict_method == "predict"
+    assert manifest.predict_inputs == [t.name for t in manifest.tensors]
+    eager, et = _engines(task, directory)
+    state, body = _start(eager, task.uses_experts)
+    et.set_state(state, body)
+    et.train(_batches(), 2, 0.01, 0.0)  # the inference method must see the trained weights
+    for batch in [next(_batches(9)) for _ in range(2)]:
+        trained = et._run(batch)[1][: len(batch.labels)]
+        predicted = et._logits(batch)[: len(batch.labels)]
+        assert torch.allclose(predicted, trained, atol=1e-5)

@@ -110,6 +110,10 @@ class ExecuTorchEngine(TrainingEngine):
         if {n: tuple(t.shape) for n, t in named.items()} != expected:
             raise ArtifactError(f"{self.directory}: the program's trainable tensors differ from its manifest")
         params = {n.removeprefix(PREFIX): t for n, t in named.items()}
+        if self.manifest.predict_method and sorted(self.manifest.predict_inputs) != sorted(expected):
+            raise ArtifactError(f"{self.directory}: the manifest's predict inputs differ from its tensors")
+        #: the inference method's tensor inputs: the training method's own parameter memory, in its order
+        self._predict_params = [named[n] for n in self.manifest.predict_inputs]
         layers = {m: SlotView(params, m, self.slot_mask[i]) for i, m in enumerate(shape.amole_modules)}
         self.wire = WireState(task, params, layers)
 
@@ -130,6 +134,15 @@ class ExecuTorchEngine(TrainingEngine):
 
     def _run(self, batch: Batch) -> list[torch.Tensor]:
         return self.module.forward_backward(METHOD, self._inputs(batch))
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        """Logits of a chunk with the current weights: the program's inference method (no backward pass), or the
+        training method's logits output for an artifact exported without one."""
+        if not self.manifest.predict_method:
+            return self._run(batch)[1]
+        ids, mask, _, *slot_mask = self._inputs(batch)
+        return self.module.model.run_method(self.manifest.predict_method, (ids, mask, *slot_mask,
+                                                                           *self._predict_params))[0]
 
     def _chunks(self, batch: Batch) -> Iterator[Batch]:
         size = self.manifest.shape.batch_size
@@ -209,7 +222,7 @@ class ExecuTorchEngine(TrainingEngine):
         for batch in batches:
             for chunk in self._chunks(batch):
                 k = len(chunk.labels)
-                logits = self._run(chunk)[1][:k]
+                logits = self._logits(chunk)[:k]
                 loss_sum += float(F.cross_entropy(logits, chunk.labels, reduction="sum"))
                 correct += int((logits.argmax(-1) == chunk.labels).sum())
                 n += k

@@ -10,66 +10,33 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <limits>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <stdexcept>
 #include <unordered_map>
 
 #include "errors.h"
+#include "utf8.h"
 
-// The reader reproduces what Python does, step by step, because its results (which rows, which strings) and its
-// messages must be the same as the Python client's:
+// The reader gives the rows, the strings and the messages of the Python client's reader:
 //  - the file is decoded as Python's "utf-8-sig" codec does (a leading BOM dropped; error offsets count from after
 //    it; a file that is only a prefix of the BOM reads as empty);
 //  - CSV follows CPython's _csv.c reader with the default dialect, fed the lines io.StringIO(newline="") yields;
-//  - JSON follows CPython's json C scanner (NaN and Infinity accepted, last duplicate key wins at the first key's
-//    position, its error messages and their positions in characters), written here because no JSON library accepts
-//    or rejects exactly the same documents with the same messages.
+//  - JSON is parsed by nlohmann-json into ordered_json (keys in file order; a repeated key keeps its first place and
+//    takes the last value, as a Python dict does) and values become strings as loaders.py `_to_str` makes them. A
+//    syntax error names the line and the column in characters as Python's message does, but the reason is
+//    nlohmann's wording and the place is where nlohmann stopped, which can differ from where Python stops.
+//    Known differences from Python's json module, for data files that are not expected: NaN, Infinity and
+//    -Infinity, lone surrogate escapes ("\ud800") and numbers beyond a double's range (1e400) are rejected (Python
+//    accepts them), the last with no position in its message; integers beyond 64 bits are read as the nearest
+//    double (str() gives "1.2345678901234568e+29" here for 123456789012345678901234567890, whose digits Python
+//    keeps); a value nested more than 900 levels deep is refused (Python stops with a RecursionError).
 
 namespace edgemole {
 namespace {
 
-// ----------------------------------------------------------------------------------------- UTF-8 helpers ----------
-
-// Decodes the code point at s[i] (valid UTF-8, or a surrogate encoded in 3 bytes) and advances i.
-char32_t next_code_point(std::string_view s, std::size_t& i) {
-  const auto b0 = static_cast<unsigned char>(s[i]);
-  std::size_t len = b0 < 0x80 ? 1 : b0 < 0xE0 ? 2 : b0 < 0xF0 ? 3 : 4;
-  if (i + len > s.size()) len = s.size() - i;
-  char32_t cp = len == 1 ? b0 : len == 2 ? (b0 & 0x1Fu) : len == 3 ? (b0 & 0x0Fu) : (b0 & 0x07u);
-  for (std::size_t k = 1; k < len; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3Fu);
-  i += len;
-  return cp;
-}
-
-// The code point that ends at s[end - 1]; moves end to its first byte.
-char32_t prev_code_point(std::string_view s, std::size_t& end) {
-  std::size_t start = end - 1;
-  while (start > 0 && end - start < 4 && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) --start;
-  std::size_t i = start;
-  const char32_t cp = next_code_point(s, i);
-  end = start;
-  return cp;
-}
-
-void append_utf8(std::string& out, char32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {  // surrogates too (a lone one from a JSON \ud800 escape): 3 bytes, like Python keeps it
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
+// ----------------------------------------------------------------------------------- character classes ----------
 
 // Python's str.isspace: the characters of bidirectional class WS, B or S, or category Zs.
 bool py_isspace(char32_t c) {
@@ -92,51 +59,6 @@ bool py_isprintable_nonascii(char32_t c) {
     if (c >= lo && c <= hi) return false;
   }
   return true;
-}
-
-// The byte offset of the first ill-formed sequence of `s` (strict UTF-8, as Python's decoder), or npos.
-std::size_t invalid_utf8_offset(std::string_view s) {
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  const std::size_t n = s.size();
-  std::size_t i = 0;
-  while (i < n) {
-    const unsigned char b0 = p[i];
-    if (b0 < 0x80) {
-      ++i;
-      continue;
-    }
-    std::size_t len = 0;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (b0 >= 0xC2 && b0 <= 0xDF) {
-      len = 2;
-    } else if (b0 >= 0xE0 && b0 <= 0xEF) {
-      len = 3;
-      if (b0 == 0xE0) lo = 0xA0;
-      if (b0 == 0xED) hi = 0x9F;
-    } else if (b0 >= 0xF0 && b0 <= 0xF4) {
-      len = 4;
-      if (b0 == 0xF0) lo = 0x90;
-      if (b0 == 0xF4) hi = 0x8F;
-    } else {
-      return i;
-    }
-    if (i + len > n) return i;
-    if (p[i + 1] < lo || p[i + 1] > hi) return i;
-    for (std::size_t k = 2; k < len; ++k) {
-      if (p[i + k] < 0x80 || p[i + k] > 0xBF) return i;
-    }
-    i += len;
-  }
-  return std::string_view::npos;
-}
-
-// Characters (code points) in s[0, byte_offset): Python's string positions.
-std::size_t char_index(std::string_view s, std::size_t byte_offset) {
-  std::size_t count = 0;
-  for (std::size_t i = 0; i < byte_offset && i < s.size(); ++i) {
-    if ((static_cast<unsigned char>(s[i]) & 0xC0) != 0x80) ++count;
-  }
-  return count;
 }
 
 // ------------------------------------------------------------------------------------------- files ----------
@@ -205,7 +127,7 @@ std::string read_file_text(const std::string& fs_path, const std::string& shown)
   } else {
     content = bytes.compare(0, kBom.size(), kBom) == 0 ? bytes.substr(kBom.size()) : std::move(bytes);
   }
-  const std::size_t bad = invalid_utf8_offset(content);
+  const std::size_t bad = first_invalid_utf8(content);
   if (bad != std::string_view::npos) {
     throw DataError("data file " + shown + " is not valid UTF-8 (byte " + std::to_string(bad) + ")");
   }
@@ -413,481 +335,127 @@ Table read_csv(const std::string& shown, std::string_view content) {
 
 // ------------------------------------------------------------------------------------------- JSON ----------
 
-// A decoded JSON value as Python's json module gives it (ints of any size kept as their digits).
-struct PyValue {
-  enum class Kind { kNone, kBool, kInt, kFloat, kStr, kList, kDict };
-  Kind kind = Kind::kNone;
-  bool boolean = false;
-  double number = 0;
-  std::string text;               // kInt: the decimal digits; kStr: the string
-  std::vector<PyValue> items;     // kList: the elements; kDict: the values
-  std::vector<std::string> keys;  // kDict: the keys, in first-insertion order, each once
-};
+using Json = nlohmann::ordered_json;
 
-const char* type_name(const PyValue& value) {
-  switch (value.kind) {
-    case PyValue::Kind::kNone:
-      return "NoneType";
-    case PyValue::Kind::kBool:
-      return "bool";
-    case PyValue::Kind::kInt:
-      return "int";
-    case PyValue::Kind::kFloat:
-      return "float";
-    case PyValue::Kind::kStr:
-      return "str";
-    case PyValue::Kind::kList:
-      return "list";
-    case PyValue::Kind::kDict:
-      return "dict";
-  }
-  return "object";
-}
+// Deeper values are refused before the recursive conversion to a string could exhaust the stack.
+constexpr int kMaxJsonDepth = 900;
+// A longer reason is cut: the text nlohmann quotes ("last read") can be the rest of the file.
+constexpr std::size_t kMaxReasonBytes = 200;
 
+// A JSON document that cannot be read: the reason and the byte offset it concerns (npos when unknown).
 struct JsonError {
-  std::string msg;
-  std::size_t pos;  // byte offset into the document
+  std::string reason;
+  std::size_t offset;
 };
+struct TooDeep {};
 
-// float(numstr) for a JSON number: correctly rounded, overflow to +-inf, underflow to +-0.
-double parse_float(std::string_view num) {
-  double value = 0;
-  const auto [ptr, ec] = std::from_chars(num.data(), num.data() + num.size(), value);
-  (void)ptr;
-  if (ec != std::errc::result_out_of_range) return value;
-  // Out of range: the decimal exponent of the first significant digit says which way.
-  const bool negative = num[0] == '-';
-  std::size_t i = negative ? 1 : 0;
-  long long position = 0;  // decimal exponent of the first nonzero digit, before the explicit exponent
-  bool found = false;
-  long long int_digits = 0;
-  for (; i < num.size() && num[i] >= '0' && num[i] <= '9'; ++i, ++int_digits) {
-    if (!found && num[i] != '0') {
-      found = true;
-      position = -int_digits;  // fixed below, once the number of integer digits is known
+// nlohmann's message as one line of valid UTF-8, without its id and its own position in bytes: the text it quotes
+// may end inside a character or hold a line break it does not escape (it escapes only U+0000 to U+001F).
+std::string json_reason(std::string_view what) {
+  if (const std::size_t id_end = what.find("] "); id_end != std::string_view::npos) what.remove_prefix(id_end + 2);
+  const std::size_t colon = what.find(": ");
+  if (what.rfind("parse error", 0) == 0 && colon != std::string_view::npos) what.remove_prefix(colon + 2);
+  std::string out;
+  for (std::size_t i = 0; i < what.size();) {
+    if (out.size() >= kMaxReasonBytes) return out + "...";
+    const char32_t c = next_code_point(what, i);
+    if (c == 0x85 || c == 0x2028 || c == 0x2029) {
+      char buf[16];
+      std::snprintf(buf, sizeof buf, "<U+%04X>", static_cast<unsigned>(c));
+      out += buf;
+    } else {
+      append_utf8(out, c);
     }
   }
-  if (found) position += int_digits - 1;
-  if (i < num.size() && num[i] == '.') {
-    long long k = 0;
-    for (++i; i < num.size() && num[i] >= '0' && num[i] <= '9'; ++i) {
-      --k;
-      if (!found && num[i] != '0') {
-        found = true;
-        position = k;
-      }
-    }
-  }
-  long long exponent = 0;
-  if (i < num.size() && (num[i] == 'e' || num[i] == 'E')) {
-    ++i;
-    const bool exp_negative = i < num.size() && num[i] == '-';
-    if (i < num.size() && (num[i] == '-' || num[i] == '+')) ++i;
-    for (; i < num.size(); ++i) exponent = std::min(exponent * 10 + (num[i] - '0'), 1LL << 40);
-    if (exp_negative) exponent = -exponent;
-  }
-  const double magnitude = position + exponent >= 0 ? std::numeric_limits<double>::infinity() : 0.0;
-  return negative ? -magnitude : magnitude;
+  return out;
 }
 
-// CPython's json scanner (Modules/_json.c, strict mode), over UTF-8 bytes; every structural character is ASCII.
-class JsonScanner {
- public:
-  explicit JsonScanner(std::string_view s) : s_(s) {}
-
-  // json.loads(s).
-  PyValue decode() {
-    if (s_.substr(0, 3) == "\xEF\xBB\xBF") throw JsonError{"Unexpected UTF-8 BOM (decode using utf-8-sig)", 0};
-    std::size_t idx = skip_ws(0);
-    PyValue value = scan_once(idx, idx, 0);
-    idx = skip_ws(idx);
-    if (idx != s_.size()) throw JsonError{"Extra data", idx};
-    return value;
+// json.loads(text), but with nlohmann's acceptance (see the top of the file). Python refuses a BOM, which nlohmann
+// would skip.
+Json parse_json(std::string_view text) {
+  if (text.substr(0, 3) == "\xEF\xBB\xBF") throw JsonError{"Unexpected UTF-8 BOM (decode using utf-8-sig)", 0};
+  try {
+    return Json::parse(text.begin(), text.end());
+  } catch (const Json::parse_error& err) {  // err.byte: 1-based index of the byte where it stopped
+    throw JsonError{json_reason(err.what()), std::min<std::size_t>(err.byte > 0 ? err.byte - 1 : 0, text.size())};
+  } catch (const Json::out_of_range& err) {  // a number beyond a double's range: nlohmann gives no position
+    throw JsonError{json_reason(err.what()), std::string_view::npos};
   }
+}
 
- private:
-  // Python's recursion limit ends deeper documents with a RecursionError (a traceback there, a DataError here).
-  static constexpr int kMaxDepth = 900;
-  static constexpr const char* kTooDeep = "maximum recursion depth exceeded while decoding a JSON ";
-  static constexpr const char* kFromUnicode = " from a unicode string";
-
-  static bool is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
-  static bool is_digit(char c) { return c >= '0' && c <= '9'; }
-
-  std::size_t skip_ws(std::size_t idx) const {
-    while (idx < s_.size() && is_ws(s_[idx])) ++idx;
-    return idx;
+// Python's name of the type json.loads gives a value.
+const char* type_name(const Json& value) {
+  switch (value.type()) {
+    case Json::value_t::null:
+      return "NoneType";
+    case Json::value_t::boolean:
+      return "bool";
+    case Json::value_t::number_integer:
+    case Json::value_t::number_unsigned:
+      return "int";
+    case Json::value_t::number_float:
+      return "float";
+    case Json::value_t::string:
+      return "str";
+    case Json::value_t::array:
+      return "list";
+    case Json::value_t::object:
+      return "dict";
+    default:
+      return "object";
   }
-  bool at(std::size_t idx, std::string_view word) const { return s_.compare(idx, word.size(), word) == 0; }
+}
 
-  // scan_once: the value at idx; "Expecting value" where none starts.
-  PyValue scan_once(std::size_t idx, std::size_t& next, int depth) {
-    if (idx >= s_.size()) throw JsonError{"Expecting value", idx};
-    PyValue value;
-    switch (s_[idx]) {
-      case '"':
-        value.kind = PyValue::Kind::kStr;
-        value.text = scan_string(idx + 1, next);
-        return value;
-      case '{':
-        if (depth >= kMaxDepth) throw JsonError{std::string(kTooDeep) + "object" + kFromUnicode, idx};
-        return parse_object(idx + 1, next, depth + 1);
-      case '[':
-        if (depth >= kMaxDepth) throw JsonError{std::string(kTooDeep) + "array" + kFromUnicode, idx};
-        return parse_array(idx + 1, next, depth + 1);
-      case 'n':
-        if (at(idx, "null")) {
-          next = idx + 4;
-          return value;
-        }
-        break;
-      case 't':
-        if (at(idx, "true")) {
-          value.kind = PyValue::Kind::kBool;
-          value.boolean = true;
-          next = idx + 4;
-          return value;
-        }
-        break;
-      case 'f':
-        if (at(idx, "false")) {
-          value.kind = PyValue::Kind::kBool;
-          next = idx + 5;
-          return value;
-        }
-        break;
-      case 'N':
-        if (at(idx, "NaN")) {
-          value.kind = PyValue::Kind::kFloat;
-          value.number = std::numeric_limits<double>::quiet_NaN();
-          next = idx + 3;
-          return value;
-        }
-        break;
-      case 'I':
-        if (at(idx, "Infinity")) {
-          value.kind = PyValue::Kind::kFloat;
-          value.number = std::numeric_limits<double>::infinity();
-          next = idx + 8;
-          return value;
-        }
-        break;
-      case '-':
-        if (at(idx, "-Infinity")) {
-          value.kind = PyValue::Kind::kFloat;
-          value.number = -std::numeric_limits<double>::infinity();
-          next = idx + 9;
-          return value;
-        }
-        break;
-      default:
-        break;
+// json.dumps(value, ensure_ascii=False, sort_keys=True): separators ", " and ": ", floats as Python's str().
+// Strings, integers, booleans and null are nlohmann's spelling, which is Python's (the same escapes).
+void dump_py(const Json& value, std::string& out, int depth) {
+  if (depth > kMaxJsonDepth) throw TooDeep{};
+  if (value.is_object()) {
+    std::vector<const Json::object_t::value_type*> items;
+    for (const auto& item : value.get_ref<const Json::object_t&>()) items.push_back(&item);
+    // Byte order of UTF-8 is code point order, which is how Python sorts str keys.
+    std::sort(items.begin(), items.end(), [](const auto* a, const auto* b) { return a->first < b->first; });
+    out += '{';
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      out += (i ? ", " : "") + Json(items[i]->first).dump() + ": ";
+      dump_py(items[i]->second, out, depth + 1);
     }
-    return match_number(idx, next);
-  }
-
-  PyValue match_number(std::size_t start, std::size_t& next) {
-    const std::size_t n = s_.size();
-    std::size_t idx = start;
-    if (s_[idx] == '-') {
-      ++idx;
-      if (idx >= n) throw JsonError{"Expecting value", start};
+    out += '}';
+  } else if (value.is_array()) {
+    out += '[';
+    for (std::size_t i = 0; i < value.size(); ++i) {
+      if (i) out += ", ";
+      dump_py(value[i], out, depth + 1);
     }
-    if (s_[idx] >= '1' && s_[idx] <= '9') {
-      ++idx;
-      while (idx < n && is_digit(s_[idx])) ++idx;
-    } else if (s_[idx] == '0') {
-      ++idx;
-    } else {
-      throw JsonError{"Expecting value", start};
-    }
-    bool is_float = false;
-    if (idx + 1 < n && s_[idx] == '.' && is_digit(s_[idx + 1])) {
-      is_float = true;
-      idx += 2;
-      while (idx < n && is_digit(s_[idx])) ++idx;
-    }
-    if (idx + 1 < n && (s_[idx] == 'e' || s_[idx] == 'E')) {
-      const std::size_t e_start = idx;
-      ++idx;
-      if (idx + 1 < n && (s_[idx] == '-' || s_[idx] == '+')) ++idx;
-      while (idx < n && is_digit(s_[idx])) ++idx;
-      if (is_digit(s_[idx - 1])) {
-        is_float = true;
-      } else {
-        idx = e_start;  // no exponent digits: the number ends before the 'e'
-      }
-    }
-    const std::string_view num = s_.substr(start, idx - start);
-    next = idx;
-    PyValue value;
-    if (is_float) {
-      value.kind = PyValue::Kind::kFloat;
-      value.number = parse_float(num);
-    } else {
-      value.kind = PyValue::Kind::kInt;
-      value.text = num == "-0" ? "0" : std::string(num);
-    }
-    return value;
-  }
-
-  // scanstring: `end` is just after the opening quote; returns the string and sets next after the closing one.
-  std::string scan_string(std::size_t end, std::size_t& next_out) {
-    const std::size_t begin = end - 1;
-    const std::size_t len = s_.size();
-    std::string out;
-    for (;;) {
-      std::size_t next = end;
-      char c = 0;
-      for (; next < len; ++next) {
-        c = s_[next];
-        if (c == '"' || c == '\\') break;
-        if (static_cast<unsigned char>(c) <= 0x1F) throw JsonError{"Invalid control character at", next};
-      }
-      if (next == len) throw JsonError{"Unterminated string starting at", begin};
-      out.append(s_.substr(end, next - end));
-      if (c == '"') {
-        next_out = next + 1;
-        return out;
-      }
-      ++next;  // the backslash
-      if (next == len) throw JsonError{"Unterminated string starting at", begin};
-      c = s_[next];
-      if (c != 'u') {
-        end = next + 1;
-        switch (c) {
-          case '"':
-            out += '"';
-            break;
-          case '\\':
-            out += '\\';
-            break;
-          case '/':
-            out += '/';
-            break;
-          case 'b':
-            out += '\b';
-            break;
-          case 'f':
-            out += '\f';
-            break;
-          case 'n':
-            out += '\n';
-            break;
-          case 'r':
-            out += '\r';
-            break;
-          case 't':
-            out += '\t';
-            break;
-          default:
-            throw JsonError{"Invalid \\escape", end - 2};
-        }
-        continue;
-      }
-      ++next;
-      end = next + 4;
-      if (end >= len) throw JsonError{"Invalid \\uXXXX escape", next - 1};
-      char32_t cp = hex4(next, end);
-      if (cp >= 0xD800 && cp <= 0xDBFF && end + 6 < len && s_[end] == '\\' && s_[end + 1] == 'u') {
-        const char32_t low = hex4(end + 2, end + 6);
-        if (low >= 0xDC00 && low <= 0xDFFF) {
-          cp = 0x10000 + (((cp - 0xD800) << 10) | (low - 0xDC00));
-          end += 6;
-        }
-      }
-      append_utf8(out, cp);
-    }
-  }
-
-  // Four hex digits at s[from, to); an error names the position of the 'u' before them.
-  char32_t hex4(std::size_t from, std::size_t to) const {
-    char32_t cp = 0;
-    for (std::size_t i = from; i < to; ++i) {
-      const char d = s_[i];
-      cp <<= 4;
-      if (d >= '0' && d <= '9') {
-        cp |= static_cast<char32_t>(d - '0');
-      } else if (d >= 'a' && d <= 'f') {
-        cp |= static_cast<char32_t>(d - 'a' + 10);
-      } else if (d >= 'A' && d <= 'F') {
-        cp |= static_cast<char32_t>(d - 'A' + 10);
-      } else {
-        throw JsonError{"Invalid \\uXXXX escape", to - 5};  // the 'u'
-      }
-    }
-    return cp;
-  }
-
-  PyValue parse_object(std::size_t idx, std::size_t& next, int depth) {
-    PyValue obj;
-    obj.kind = PyValue::Kind::kDict;
-    std::unordered_map<std::string, std::size_t> slot;
-    const std::size_t n = s_.size();
-    idx = skip_ws(idx);
-    if (idx >= n || s_[idx] != '}') {
-      for (;;) {
-        if (idx >= n || s_[idx] != '"') throw JsonError{"Expecting property name enclosed in double quotes", idx};
-        std::size_t after = 0;
-        std::string key = scan_string(idx + 1, after);
-        idx = skip_ws(after);
-        if (idx >= n || s_[idx] != ':') throw JsonError{"Expecting ':' delimiter", idx};
-        idx = skip_ws(idx + 1);
-        PyValue value = scan_once(idx, after, depth);
-        const auto [it, fresh] = slot.emplace(key, obj.items.size());
-        if (fresh) {
-          obj.keys.push_back(std::move(key));
-          obj.items.push_back(std::move(value));
-        } else {
-          obj.items[it->second] = std::move(value);  // dict semantics: the last value, at the first key's place
-        }
-        idx = skip_ws(after);
-        if (idx < n && s_[idx] == '}') break;
-        if (idx >= n || s_[idx] != ',') throw JsonError{"Expecting ',' delimiter", idx};
-        idx = skip_ws(idx + 1);
-      }
-    }
-    next = idx + 1;
-    return obj;
-  }
-
-  PyValue parse_array(std::size_t idx, std::size_t& next, int depth) {
-    PyValue list;
-    list.kind = PyValue::Kind::kList;
-    const std::size_t n = s_.size();
-    idx = skip_ws(idx);
-    if (idx >= n || s_[idx] != ']') {
-      for (;;) {
-        std::size_t after = 0;
-        list.items.push_back(scan_once(idx, after, depth));
-        idx = skip_ws(after);
-        if (idx < n && s_[idx] == ']') break;
-        if (idx >= n || s_[idx] != ',') throw JsonError{"Expecting ',' delimiter", idx};
-        idx = skip_ws(idx + 1);
-      }
-    }
-    next = idx + 1;
-    return list;
-  }
-
-  std::string_view s_;
-};
-
-// json.dumps(value, ensure_ascii=False, sort_keys=True).
-void dump_json(const PyValue& value, std::string& out) {
-  switch (value.kind) {
-    case PyValue::Kind::kNone:
-      out += "null";
-      return;
-    case PyValue::Kind::kBool:
-      out += value.boolean ? "true" : "false";
-      return;
-    case PyValue::Kind::kInt:
-      out += value.text;
-      return;
-    case PyValue::Kind::kFloat:
-      if (std::isnan(value.number)) {
-        out += "NaN";
-      } else if (std::isinf(value.number)) {
-        out += value.number > 0 ? "Infinity" : "-Infinity";
-      } else {
-        out += py_float_str(value.number);
-      }
-      return;
-    case PyValue::Kind::kStr:
-      out += '"';
-      for (const char c : value.text) {
-        switch (c) {
-          case '"':
-            out += "\\\"";
-            break;
-          case '\\':
-            out += "\\\\";
-            break;
-          case '\n':
-            out += "\\n";
-            break;
-          case '\r':
-            out += "\\r";
-            break;
-          case '\t':
-            out += "\\t";
-            break;
-          case '\b':
-            out += "\\b";
-            break;
-          case '\f':
-            out += "\\f";
-            break;
-          default:
-            if (static_cast<unsigned char>(c) < 0x20) {
-              char buf[8];
-              std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(static_cast<unsigned char>(c)));
-              out += buf;
-            } else {
-              out += c;
-            }
-        }
-      }
-      out += '"';
-      return;
-    case PyValue::Kind::kList:
-      out += '[';
-      for (std::size_t i = 0; i < value.items.size(); ++i) {
-        if (i) out += ", ";
-        dump_json(value.items[i], out);
-      }
-      out += ']';
-      return;
-    case PyValue::Kind::kDict: {
-      std::vector<std::size_t> order(value.keys.size());
-      std::iota(order.begin(), order.end(), std::size_t{0});
-      // Byte order of UTF-8 is code point order, which is how Python sorts str keys.
-      std::sort(order.begin(), order.end(),
-                [&](std::size_t a, std::size_t b) { return value.keys[a] < value.keys[b]; });
-      out += '{';
-      for (std::size_t i = 0; i < order.size(); ++i) {
-        if (i) out += ", ";
-        PyValue key;
-        key.kind = PyValue::Kind::kStr;
-        key.text = value.keys[order[i]];
-        dump_json(key, out);
-        out += ": ";
-        dump_json(value.items[order[i]], out);
-      }
-      out += '}';
-      return;
-    }
+    out += ']';
+  } else if (value.is_number_float()) {
+    out += py_float_str(value.get<double>());
+  } else {
+    out += value.dump();
   }
 }
 
 // loaders.py `_to_str`: strings as they are, None as "", JSON spellings of booleans, str() of numbers, nested
 // values as JSON.
-std::string to_str(const PyValue& value) {
-  switch (value.kind) {
-    case PyValue::Kind::kStr:
-      return value.text;
-    case PyValue::Kind::kNone:
-      return "";
-    case PyValue::Kind::kBool:
-      return value.boolean ? "true" : "false";
-    case PyValue::Kind::kInt:
-      return value.text;
-    case PyValue::Kind::kFloat:
-      return py_float_str(value.number);
-    case PyValue::Kind::kList:
-    case PyValue::Kind::kDict:
-      break;
-  }
+std::string to_str(Json& value) {
+  if (value.is_string()) return std::move(value.get_ref<std::string&>());
+  if (value.is_null()) return "";
+  if (value.is_number_float()) return py_float_str(value.get<double>());
   std::string out;
-  dump_json(value, out);
+  dump_py(value, out, 1);
   return out;
 }
 
-Record to_record(std::string where, PyValue&& obj) {
+Record to_record(const std::string& shown, std::string where, Json& obj) {
   Record record{std::move(where), {}};
-  record.values.reserve(obj.keys.size());
-  for (std::size_t i = 0; i < obj.keys.size(); ++i) record.values.emplace_back(obj.keys[i], to_str(obj.items[i]));
+  auto& items = obj.get_ref<Json::object_t&>();
+  record.values.reserve(items.size());
+  try {
+    for (auto& [key, value] : items) record.values.emplace_back(key, to_str(value));
+  } catch (const TooDeep&) {
+    throw DataError("data file " + shown + " " + record.where + " holds a value nested more than " +
+                    std::to_string(kMaxJsonDepth) + " levels deep");
+  }
   return record;
 }
 
@@ -914,49 +482,52 @@ Table read_jsonl(const std::string& shown, std::string_view content) {
     start = end + 1;
     ++number;
     if (py_strip(line).empty()) continue;
-    PyValue obj;
+    const std::string where = "line " + std::to_string(number);
+    Json obj;
     try {
-      obj = JsonScanner(line).decode();
+      obj = parse_json(line);
     } catch (const JsonError& err) {
-      throw DataError("data file " + shown + " line " + std::to_string(number) + " is not valid JSON: " + err.msg +
-                      " (column " + std::to_string(char_index(line, err.pos) + 1) + ")");
+      std::string column;  // Python's colno, in characters
+      if (err.offset != std::string_view::npos) {
+        column = " (column " + std::to_string(count_code_points(line.substr(0, err.offset)) + 1) + ")";
+      }
+      throw DataError("data file " + shown + " " + where + " is not valid JSON: " + err.reason + column);
     }
-    if (obj.kind != PyValue::Kind::kDict) {
-      throw DataError("data file " + shown + " line " + std::to_string(number) + " is a JSON " + type_name(obj) +
-                      ", expected an object");
+    if (!obj.is_object()) {
+      throw DataError("data file " + shown + " " + where + " is a JSON " + type_name(obj) + ", expected an object");
     }
-    table.records.push_back(to_record("line " + std::to_string(number), std::move(obj)));
+    table.records.push_back(to_record(shown, where, obj));
   }
   table.columns = collect_columns(table.records);
   return table;
 }
 
 Table read_json(const std::string& shown, std::string_view content) {
-  PyValue data;
+  Json data;
   try {
-    data = JsonScanner(content).decode();
+    data = parse_json(content);
   } catch (const JsonError& err) {
-    const std::string_view before = content.substr(0, err.pos);
-    const std::size_t lineno = static_cast<std::size_t>(std::count(before.begin(), before.end(), '\n')) + 1;
-    const std::size_t newline = before.rfind('\n');
-    const std::size_t colno = newline == std::string_view::npos
-                                  ? char_index(content, err.pos) + 1
-                                  : char_index(content, err.pos) - char_index(content, newline);
-    throw DataError("data file " + shown + " is not valid JSON: " + err.msg + " (line " + std::to_string(lineno) +
-                    ", column " + std::to_string(colno) + ")");
+    std::string position;
+    if (err.offset != std::string_view::npos) {  // Python's lineno and colno, in characters
+      const std::string_view before = content.substr(0, err.offset);
+      const std::size_t newline = before.rfind('\n');
+      const std::size_t line_start = newline == std::string_view::npos ? 0 : newline + 1;
+      position = " (line " + std::to_string(std::count(before.begin(), before.end(), '\n') + 1) + ", column " +
+                 std::to_string(count_code_points(before.substr(line_start)) + 1) + ")";
+    }
+    throw DataError("data file " + shown + " is not valid JSON: " + err.reason + position);
   }
-  if (data.kind != PyValue::Kind::kList) {
+  if (!data.is_array()) {
     throw DataError("data file " + shown + " holds a JSON " + type_name(data) + ", expected a list of objects");
   }
   Table table;
-  table.records.reserve(data.items.size());
-  for (std::size_t i = 0; i < data.items.size(); ++i) {
-    PyValue& obj = data.items[i];
-    if (obj.kind != PyValue::Kind::kDict) {
-      throw DataError("data file " + shown + " element [" + std::to_string(i) + "] is a JSON " + type_name(obj) +
-                      ", expected an object");
+  table.records.reserve(data.size());
+  for (std::size_t i = 0; i < data.size(); ++i) {
+    const std::string where = "element [" + std::to_string(i) + "]";
+    if (!data[i].is_object()) {
+      throw DataError("data file " + shown + " " + where + " is a JSON " + type_name(data[i]) + ", expected an object");
     }
-    table.records.push_back(to_record("element [" + std::to_string(i) + "]", std::move(obj)));
+    table.records.push_back(to_record(shown, where, data[i]));
   }
   table.columns = collect_columns(table.records);
   return table;
@@ -1188,9 +759,15 @@ std::string py_repr(std::string_view text) {
   std::string out(1, quote);
   std::size_t i = 0;
   while (i < text.size()) {
-    const char32_t c = next_code_point(text, i);
+    const Utf8Unit unit = decode_utf8_at(text, i);
+    const char32_t c = unit.code_point;
     char buf[16];
-    if (c == static_cast<char32_t>(quote) || c == '\\') {
+    if (!unit.valid) {  // bytes of a path that are not UTF-8: Python's surrogateescape shows each as \udcXX
+      for (std::size_t k = 0; k < unit.length; ++k) {
+        std::snprintf(buf, sizeof buf, "\\udc%02x", static_cast<unsigned>(static_cast<unsigned char>(text[i + k])));
+        out += buf;
+      }
+    } else if (c == static_cast<char32_t>(quote) || c == '\\') {
       out += '\\';
       out += static_cast<char>(c);
     } else if (c == '\t') {
@@ -1214,6 +791,7 @@ std::string py_repr(std::string_view text) {
       }
       out += buf;
     }
+    i += unit.length;
   }
   out += quote;
   return out;

@@ -46,6 +46,16 @@ ProgramInputs Engine::inputs(const EncodedSplit& data, const Rows& rows) const {
   return in;
 }
 
+void Engine::predict_chunks(const EncodedSplit& data, const Rows& rows,
+                            const std::function<void(const Rows&, const float*)>& each) {
+  const auto size = static_cast<std::size_t>(shape().batch_size);
+  for (std::size_t start = 0; start < rows.size(); start += size) {
+    const Rows chunk(rows.begin() + static_cast<std::ptrdiff_t>(start),
+                     rows.begin() + static_cast<std::ptrdiff_t>(std::min(rows.size(), start + size)));
+    each(chunk, program_->predict(inputs(data, chunk)));
+  }
+}
+
 void Engine::run_chunks(const EncodedSplit& data, const Rows& rows,
                         const std::function<void(const Rows&, const Program::Outputs&)>& each) {
   const auto size = static_cast<std::size_t>(shape().batch_size);
@@ -108,9 +118,9 @@ EvalStats Engine::evaluate(const EncodedSplit& data, const std::vector<Rows>& ba
   double loss_sum = 0.0;
   std::int64_t correct = 0, n = 0;
   for (const Rows& batch : batches) {
-    run_chunks(data, batch, [&](const Rows& chunk, const Program::Outputs& out) {
+    predict_chunks(data, batch, [&](const Rows& chunk, const float* logits) {
       for (std::size_t i = 0; i < chunk.size(); ++i) {
-        const float* row = out.logits + i * k;
+        const float* row = logits + i * k;
         const auto label = static_cast<std::size_t>(data.labels[chunk[i]]);
         std::size_t best = 0;
         double max = row[0];
@@ -151,8 +161,8 @@ TensorMap Engine::embeddings(const EncodedSplit& data, const std::vector<Rows>& 
 std::vector<float> Engine::logits(const EncodedSplit& data, const Rows& rows) {
   const auto k = static_cast<std::size_t>(program_->num_labels());
   std::vector<float> out;
-  run_chunks(data, rows, [&](const Rows& chunk, const Program::Outputs& o) {
-    out.insert(out.end(), o.logits, o.logits + chunk.size() * k);
+  predict_chunks(data, rows, [&](const Rows& chunk, const float* logits) {
+    out.insert(out.end(), logits, logits + chunk.size() * k);
   });
   return out;
 }

@@ -68,6 +68,9 @@ class Engine {
  private:
   // The program's inputs for up to batch_size rows of a split (padded up to the program's shapes).
   ProgramInputs inputs(const EncodedSplit& data, const Rows& rows) const;
+  // Predicts rows in chunks of the program's batch size; `each(chunk rows, logits)`.
+  void predict_chunks(const EncodedSplit& data, const Rows& rows,
+                      const std::function<void(const Rows&, const float*)>& each);
   // Runs the program over rows in chunks of its batch size; `each(chunk rows, outputs)`.
   void run_chunks(const EncodedSplit& data, const Rows& rows,
                   const std::function<void(const Rows&, const Program::Outputs&)>& each);

@@ -1,5 +1,6 @@
 #include "manifest.h"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <sys/stat.h>
@@ -71,8 +72,17 @@ Manifest read_manifest(const std::string& directory) {
                                       t.at("shape").get<std::vector<std::int64_t>>(), t.at("role").get<std::string>()});
     }
     m.xnnpack = raw.value("xnnpack", true);
+    m.predict_method = raw.value("predict_method", std::string());
+    m.predict_inputs = raw.value("predict_inputs", std::vector<std::string>());
   } catch (const json::exception& exc) {
     throw ArtifactError(path + ": missing or malformed field (" + first_line(exc.what()) + ")");
+  }
+  std::vector<std::string> names, inputs = m.predict_inputs;
+  for (const TensorEntry& t : m.tensors) names.push_back(t.name);
+  std::sort(names.begin(), names.end());
+  std::sort(inputs.begin(), inputs.end());
+  if (!m.predict_method.empty() && inputs != names) {
+    throw ArtifactError(path + ": the predict method's inputs differ from the trainable tensors");
   }
   if (m.shape.batch_size < 1 || m.shape.max_length < 1 || m.tensors.empty() ||
       (m.adapter == "amole") != !m.shape.amole_modules.empty()) {

@@ -39,6 +39,10 @@ struct Manifest {
   ProgramShape shape;
   FileEntry program, data;
   std::vector<TensorEntry> tensors;
+  // The inference method (logits from the tokens and the trainable tensors, no backward pass) and the program names
+  // of the tensors it takes, in order; empty for artifacts exported before it existed.
+  std::string predict_method;
+  std::vector<std::string> predict_inputs;
   bool xnnpack = true;
 
   std::vector<std::string> methods() const;

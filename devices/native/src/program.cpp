@@ -93,9 +93,54 @@ Program::Program(const Manifest& manifest, std::int64_t threads) : manifest_(man
   blank.labels[0] = 0;
   blank.slot_mask.assign(shape().amole_modules.size() * static_cast<std::size_t>(shape().slots), 1);
   run(blank);
+  for (const std::string& name : manifest.predict_inputs) {
+    for (std::size_t k = 0; k < manifest.tensors.size(); ++k) {
+      if (manifest.tensors[k].name == name) predict_order_.push_back(k);
+    }
+  }
+  if (!manifest.predict_method.empty() && module_->load_method(manifest.predict_method) != executorch::runtime::Error::Ok) {
+    throw ArtifactError(manifest.directory + ": the ExecuTorch runtime cannot load method '" + manifest.predict_method +
+                        "'");
+  }
 }
 
 Program::~Program() = default;
+
+namespace {
+
+std::vector<executorch::aten::SizesType> sizes_of(const std::vector<std::int64_t>& shape) {
+  std::vector<executorch::aten::SizesType> out;
+  for (std::int64_t d : shape) out.push_back(static_cast<executorch::aten::SizesType>(d));
+  return out;
+}
+
+}  // namespace
+
+const float* Program::predict(const ProgramInputs& in) {
+  if (manifest_.predict_method.empty()) return run(in).logits;
+  const auto b = static_cast<executorch::aten::SizesType>(shape().batch_size);
+  const auto t = static_cast<executorch::aten::SizesType>(shape().max_length);
+  auto ids = et::make_tensor_ptr({b, t}, std::vector<std::int64_t>(in.input_ids));
+  auto mask = et::make_tensor_ptr({b, t}, std::vector<std::int64_t>(in.attention_mask));
+  std::vector<EValue> inputs{*ids, *mask};
+  et::TensorPtr slots;
+  std::vector<std::uint8_t> slot_bytes(in.slot_mask);
+  if (!shape().amole_modules.empty()) {
+    const auto l = static_cast<executorch::aten::SizesType>(shape().amole_modules.size());
+    const auto m = static_cast<executorch::aten::SizesType>(shape().slots);
+    slots = et::make_tensor_ptr({l, m}, slot_bytes.data(), ScalarType::Bool);
+    inputs.emplace_back(*slots);
+  }
+  std::vector<et::TensorPtr> weights;  // views of the training method's parameter memory
+  for (std::size_t k : predict_order_) {
+    weights.push_back(et::make_tensor_ptr(sizes_of(params_[k].shape), params_[k].data, ScalarType::Float));
+    inputs.emplace_back(*weights.back());
+  }
+  const std::vector<EValue> out = call(*module_, manifest_.predict_method, inputs, manifest_.directory);
+  const auto& logits = out.at(0).toTensor();
+  logits_.assign(logits.const_data_ptr<float>(), logits.const_data_ptr<float>() + logits.numel());
+  return logits_.data();
+}
 
 Program::Outputs Program::run(const ProgramInputs& in) {
   const auto b = static_cast<executorch::aten::SizesType>(shape().batch_size);

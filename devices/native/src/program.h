@@ -52,6 +52,10 @@ class Program {
   };
   // Run forward and backward on one batch. Outputs and gradients stay valid until the next run.
   Outputs run(const ProgramInputs& inputs);
+  // Logits (B, K) of one batch with the current weights, without a backward pass: the inference method, fed the
+  // training method's own parameter memory (no copy); the training method's logits for an artifact without one.
+  // Valid until the next run or predict.
+  const float* predict(const ProgramInputs& inputs);
   // The gradient of params()[index] from the last run.
   const float* gradient(std::size_t index) const { return gradients_.at(index); }
 
@@ -62,6 +66,8 @@ class Program {
   std::vector<std::size_t> order_;  // manifest tensor index -> position among the program's trainable tensors
   std::vector<ParamView> params_;
   std::vector<const float*> gradients_;
+  std::vector<std::size_t> predict_order_;  // predict input k -> index into params_
+  std::vector<float> logits_;               // the last prediction
 };
 
 // Set the runtime's thread pool to `threads` threads (1 creates no workers).

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "errors.h"
+#include "utf8.h"
 
 // Each step follows the definition in Hugging Face tokenizers (Rust), which the Python client runs:
 //  - BertNormalizer: clean_text drops NUL, U+FFFD and "other" characters (Cc, Cf, Co; not tab, LF, CR), then maps
@@ -26,73 +27,6 @@ namespace edgemole {
 namespace {
 
 using json = nlohmann::json;
-
-constexpr char32_t kReplacement = 0xFFFD;
-
-// ---------------------------------------------------------------------------------------------- UTF-8 ----------
-
-// Decodes `text`, reading each ill-formed subsequence (maximal subpart, Unicode 3.9 D93b) as one U+FFFD.
-std::u32string decode_utf8(std::string_view text) {
-  std::u32string out;
-  out.reserve(text.size());
-  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  const std::size_t n = text.size();
-  std::size_t i = 0;
-  while (i < n) {
-    const unsigned char b0 = s[i];
-    if (b0 < 0x80) {
-      out.push_back(b0);
-      ++i;
-      continue;
-    }
-    std::size_t len = 0;
-    unsigned char lo = 0x80, hi = 0xBF;  // the range allowed for the second byte
-    if (b0 >= 0xC2 && b0 <= 0xDF) {
-      len = 2;
-    } else if (b0 >= 0xE0 && b0 <= 0xEF) {
-      len = 3;
-      if (b0 == 0xE0) lo = 0xA0;
-      if (b0 == 0xED) hi = 0x9F;
-    } else if (b0 >= 0xF0 && b0 <= 0xF4) {
-      len = 4;
-      if (b0 == 0xF0) lo = 0x90;
-      if (b0 == 0xF4) hi = 0x8F;
-    } else {
-      out.push_back(kReplacement);
-      ++i;
-      continue;
-    }
-    char32_t cp = b0 & (len == 2 ? 0x1F : len == 3 ? 0x0F : 0x07);
-    std::size_t k = 1;
-    for (; k < len && i + k < n; ++k) {
-      const unsigned char b = s[i + k];
-      const unsigned char min = k == 1 ? lo : 0x80, max = k == 1 ? hi : 0xBF;
-      if (b < min || b > max) break;
-      cp = (cp << 6) | (b & 0x3F);
-    }
-    out.push_back(k == len ? cp : kReplacement);
-    i += k;
-  }
-  return out;
-}
-
-void append_utf8(char32_t c, std::string& out) {
-  if (c < 0x80) {
-    out.push_back(static_cast<char>(c));
-  } else if (c < 0x800) {
-    out.push_back(static_cast<char>(0xC0 | (c >> 6)));
-    out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  } else if (c < 0x10000) {
-    out.push_back(static_cast<char>(0xE0 | (c >> 12)));
-    out.push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  } else {
-    out.push_back(static_cast<char>(0xF0 | (c >> 18)));
-    out.push_back(static_cast<char>(0x80 | ((c >> 12) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  }
-}
 
 // ---------------------------------------------------------------------------------- character classes ----------
 
@@ -535,7 +469,7 @@ void Tokenizer::normalize(const char32_t* begin, const char32_t* end, std::u32st
   for (const char32_t* p = begin; p < end; ++p) {
     char32_t c = *p;
     if (clean_text_) {
-      if (c == 0 || c == kReplacement || is_control(c)) continue;
+      if (c == 0 || c == kReplacementChar || is_control(c)) continue;
       if (is_whitespace(c)) c = ' ';
     }
     if (handle_chinese_chars_ && c >= 0x3400 && is_chinese_char(c)) {
@@ -614,7 +548,7 @@ void Tokenizer::word_piece(const char32_t* begin, const char32_t* end, std::vect
   starts.reserve(chars + 1);
   for (const char32_t* p = begin; p < end; ++p) {
     starts.push_back(word.size());
-    append_utf8(*p, word);
+    append_utf8(word, *p);
   }
   starts.push_back(word.size());
   if (const auto whole = vocab_.find(word); whole != vocab_.end()) {

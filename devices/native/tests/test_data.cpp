@@ -1,5 +1,6 @@
-// Tests of the shared RNG and the local data (rng.h, data.h): the test vectors of docs/protocol.md section 10, the
-// Python behaviours the reader copies (csv module, json module, round(), repr()) and its one-line errors.
+// Tests of the shared RNG, the local data and the UTF-8 helpers (rng.h, data.h, utf8.h): the test vectors of
+// docs/protocol.md section 10, the Python behaviours the reader copies (csv module, json values, round(), repr()),
+// the known differences of its JSON parser (nlohmann-json) and its one-line errors.
 // tests/test_native_data.py compares the same code with the Python client on real datasets.
 #include <doctest/doctest.h>
 #include <unistd.h>
@@ -16,6 +17,7 @@
 #include "data.h"
 #include "errors.h"
 #include "rng.h"
+#include "utf8.h"
 
 namespace fs = std::filesystem;
 using edgemole::SplitMix64;
@@ -215,6 +217,37 @@ TEST_CASE("py_round, py_float_str and py_repr") {
   CHECK(edgemole::py_strip("\xe2\x80\x8bx") == "\xe2\x80\x8bx");  // U+200B is not whitespace to Python
 }
 
+TEST_CASE("UTF-8: strict decoding, one U+FFFD per maximal subpart as Python's errors=\"replace\"") {
+  // The example of Unicode's chapter 3 (U+FFFD substitution of maximal subparts).
+  CHECK(edgemole::decode_utf8("a\xF1\x80\x80\xE1\x80\xC2\x62\x80\x63\x80\xBF\x64") ==
+        std::u32string{U'a', 0xFFFD, 0xFFFD, 0xFFFD, U'b', 0xFFFD, U'c', 0xFFFD, 0xFFFD, U'd'});
+  CHECK(edgemole::decode_utf8("\xE2\x82x\xF0\x9F\x98") == std::u32string{0xFFFD, U'x', 0xFFFD});  // cut sequences
+  // A surrogate, an overlong form and a code point beyond U+10FFFF: one U+FFFD per byte.
+  CHECK(edgemole::decode_utf8("\xED\xA0\x80\xC0\xAF\xF4\x90\x80\x80") == std::u32string(9, 0xFFFD));
+  CHECK(edgemole::decode_utf8("\xC3\xA9\xF0\x9F\x98\x80\xEF\xBF\xBF") == std::u32string{0xE9, 0x1F600, 0xFFFF});
+  CHECK(edgemole::first_invalid_utf8("ab\xC3\xA9") == std::string::npos);
+  CHECK(edgemole::first_invalid_utf8("ab\xE2\x82") == 2);
+  CHECK(edgemole::first_invalid_utf8("\xC3\xA9\xED\xBF\xBF") == 2);
+  CHECK(edgemole::to_valid_utf8("a\xE2\x82\x62\xFF") == "a\xEF\xBF\xBD\x62\xEF\xBF\xBD");
+  std::string out;
+  for (const char32_t c : {U'a', char32_t{0xE9}, char32_t{0x20AC}, char32_t{0x1F600}}) edgemole::append_utf8(out, c);
+  CHECK(out == "a\xC3\xA9\xE2\x82\xAC\xF0\x9F\x98\x80");
+  CHECK(edgemole::count_code_points(out) == 4);
+  std::size_t end = out.size();
+  CHECK(edgemole::prev_code_point(out, end) == 0x1F600);
+  CHECK(end == 6);
+  std::string tail = "a\xC3\xA9\x80";  // a stray continuation byte ends it
+  end = tail.size();
+  CHECK(edgemole::prev_code_point(tail, end) == 0xFFFD);
+  CHECK(edgemole::prev_code_point(tail, end) == 0xE9);
+  std::size_t i = 0;
+  CHECK(edgemole::next_code_point(tail, i) == U'a');
+  CHECK(edgemole::next_code_point(tail, i) == 0xE9);
+  CHECK(i == 3);
+  // Bytes of a path that are not UTF-8 show as Python's surrogateescape shows them.
+  CHECK(edgemole::py_repr("a\xE2\x82\xFF\x62.csv") == "'a\\udce2\\udc82\\udcffb.csv'");
+}
+
 // ----------------------------------------------------------------------------------------- the reader ----------
 
 TEST_CASE("CSV: BOM, CRLF, quotes, doubled quotes, multi-line fields, blank lines") {
@@ -252,19 +285,85 @@ TEST_CASE("CSV: explicit and detected columns") {
 TEST_CASE("JSON Lines and JSON: values become strings like Python's _to_str") {
   TempDir dir;
   const std::string line =
-      R"({"text": "t", "label": 1, "n": null, "f": 1e16, "b": false, "nest": {"z": [1.5, NaN], "a": "\u00e9\n"}})";
+      R"({"text": "t", "label": 1, "n": null, "f": 1e16, "b": false, "nest": {"z": [1.5, []], "a": "\u00e9\n"}})";
   const auto jsonl = edgemole::load_table(
       dir.write("a.jsonl", line + "\n\n" + R"({"text": 2.50, "label": " x ", "text": "last"})" + "\r\n"));
-  CHECK(jsonl.texts == std::vector<std::string>{"t", "last"});
+  CHECK(jsonl.texts == std::vector<std::string>{"t", "last"});  // a repeated key: the last value wins
   CHECK(jsonl.labels == std::vector<std::string>{"1", "x"});
   const auto nested = edgemole::load_table(dir.write("b.jsonl", line), "nest", "f");
-  CHECK(nested.texts == std::vector<std::string>{"{\"a\": \"\xC3\xA9\\n\", \"z\": [1.5, NaN]}"});
+  CHECK(nested.texts == std::vector<std::string>{"{\"a\": \"\xC3\xA9\\n\", \"z\": [1.5, []]}"});
   CHECK(nested.labels == std::vector<std::string>{"1e+16"});
   const auto big =
-      edgemole::load_table(dir.write("c.json", R"([{"instruction": 123456789012345678901234567890, "category": -0}, )"
-                                               R"({"instruction": -1E400, "category": 0.00001}])"));
-  CHECK(big.texts == std::vector<std::string>{"123456789012345678901234567890", "-inf"});
-  CHECK(big.labels == std::vector<std::string>{"0", "1e-05"});
+      edgemole::load_table(dir.write("c.json", R"([{"instruction": 18446744073709551615, "category": -0}, )"
+                                               R"({"instruction": -9223372036854775808, "category": 0.00001}, )"
+                                               R"({"instruction": -0.0, "category": 1E-400}])"));
+  CHECK(big.texts == std::vector<std::string>{"18446744073709551615", "-9223372036854775808", "-0.0"});
+  CHECK(big.labels == std::vector<std::string>{"0", "1e-05", "0.0"});
+  // json.dumps(value, ensure_ascii=False, sort_keys=True), as Python prints it for this value.
+  const auto dumped = edgemole::load_table(dir.write(
+      "d.jsonl",
+      "{\"text\": {\"b\": [1.5, null, true, \"\xE2\x80\xA8\x7f\\u0001\\\"\\\\/\"], \"a\": 18446744073709551615, "
+      "\"\xC3\xA9\": -0.0, \"Z\": 1e16, \"c\": {}, \"e\": []}, \"label\": \"x\"}\n"));
+  CHECK(dumped.texts == std::vector<std::string>{"{\"Z\": 1e+16, \"a\": 18446744073709551615, \"b\": [1.5, null, true, "
+                                                 "\"\xE2\x80\xA8\x7f\\u0001\\\"\\\\/\"], \"c\": {}, \"e\": [], "
+                                                 "\"\xC3\xA9\": -0.0}"});
+  // Keys keep their order of first appearance, a repeated one its first place, for the column detection.
+  const std::string order = dir.write("o.jsonl", R"({"intent": "i", "label": "a", "intent": "j", "text": "t"})");
+  CHECK(edgemole::load_table(order).labels == std::vector<std::string>{"a"});
+  CHECK(edgemole::load_table(order, "intent").texts == std::vector<std::string>{"j"});
+}
+
+TEST_CASE("JSON: the known differences from Python's json module") {
+  TempDir dir;
+  // Python accepts these; nlohmann-json refuses them with a one-line message that names the place.
+  const std::string nan = dir.write("nan.jsonl", R"({"text": "a", "label": NaN})");
+  CHECK(load_error(nan).rfind("data file '" + nan + "' line 1 is not valid JSON: ", 0) == 0);
+  CHECK(load_error(nan).find("(column 24)") != std::string::npos);
+  const std::string inf = dir.write("inf.json", "[{\"text\": \"a\",\n \"label\": -Infinity}]");
+  CHECK(load_error(inf).rfind("data file '" + inf + "' is not valid JSON: ", 0) == 0);
+  CHECK(load_error(inf).find("(line 2, column 12)") != std::string::npos);
+  const std::string surrogate = dir.write("s.jsonl", R"({"text": "\ud800", "label": "a"})");
+  CHECK(load_error(surrogate).find("line 1 is not valid JSON: ") != std::string::npos);
+  // A number beyond a double's range: nlohmann names no position.
+  const std::string huge = dir.write("h.json", R"([{"text": -1E400, "label": "a"}])");
+  CHECK(load_error(huge) == "data file '" + huge + "' is not valid JSON: number overflow parsing '-1E400'");
+  // Integers beyond 64 bits are read as the nearest double (Python keeps the digits).
+  const auto big =
+      edgemole::load_table(dir.write("b.jsonl", R"({"text": 123456789012345678901234567890, "label": 1})"));
+  CHECK(big.texts == std::vector<std::string>{"1.2345678901234568e+29"});
+  // Deeply nested values are refused (Python: RecursionError), not a stack overflow.
+  const std::string deep_value = std::string(100000, '[') + std::string(100000, ']');
+  const std::string deep = dir.write("deep.jsonl", "{\"text\": \"a\", \"label\": \"b\", \"x\": " + deep_value + "}\n");
+  CHECK(load_error(deep) == "data file '" + deep + "' line 1 holds a value nested more than 900 levels deep");
+  const std::string shallow =
+      dir.write("ok.jsonl", "{\"text\": " + std::string(899, '[') + std::string(899, ']') + ", \"label\": \"b\"}\n");
+  CHECK(edgemole::load_table(shallow).texts[0].size() == 899 * 2);
+}
+
+TEST_CASE("JSON: syntax errors are one line of valid UTF-8 at Python's line and column") {
+  TempDir dir;
+  // A BOM inside the text (the file's own is dropped): Python's words, which nlohmann (skipping BOMs) has not.
+  const std::string bom = dir.write("bom.jsonl", "{\"text\": \"a\", \"label\": \"b\"}\n\xEF\xBB\xBF{}\n");
+  CHECK(load_error(bom) ==
+        "data file '" + bom + "' line 2 is not valid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) (column 1)");
+  const std::string bom2 = dir.write("bom.json", "\xEF\xBB\xBF\xEF\xBB\xBF[]");
+  CHECK(load_error(bom2) ==
+        "data file '" + bom2 + "' is not valid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) (line 1, column 1)");
+  // A character cut by nlohmann's "last read" (é outside a string), line breaks it does not escape, a long tail.
+  const std::string cut = dir.write("cut.jsonl", "{\"text\": \xC3\xA9}\n");
+  const std::string cut_error = load_error(cut);
+  CHECK(cut_error.find("(column 10)") != std::string::npos);
+  CHECK(edgemole::first_invalid_utf8(cut_error) == std::string::npos);
+  const std::string open =
+      dir.write("open.json", "[{\"text\": \"a\xE2\x80\xA8\xC2\x85" + std::string(100000, 'x') + "\n\n");
+  const std::string open_error = load_error(open);
+  CHECK(open_error.find('\n') == std::string::npos);
+  CHECK(open_error.find("\xE2\x80\xA8") == std::string::npos);
+  CHECK(open_error.find("<U+2028><U+0085>") != std::string::npos);
+  CHECK(open_error.size() < 500);
+  CHECK(open_error.find("(line 1, column 100015)") != std::string::npos);  // the raw line break, as Python's
+  const std::string end = dir.write("end.json", "[\n{\"text\": \"a\",");
+  CHECK(load_error(end).find("(line 2, column 14)") != std::string::npos);
 }
 
 TEST_CASE("errors are one line, worded as Python's") {
@@ -308,11 +407,15 @@ TEST_CASE("errors are one line, worded as Python's") {
 
   const std::string jsonl =
       dir.write("j.jsonl", "{\"text\": \"a\", \"label\": \"b\"}\n{\"text\": \"\xC3\xA9\", \"label\"}\n");
-  CHECK(load_error(jsonl) == "data file '" + jsonl + "' line 2 is not valid JSON: Expecting ':' delimiter (column 22)");
+  CHECK(load_error(jsonl) == "data file '" + jsonl +
+                                 "' line 2 is not valid JSON: syntax error while parsing object separator - "
+                                 "unexpected '}'; expected ':' (column 22)");
   const std::string list_line = dir.write("l.jsonl", "[1, 2]\n");
   CHECK(load_error(list_line) == "data file '" + list_line + "' line 1 is a JSON list, expected an object");
   const std::string json = dir.write("j.json", "[\n  {\"text\": \"a\", \"label\": \"b\"},\n  {\"text\": \"a\\q\"}\n]");
-  CHECK(load_error(json) == "data file '" + json + "' is not valid JSON: Invalid \\escape (line 3, column 14)");
+  CHECK(load_error(json) == "data file '" + json +
+                                "' is not valid JSON: syntax error while parsing value - invalid string: forbidden "
+                                "character after backslash; last read: '\"a\\q' (line 3, column 15)");
   const std::string dict = dir.write("d.json", "{\"text\": \"a\"}");
   CHECK(load_error(dict) == "data file '" + dict + "' holds a JSON dict, expected a list of objects");
   const std::string element = dir.write("e.json", "[{\"text\": \"a\", \"label\": \"b\"}, null]");
