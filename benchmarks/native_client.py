@@ -186,20 +186,24 @@ def assignment(task, wire, phase: str, rnd: int, steps: int) -> bytes:  # noqa: 
 
 
 # -- step FLOPs and this CPU's peak ----------------------------------------------------------------------------------
-def analytic_flops(config: object, batch: int, length: int) -> dict:
-    """Matmul FLOPs (2 per multiply-add) of one training step with a frozen base: the forward, plus the backward's
-    input gradients (one more matmul of the same size per linear layer and attention product), minus what
-    autograd skips (layer 0's Q/K/V input gradients: the embeddings need none); LoRA, router and head terms are
-    below 1% and left out of this formula (FlopCounterMode counts them)."""
+def analytic_flops(config: object, task, batch: int, length: int, modules: int) -> dict:  # noqa: ANN001
+    """Matmul FLOPs (2 per multiply-add) of one training step with a frozen base. Forward: per layer the Q, K, V,
+    O and two FFN matmuls, 2T(4h^2 + 2hf) for T = B*S tokens, and the two attention products, 4BS^2h; per AMoLE
+    module the M slot experts and the shared one (A: r x h, B: h x r) and the router (M x h),
+    T(4rh(M+1) + 2hM). Backward: the input gradient of every base matmul (the same FLOPs as its forward) except
+    layer 0's Q, K and V (the embeddings need no gradient), both operands' gradients of the attention products
+    (twice their forward), and input plus weight gradients of the adapters (twice their forward). The head and
+    element-wise work are left out (below 0.1%)."""
     h, f, n_layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    t = batch * length
-    linear = 2 * t * (4 * h * h + 2 * h * f)  # Q, K, V, O and the two FFN matmuls of one layer
-    attention = 2 * 2 * batch * length * length * h  # QK^T and (softmax)V over all heads
-    forward = n_layers * (linear + attention)
-    # backward: dX through every linear (same FLOPs as the forward), both operands' gradients of QK^T and AV
-    backward = n_layers * linear - 3 * 2 * t * h * h + n_layers * 2 * attention
+    r, m, t = task.lora.r, task.amole.slots, batch * length
+    linear = 2 * t * (4 * h * h + 2 * h * f)
+    attention = 4 * batch * length * length * h
+    adapters = modules * t * (4 * r * h * (m + 1) + 2 * h * m)
+    forward = n_layers * (linear + attention) + adapters
+    backward = n_layers * linear - 3 * 2 * t * h * h + 2 * n_layers * attention + 2 * adapters
     return {"forward": forward, "backward": backward, "total": forward + backward,
-            "formula": "forward L*(2T(4h^2+2hf) + 4BS^2h); backward L*2T(4h^2+2hf) - 3*2Th^2 + L*8BS^2h"}
+            "formula": "forward L(2T(4h^2+2hf) + 4BS^2h) + A T(4rh(M+1) + 2hM); "
+                       "backward L 2T(4h^2+2hf) - 6Th^2 + 2L 4BS^2h + 2A T(4rh(M+1) + 2hM)"}
 
 
 def counted_flops(engine, batch) -> dict:  # noqa: ANN001
@@ -357,12 +361,11 @@ def native_predict(binary: Path, config: dict, texts: list[str], warmup: int, wo
 # -- the Python client (a worker process per engine) ---------------------------------------------------------------
 def worker(spec_path: str) -> None:
     """A Python client process: one EdgeClient per local data set on one shared engine, answering commands (one
-    JSON line each) on stdin: rounds, thread count, prediction latency, exit."""
+    JSON line each) on stdin: rounds, prediction latency, exit."""
     t0 = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
     from edge_client.client import ClientOptions, EdgeClient
     from edge_client.engines import Batch, make_engine
-    from edgemole.model import set_torch_threads
     from edgemole.mqtt import Inbound
     from edgemole.protocol import Topics, decode
 
@@ -400,13 +403,6 @@ def worker(spec_path: str) -> None:
             client.link.published.clear()
             reply = {"round_s": wall, "metrics": decode(update).body["metrics"], "update_bytes": len(update),
                      "memory": proc_memory()}
-        elif cmd["cmd"] == "threads":
-            set_torch_threads(cmd["n"])
-            if spec["engine"] == "executorch":
-                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-                _unsafe_reset_threadpool(cmd["n"])
-            reply = {"threads": cmd["n"]}
         elif cmd["cmd"] == "predict":
             engine = engines["engine"]
             latency = []
@@ -614,7 +610,7 @@ def main() -> None:
     batch = Batch(data.train.input_ids[:16], data.train.attention_mask[:16], data.train.labels[:16])
     eager.set_state(*_state_of(assigns["full"][1]))
     counted = counted_flops(eager, batch)
-    analytic = analytic_flops(eager.model.backbone.config, 16, 32)
+    analytic = analytic_flops(eager.model.backbone.config, task, 16, 32, len(eager.wire.layers))
     del eager, data, batch
     gc.collect()
     load_before = wait_for_quiet(args.max_load, 600)
@@ -646,22 +642,6 @@ def main() -> None:
                                                  assigns["banking"][i].read_bytes(), work / "n", breakdown=i == 1))
             for e, w in workers.items():
                 rounds[e].append(w.ask(cmd="round", client="banking", assign=str(assigns["banking"][i])))
-    threads_all = os.cpu_count() or 1
-    steps_all: dict[str, list[float]] = {"native": [], "executorch": [], "eager": []}
-    if args.thread_repeats > 0:
-        for w in workers.values():
-            w.ask(cmd="threads", n=threads_all)
-        with console.status(f"timing steps with {threads_all} threads"):
-            for i in range(args.repeats + 1, args.repeats + 1 + args.thread_repeats):
-                r = native_round(binary, cfg("full", threads_all), task_payload, assigns["full"][i].read_bytes(),
-                                 work / "n")
-                steps_all["native"].append(r["metrics"]["train_s"] / r["metrics"]["steps"])
-                for e, w in workers.items():
-                    m = w.ask(cmd="round", client="full", assign=str(assigns["full"][i]))["metrics"]
-                    steps_all[e].append(m["train_s"] / m["steps"])
-        for w in workers.values():
-            w.ask(cmd="threads", n=1)
-
     # 6. prediction latency: the native client after a round that keeps its deployed model
     texts = [t for t, _ in random.Random(1).sample(rows, 23)]
     warmup = 3
@@ -674,6 +654,24 @@ def main() -> None:
         for e, w in workers.items():
             predict[e] = w.ask(cmd="predict", texts=texts, warmup=warmup)
         exit_memory = {e: w.close()["memory"] for e, w in workers.items()}
+
+    # 1b. the step with every core: fresh Python clients with their default threads (torch: one per core;
+    # resetting the ExecuTorch thread pool inside a process that used it is unsafe)
+    threads_all = os.cpu_count() or 1
+    steps_all: dict[str, list[float]] = {"native": [], "executorch": [], "eager": []}
+    if args.thread_repeats > 0:
+        with console.status(f"timing steps with {threads_all} threads"):
+            spec_all = dict(spec, threads=None, clients={"full": clients["full"]})
+            workers_all = {e: Worker(dict(spec_all, engine=e), work / f"{e}-all.json") for e in ("executorch", "eager")}
+            for i in range(args.repeats + 1, args.repeats + 1 + args.thread_repeats):
+                r = native_round(binary, cfg("full", threads_all), task_payload, assigns["full"][i].read_bytes(),
+                                 work / "n")
+                steps_all["native"].append(r["metrics"]["train_s"] / r["metrics"]["steps"])
+                for e, w in workers_all.items():
+                    m = w.ask(cmd="round", client="full", assign=str(assigns["full"][i]))["metrics"]
+                    steps_all[e].append(m["train_s"] / m["steps"])
+            for w in workers_all.values():
+                w.close()
 
     # 4. memory: a fresh Python client process doing one round (the native figures come from its rounds above)
     with console.status("memory of a Python client doing one round"):
@@ -692,6 +690,7 @@ def main() -> None:
             if arm_binary.exists() and shutil.which("aarch64-linux-gnu-strip") else None
         env = python_env_size()
     planned = _planned_memory(artifact / manifest.program.file)
+    predict_method = getattr(manifest, "predict_method", "")
 
     # figures
     med_step = {k: median(v) for k, v in steps.items()}
@@ -716,7 +715,7 @@ def main() -> None:
                   "after_load_mb": median([r["memory"]["loaded"]["VmRSS"] for r in nat]),
                   "after_round_mb": median([r["memory"]["done"]["VmRSS"] for r in nat]),
                   "smaps_loaded": nat[0]["smaps"]["loaded"], "smaps_done": nat[0]["smaps"]["done"],
-                  "planned_activation_bytes": planned, "base_bytes": manifest.data.bytes,
+                  "planned_bytes": planned, "base_bytes": manifest.data.bytes,
                   "program_bytes": manifest.program.bytes}
     python_mem = {"peak_mb": solo_exit["memory"]["VmHWM"], "after_imports_mb": solo.ready["memory_imported"]["VmRSS"],
                   "after_load_mb": solo.ready["memory_loaded"]["VmRSS"],
@@ -744,6 +743,7 @@ def main() -> None:
         "share_eager": flops / med_step["eager"] / peak["nominal"]["per_core"],
         "pi5_prediction": pi, "memory": {"native": native_mem, "python_executorch": python_mem},
         "install": {"x86_64": x86, "aarch64": arm, "python_env": env}, "predict": predict,
+        "predict_method": predict_method,
         "wall_s": time.perf_counter() - begun,
     }
 
@@ -775,17 +775,20 @@ def main() -> None:
     console.print(f"native start-up {s['process_start_to_ready_s']:.2f} s, engine load {s['engine_load_s']:.2f} s; "
                   f"Python (ExecuTorch) imports {workers['executorch'].ready['import_s']:.1f} s, load "
                   f"{workers['executorch'].ready['load_s']:.1f} s")
-    t = Table(title="peak resident memory of a client doing that round")
+    t = Table(title="resident memory (MiB) of a client doing that round")
     for col in ("client", "after start", "after load", "after round", "peak (VmHWM)"):
         t.add_column(col, justify="right")
-    t.add_row("native", f"{native_mem['after_start_mb']:.0f} MB", f"{native_mem['after_load_mb']:.0f} MB",
-              f"{native_mem['after_round_mb']:.0f} MB", f"{native_mem['peak_mb']:.0f} MB")
-    t.add_row("Python, ExecuTorch", f"{python_mem['after_imports_mb']:.0f} MB", f"{python_mem['after_load_mb']:.0f} MB",
-              f"{python_mem['after_round_mb']:.0f} MB", f"{python_mem['peak_mb']:.0f} MB")
+    for name, mem, first in (("native", native_mem, "after_start_mb"),
+                             ("Python, ExecuTorch", python_mem, "after_imports_mb")):
+        t.add_row(name, *(f"{mem[k]:.0f}" for k in (first, "after_load_mb", "after_round_mb", "peak_mb")))
     console.print(t)
-    console.print("native, resident after the round: " + ", ".join(
-        f"{k} {v:.0f} MB" for k, v in native_mem["smaps_done"].items() if v >= 0.5) +
-        f"; planned activations {planned / 1e6:.1f} MB, base weights {manifest.data.bytes / 1e6:.1f} MB")
+    load_mb = native_mem["after_load_mb"] - native_mem["after_start_mb"]
+    console.print(f"native (MiB): {native_mem['after_start_mb']:.0f} after start (code, tokenizer, data); loading "
+                  f"adds {load_mb:.0f}: base weights {manifest.data.bytes / 2**20:.0f}, planned buffers " +
+                  ", ".join(f"{k} {v / 2**20:.0f}" for k, v in planned.items()) + ", other "
+                  f"{load_mb - (manifest.data.bytes + sum(planned.values())) / 2**20:.0f}; the round adds "
+                  f"{native_mem['peak_mb'] - native_mem['after_load_mb']:.0f}. Resident after the round: " +
+                  ", ".join(f"{k} {v:.0f}" for k, v in native_mem["smaps_done"].items() if v >= 0.5))
     t = Table(title="install size (stripped), besides the artifact")
     for col in ("build", "we ship", "apt (Paho, utf8proc)", "on a Debian board anyway"):
         t.add_column(col, justify="right")
@@ -797,7 +800,9 @@ def main() -> None:
     console.print(t)
     console.print(f"Python client's packages: {env['total_bytes'] / 1e6:.0f} MB in {env['packages']} distributions, "
                   f"{env['without_model_bytes'] / 1e6:.0f} MB without the MiniLM package")
-    t = Table(title=f"prediction latency of one text, median of {len(texts) - warmup} after {warmup} warm-up")
+    how = f"the program's '{predict_method}' method" if predict_method else "the training method (no inference one)"
+    t = Table(title=f"prediction latency of one text, median of {len(texts) - warmup} after {warmup} warm-up; "
+                    f"ExecuTorch clients run {how}")
     for col in ("client", "latency"):
         t.add_column(col, justify="right")
     for k, v in predict.items():
@@ -816,12 +821,13 @@ def _state_of(path: Path) -> tuple[dict, dict]:
     return msg.tensors, msg.body
 
 
-def _planned_memory(pte: Path) -> int:
-    """Bytes of the program's planned (non-constant) buffers: activations and gradients of one call."""
+def _planned_memory(pte: Path) -> dict[str, int]:
+    """Bytes of each method's planned (non-constant) buffers: the activations, gradients and outputs of a call."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     program = deserialize_pte_binary(pte.read_bytes()).program
-    return sum(sum(plan.non_const_buffer_sizes) for plan in program.execution_plan)
+    return {plan.name: sum(plan.non_const_buffer_sizes) for plan in program.execution_plan
+            if sum(plan.non_const_buffer_sizes)}
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
-#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -17,6 +16,7 @@
 #include <unordered_map>
 
 #include "errors.h"
+#include "pyfmt.h"
 #include "utf8.h"
 
 // The reader gives the rows, the strings and the messages of the Python client's reader:
@@ -35,31 +35,6 @@
 
 namespace edgemole {
 namespace {
-
-// ----------------------------------------------------------------------------------- character classes ----------
-
-// Python's str.isspace: the characters of bidirectional class WS, B or S, or category Zs.
-bool py_isspace(char32_t c) {
-  return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
-}
-
-// Python's str.isprintable for non-ASCII code points (Unicode 14: categories Cc, Cf, Cs, Co, Zl, Zp and Zs other
-// than the space; unassigned code points, also unprintable to Python, are not known here).
-bool py_isprintable_nonascii(char32_t c) {
-  static constexpr std::array<std::pair<char32_t, char32_t>, 27> kUnprintable = {{
-      {0x80, 0xA0},       {0xAD, 0xAD},         {0x600, 0x605},     {0x61C, 0x61C},     {0x6DD, 0x6DD},
-      {0x70F, 0x70F},     {0x890, 0x891},       {0x8E2, 0x8E2},     {0x1680, 0x1680},   {0x180E, 0x180E},
-      {0x2000, 0x200F},   {0x2028, 0x202F},     {0x205F, 0x2064},   {0x2066, 0x206F},   {0x3000, 0x3000},
-      {0xD800, 0xF8FF},   {0xFEFF, 0xFEFF},     {0xFFF9, 0xFFFB},   {0x110BD, 0x110BD}, {0x110CD, 0x110CD},
-      {0x13430, 0x13438}, {0x1BCA0, 0x1BCA3},   {0x1D173, 0x1D17A}, {0xE0001, 0xE0001}, {0xE0020, 0xE007F},
-      {0xF0000, 0xFFFFD}, {0x100000, 0x10FFFD},
-  }};
-  for (const auto& [lo, hi] : kUnprintable) {
-    if (c >= lo && c <= hi) return false;
-  }
-  return true;
-}
 
 // ------------------------------------------------------------------------------------------- files ----------
 
@@ -306,7 +281,8 @@ Table read_csv(const std::string& shown, std::string_view content) {
         for (std::size_t i = 0; i < row.size(); ++i) {
           if (std::find(row.begin(), row.begin() + static_cast<std::ptrdiff_t>(i), row[i]) !=
               row.begin() + static_cast<std::ptrdiff_t>(i)) {
-            throw DataError("data file " + shown + " has column " + py_repr(row[i]) + " twice in its header row");
+            throw DataError("data file " + shown + " has column " + py_repr(row[i], kNoCap) +
+                            " twice in its header row");
           }
         }
         table.columns = row;
@@ -549,7 +525,8 @@ std::string pick_column(const std::string& shown, const std::vector<std::string>
   };
   if (!wanted.empty()) {
     if (!has(wanted)) {
-      throw DataError("data file " + shown + " has no column " + py_repr(wanted) + " (columns: " + available + ")");
+      throw DataError("data file " + shown + " has no column " + py_repr(wanted, kNoCap) + " (columns: " + available +
+                      ")");
     }
     return wanted;
   }
@@ -568,11 +545,11 @@ TextTable load_table(const std::string& path, const std::string& text_column, co
   static const std::vector<std::string> kTextColumns = {"text", "sentence", "content", "instruction"};
   static const std::vector<std::string> kLabelColumns = {"label", "category", "label_name", "intent", "class"};
   const PyPath p = parse_path(path);
-  const std::string shown = py_repr(path);
+  const std::string shown = py_repr(path, kNoCap);
   const std::string ext = ascii_lower(p.suffix);
   if (ext != ".csv" && ext != ".jsonl" && ext != ".json") {
     throw DataError("data file " + shown + " has unsupported extension " +
-                    py_repr(p.suffix.empty() ? "(none)" : p.suffix) + " (supported: .csv, .jsonl, .json)");
+                    py_repr(p.suffix.empty() ? "(none)" : p.suffix, kNoCap) + " (supported: .csv, .jsonl, .json)");
   }
   const std::string content = read_file_text(p.fs, shown);
   Table table = ext == ".csv"     ? read_csv(shown, content)
@@ -583,7 +560,8 @@ TextTable load_table(const std::string& path, const std::string& text_column, co
   const std::string text_col = pick_column(shown, table.columns, text_column, kTextColumns, "text", ext == ".csv");
   const std::string label_col = pick_column(shown, table.columns, label_column, kLabelColumns, "label", ext == ".csv");
   if (text_col == label_col) {
-    throw DataError("data file " + shown + ": column " + py_repr(text_col) + " cannot be both the text and the label");
+    throw DataError("data file " + shown + ": column " + py_repr(text_col, kNoCap) +
+                    " cannot be both the text and the label");
   }
   TextTable out;
   out.texts.reserve(table.records.size());
@@ -592,13 +570,14 @@ TextTable load_table(const std::string& path, const std::string& text_column, co
     std::string* text = record.find(text_col);  // a JSON record without the key reads as None: ""
     std::string text_value = text ? std::move(*text) : std::string();
     if (py_strip(text_value).empty()) {
-      throw DataError("data file " + shown + " " + record.where + " has an empty text in column " + py_repr(text_col));
+      throw DataError("data file " + shown + " " + record.where + " has an empty text in column " +
+                      py_repr(text_col, kNoCap));
     }
     const std::string* label = record.find(label_col);
     const std::string_view stripped = label ? py_strip(*label) : std::string_view();
     if (stripped.empty()) {
       throw DataError("data file " + shown + " " + record.where + " has an empty label in column " +
-                      py_repr(label_col));
+                      py_repr(label_col, kNoCap));
     }
     out.labels.emplace_back(stripped);
     out.texts.push_back(std::move(text_value));
@@ -710,107 +689,6 @@ std::vector<std::size_t> aux_indices(std::size_t num_train, double fraction, std
   std::vector<std::size_t> order = SplitMix64(num_train).permutation(num_train);
   order.resize(std::min(order.size(), static_cast<std::size_t>(n)));
   return order;
-}
-
-double py_round(double x) {
-  if (!std::isfinite(x)) throw std::invalid_argument("cannot round " + py_float_str(x) + " to an integer");
-  const double down = std::floor(x);
-  const double diff = x - down;  // exact for doubles
-  if (diff < 0.5) return down;
-  if (diff > 0.5) return down + 1;
-  return std::fmod(down, 2.0) == 0 ? down : down + 1;
-}
-
-std::string py_float_str(double x) {
-  if (std::isnan(x)) return "nan";
-  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
-  std::array<char, 64> buf{};
-  // Shortest digits that read back, in scientific form: d[.ddd]e[+-]XX.
-  const auto result = std::to_chars(buf.data(), buf.data() + buf.size(), x, std::chars_format::scientific);
-  const std::string_view sci(buf.data(), static_cast<std::size_t>(result.ptr - buf.data()));
-  std::string out = sci[0] == '-' ? "-" : "";
-  const std::size_t e = sci.find('e');
-  std::string digits;
-  for (std::size_t i = out.size(); i < e; ++i) {
-    if (sci[i] != '.') digits += sci[i];
-  }
-  const long decpt = std::strtol(std::string(sci.substr(e + 1)).c_str(), nullptr, 10) + 1;
-  const auto ndigits = static_cast<long>(digits.size());
-  if (decpt <= -4 || decpt > 16) {  // Python's repr switches to the exponent form here
-    out += digits[0];
-    if (digits.size() > 1) out += "." + digits.substr(1);
-    const long exponent = decpt - 1;
-    const std::string magnitude = std::to_string(exponent < 0 ? -exponent : exponent);
-    out += std::string(exponent < 0 ? "e-" : "e+") + (magnitude.size() < 2 ? "0" : "") + magnitude;
-  } else if (decpt <= 0) {
-    out += "0." + std::string(static_cast<std::size_t>(-decpt), '0') + digits;
-  } else if (decpt >= ndigits) {
-    out += digits + std::string(static_cast<std::size_t>(decpt - ndigits), '0') + ".0";
-  } else {
-    out += digits.substr(0, static_cast<std::size_t>(decpt)) + "." + digits.substr(static_cast<std::size_t>(decpt));
-  }
-  return out;
-}
-
-std::string py_repr(std::string_view text) {
-  const bool has_single = text.find('\'') != std::string_view::npos;
-  const bool has_double = text.find('"') != std::string_view::npos;
-  const char quote = has_single && !has_double ? '"' : '\'';
-  std::string out(1, quote);
-  std::size_t i = 0;
-  while (i < text.size()) {
-    const Utf8Unit unit = decode_utf8_at(text, i);
-    const char32_t c = unit.code_point;
-    char buf[16];
-    if (!unit.valid) {  // bytes of a path that are not UTF-8: Python's surrogateescape shows each as \udcXX
-      for (std::size_t k = 0; k < unit.length; ++k) {
-        std::snprintf(buf, sizeof buf, "\\udc%02x", static_cast<unsigned>(static_cast<unsigned char>(text[i + k])));
-        out += buf;
-      }
-    } else if (c == static_cast<char32_t>(quote) || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c == '\t') {
-      out += "\\t";
-    } else if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\r') {
-      out += "\\r";
-    } else if (c < 0x20 || c == 0x7F) {
-      std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned>(c));
-      out += buf;
-    } else if (c < 0x7F || py_isprintable_nonascii(c)) {
-      append_utf8(out, c);
-    } else {
-      if (c <= 0xFF) {
-        std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned>(c));
-      } else if (c <= 0xFFFF) {
-        std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(c));
-      } else {
-        std::snprintf(buf, sizeof buf, "\\U%08x", static_cast<unsigned>(c));
-      }
-      out += buf;
-    }
-    i += unit.length;
-  }
-  out += quote;
-  return out;
-}
-
-std::string_view py_strip(std::string_view text) {
-  std::size_t begin = 0;
-  while (begin < text.size()) {
-    std::size_t i = begin;
-    if (!py_isspace(next_code_point(text, i))) break;
-    begin = i;
-  }
-  std::size_t end = text.size();
-  while (end > begin) {
-    std::size_t i = end;
-    if (!py_isspace(prev_code_point(text, i))) break;
-    end = i;
-  }
-  return text.substr(begin, end - begin);
 }
 
 }  // namespace edgemole

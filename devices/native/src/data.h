@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "pyfmt.h"  // py_repr, py_float_str, py_round, py_strip: once declared here, kept visible
 #include "rng.h"
 
 namespace edgemole {
@@ -62,16 +63,5 @@ class BatchOrder {
 // The rows of `LocalData.aux_batches`: n = max(1, min(max_examples, round(fraction * num_train), num_train)) with
 // Python's round, the first n of the permutation of a SplitMix64 seeded with num_train.
 std::vector<std::size_t> aux_indices(std::size_t num_train, double fraction, std::size_t max_examples);
-
-// Python's round() of a float to an integer: half to even. Throws std::invalid_argument for NaN and infinities.
-double py_round(double x);
-// Python's str() of a float: the shortest digits that read back, "1e+16", "1e-05", "0.0001", "2.0", "inf", "nan".
-std::string py_float_str(double x);
-// Python's repr() of a str (UTF-8): the quotes and escapes that Python's messages show around names and paths.
-// Non-ASCII characters are kept unless they are controls, separators or format characters (Python also escapes
-// unassigned code points, which this does not know).
-std::string py_repr(std::string_view text);
-// Python's str.strip() with no argument: Unicode whitespace (str.isspace) removed at both ends.
-std::string_view py_strip(std::string_view text);
 
 }  // namespace edgemole

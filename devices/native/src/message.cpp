@@ -4,25 +4,19 @@
 #include <utility>
 
 #include "errors.h"
+#include "pyfmt.h"
 #include "safetensors.h"
+#include "utf8.h"
 
 namespace edgemole {
 namespace {
 
-constexpr std::size_t kMaxReprChars = 200;
-
-std::string repr_string(const std::string& text) {
-  // Python picks double quotes only for text with a single quote and no double quote.
-  const char quote = text.find('\'') != std::string::npos && text.find('"') == std::string::npos ? '"' : '\'';
-  return quote + printable(text, kMaxReprChars, quote) + quote;
-}
-
 void repr_into(const nlohmann::json& value, std::string& out) {
-  if (out.size() > kMaxReprChars) return;
+  if (out.size() > kReprMaxBytes) return;
   switch (value.type()) {
     case nlohmann::json::value_t::null: out += "None"; break;
     case nlohmann::json::value_t::boolean: out += value.get<bool>() ? "True" : "False"; break;
-    case nlohmann::json::value_t::string: out += repr_string(value.get_ref<const std::string&>()); break;
+    case nlohmann::json::value_t::string: out += py_str_repr(value.get_ref<const std::string&>()); break;
     case nlohmann::json::value_t::array: {
       out += '[';
       bool first = true;
@@ -30,7 +24,7 @@ void repr_into(const nlohmann::json& value, std::string& out) {
         if (!first) out += ", ";
         first = false;
         repr_into(item, out);
-        if (out.size() > kMaxReprChars) return;
+        if (out.size() > kReprMaxBytes) return;
       }
       out += ']';
       break;
@@ -41,9 +35,9 @@ void repr_into(const nlohmann::json& value, std::string& out) {
       for (const auto& [key, item] : value.items()) {
         if (!first) out += ", ";
         first = false;
-        out += repr_string(key) + ": ";
+        out += py_str_repr(key) + ": ";
         repr_into(item, out);
-        if (out.size() > kMaxReprChars) return;
+        if (out.size() > kReprMaxBytes) return;
       }
       out += '}';
       break;
@@ -53,11 +47,9 @@ void repr_into(const nlohmann::json& value, std::string& out) {
 }
 
 // Cuts `text` to about max_bytes without splitting a UTF-8 sequence.
-std::string shorten(std::string text, std::size_t max_bytes = kMaxReprChars) {
+std::string shorten(std::string text, std::size_t max_bytes = kReprMaxBytes) {
   if (text.size() <= max_bytes) return text;
-  std::size_t cut = max_bytes;
-  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xc0u) == 0x80u) --cut;
-  text.resize(cut);
+  text.resize(floor_char_boundary(text, max_bytes));
   return text + "...";
 }
 
@@ -103,7 +95,7 @@ std::string meta_string(const nlohmann::json& meta, const char* key) {
 // A metadata value for an error message: Python's repr of meta.get(key), None when absent.
 std::string meta_repr(const nlohmann::json& meta, const char* key) {
   const auto it = meta.find(key);
-  return it == meta.end() ? "None" : repr_string(it->get<std::string>());
+  return it == meta.end() ? "None" : py_str_repr(it->get<std::string>());
 }
 
 }  // namespace
@@ -123,6 +115,9 @@ bool is_work_phase(std::string_view value) {
 }
 
 std::string py_repr(const nlohmann::json& value) {
+  // A string alone is py_str_repr's spelling, cut as it cuts, so that a string shows the same whichever overload
+  // a call picks.
+  if (value.is_string()) return py_str_repr(value.get_ref<const std::string&>());
   std::string out;
   repr_into(value, out);
   return shorten(std::move(out));
@@ -185,7 +180,7 @@ Message decode(const std::uint8_t* data, std::size_t size, std::size_t max_bytes
     round_ok = round_ok && c >= '0' && c <= '9';
     if (round_ok) round = round * 10 + (c - '0');
   }
-  if (!round_ok || round > kMaxRound) throw ProtocolError("invalid round " + repr_string(round_text));
+  if (!round_ok || round > kMaxRound) throw ProtocolError("invalid round " + py_str_repr(round_text));
 
   Message msg;
   msg.tensors = read_tensors(header, data, size);

@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "pyfmt.h"
 #include "tensor.h"
 
 namespace edgemole {
@@ -61,7 +62,8 @@ inline Message decode(const std::vector<std::uint8_t>& payload, std::size_t max_
 }
 
 // A value as Python's repr() shows it in the reference's messages ('text', None, True, 12, [1, 2]), shortened to
-// about 200 characters so that a hostile value cannot make a log line huge.
+// about kReprMaxBytes so that a hostile value cannot make a log line huge. A string shows as pyfmt.h's py_repr of
+// it (that overload takes a std::string or a literal; this one nullptr, numbers, lists and objects).
 std::string py_repr(const nlohmann::json& value);
 
 }  // namespace edgemole

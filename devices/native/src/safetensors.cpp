@@ -9,41 +9,13 @@
 #include <utility>
 
 #include "errors.h"
+#include "pyfmt.h"
 
 namespace edgemole {
 namespace {
 
 constexpr std::string_view kMetadataKey = "__metadata__";
 constexpr std::string_view kUtf8Bom = "\xEF\xBB\xBF";
-
-// Length of the valid UTF-8 sequence at text[i] (1 to 4), or 0 when the byte there does not start one.
-std::size_t utf8_length(std::string_view text, std::size_t i) {
-  const auto byte = [&](std::size_t k) { return static_cast<unsigned char>(text[k]); };
-  const unsigned char b0 = byte(i);
-  if (b0 < 0x80) return 1;
-  std::size_t n = 0;
-  std::uint32_t min = 0;
-  if ((b0 & 0xe0u) == 0xc0u) {
-    n = 2;
-    min = 0x80;
-  } else if ((b0 & 0xf0u) == 0xe0u) {
-    n = 3;
-    min = 0x800;
-  } else if ((b0 & 0xf8u) == 0xf0u) {
-    n = 4;
-    min = 0x10000;
-  } else {
-    return 0;
-  }
-  if (i + n > text.size()) return 0;
-  std::uint32_t code = b0 & (0x7fu >> n);
-  for (std::size_t k = 1; k < n; ++k) {
-    if ((byte(i + k) & 0xc0u) != 0x80u) return 0;
-    code = (code << 6) | (byte(i + k) & 0x3fu);
-  }
-  if (code < min || code > 0x10ffff || (code >= 0xd800 && code <= 0xdfff)) return 0;
-  return n;
-}
 
 // nlohmann's messages start with "[json.exception.parse_error.101] "; the reason alone reads better in one line.
 // Its "last read: '...'" part echoes payload bytes: made printable.
@@ -186,37 +158,6 @@ Entry parse_entry(const std::string& name, const nlohmann::json& info) {
 }
 
 }  // namespace
-
-std::string printable(std::string_view text, std::size_t max_bytes, char quote) {
-  static const char* hex = "0123456789abcdef";
-  std::string out;
-  for (std::size_t i = 0; i < text.size();) {
-    if (out.size() >= max_bytes) return out + "...";
-    const char c = text[i];
-    const auto byte = static_cast<unsigned char>(c);
-    const std::size_t n = utf8_length(text, i);
-    if (c == '\\' || (quote != 0 && c == quote)) {
-      out += '\\';
-      out += c;
-    } else if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\r') {
-      out += "\\r";
-    } else if (c == '\t') {
-      out += "\\t";
-    } else if (n == 0 || byte < 0x20 || byte == 0x7f) {
-      out += "\\x";
-      out += hex[byte >> 4];
-      out += hex[byte & 0xfu];
-    } else {
-      out.append(text.substr(i, n));
-      i += n;
-      continue;
-    }
-    ++i;
-  }
-  return out;
-}
 
 nlohmann::json parse_strict_json(std::string_view text, std::vector<std::string>* top_level_keys) {
   return parse_strict(text, top_level_keys);

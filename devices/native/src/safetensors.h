@@ -21,11 +21,6 @@ inline constexpr std::size_t kMaxHeaderBytes = 1024 * 1024;
 // Deepest JSON nesting accepted in the header and in the metadata's JSON strings (the protocol needs 4).
 inline constexpr int kMaxJsonDepth = 64;
 
-// `text` made safe for a one-line error message that may travel in a JSON status: valid UTF-8 sequences are kept,
-// control characters, invalid bytes and `quote` (when not 0) and backslashes are escaped (\n, \x01, \'), and the
-// result is cut to about max_bytes at a character boundary ("..." added).
-std::string printable(std::string_view text, std::size_t max_bytes = 200, char quote = 0);
-
 // Parses RFC 8259 JSON text strictly: no NaN/Infinity literals, no comments, no numbers that overflow a binary64,
 // no duplicate keys in any object, nesting at most kMaxJsonDepth, valid UTF-8. Throws ProtocolError whose text is
 // only the reason (e.g. "duplicate key 'a'"), so that callers can say which JSON was bad. `top_level_keys`, when

@@ -91,6 +91,11 @@ char32_t prev_code_point(std::string_view text, std::size_t& end) {
   return unit.code_point;
 }
 
+std::size_t floor_char_boundary(std::string_view text, std::size_t i) {
+  while (i > 0 && i < text.size() && (static_cast<unsigned char>(text[i]) & 0xC0) == 0x80) --i;
+  return i;
+}
+
 std::size_t count_code_points(std::string_view text) {
   std::size_t count = 0;
   for (const char c : text) count += (static_cast<unsigned char>(c) & 0xC0) != 0x80;

@@ -34,6 +34,9 @@ void append_utf8(std::string& out, char32_t cp);
 char32_t next_code_point(std::string_view text, std::size_t& i);
 // The code point that ends at text[end - 1] (U+FFFD for an ill-formed byte), moving end to its first byte.
 char32_t prev_code_point(std::string_view text, std::size_t& end);
+// Where to cut text at or before byte i without splitting a UTF-8 sequence: the largest i' <= i that is text.size()
+// or not a continuation byte (0 when there is none).
+std::size_t floor_char_boundary(std::string_view text, std::size_t i);
 // Characters (code points) of valid UTF-8: Python's len() of the str, and so its string positions.
 std::size_t count_code_points(std::string_view text);
 

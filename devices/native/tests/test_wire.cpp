@@ -15,6 +15,7 @@
 
 #include "errors.h"
 #include "message.h"
+#include "pyfmt.h"
 #include "safetensors.h"
 #include "topics.h"
 #include "validate.h"
