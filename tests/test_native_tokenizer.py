@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 REPO = Path(__file__).resolve().parent.parent
-DATASETS = REPO.parent / "shared" / "datasets"
+#: the shared datasets (../shared/datasets of the checkout, or the workplace's copy that the other tests read)
+DATASETS = next((d for d in (REPO.parent / "shared" / "datasets", Path("/work/shared/datasets")) if d.is_dir()),
+                REPO.parent / "shared" / "datasets")
 TOOL = "edgemole-tokenize-tool"
 
 
