@@ -21,8 +21,9 @@ The native client runs ``edgemole-device round`` with named pipes for its task, 
 blocks on each pipe, so the round is timed from handing it the assignment to its opening the update pipe, without
 process start or model loading, and its memory is read from /proc at those points.
 
-    python benchmarks/native_client.py --out docs/results/native-client.json
-    python benchmarks/native_client.py --artifact /tmp/art --no-export --repeats 3   # reuse an exported artifact
+    python benchmarks/native_client.py --out native-client.json      # exports the artifact first (5 minutes)
+    python benchmarks/native_client.py --artifact /tmp/art --repeats 3  # exports to /tmp/art once, then reuses it
+    python benchmarks/native_client.py --artifact /tmp/art --variant /tmp/other-build/edgemole-device
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import gc
 import importlib.metadata as md
 import json
 import os
+import platform
 import random
 import re
 import select
@@ -46,7 +48,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BANKING77 = Path("/work/shared/datasets/banking77/train.csv")
+BANKING77 = REPO.parent / "shared" / "datasets" / "banking77" / "train.csv"  # datasets live next to the repository
 FLEET, RUN, CLIENT = "bench", "bench-run", "dev-0"
 PI5_PEAK, PI5_CORES, PI5_MATMUL = 154e9, 4, 57e9  # fp32 FLOP/s: 4 x Cortex-A76 @ 2.4 GHz; best published sgemm
 
@@ -57,16 +59,17 @@ def median(values: list[float]) -> float:
 
 
 def proc_memory(pid: int | str = "self") -> dict[str, float]:
-    """VmRSS and VmHWM (this process's own peak) in MB."""
+    """VmRSS, VmHWM (the process's own peak), RssAnon (malloc'd and other anonymous memory) and RssFile (mapped
+    files: code, and the artifact when memory-mapped; clean pages the kernel can drop and read again) in MiB."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
+        if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:")):
             out[line.split(":")[0]] = int(line.split()[1]) / 1024
     return out
 
 
 def smaps_breakdown(pid: int) -> dict[str, float]:
-    """Resident MB of a process by what its mappings hold."""
+    """Resident MiB of a process by what its mappings hold."""
     cats: dict[str, float] = {}
     current = "other"
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
@@ -134,8 +137,8 @@ def build_task(labels: list[str], method: str):  # noqa: ANN201 (TaskSpec; edgem
     return settings.task(labels)
 
 
-def banking_rows() -> list[tuple[str, str]]:
-    with open(BANKING77, newline="") as f:
+def banking_rows(path: Path) -> list[tuple[str, str]]:
+    with open(path, newline="") as f:
         return [(r["text"], r["category"]) for r in csv.DictReader(f)]
 
 
@@ -547,7 +550,10 @@ def main() -> None:
     p.add_argument("--binary", help="edgemole-device to measure (default: build it in build/native-bench, "
                    "RelWithDebInfo)")
     p.add_argument("--aarch64", default=str(REPO / "build" / "native-aarch64" / "edgemole-device"))
+    p.add_argument("--variant", help="another edgemole-device build (e.g. an experiment) whose round time and memory "
+                   "are measured alongside, in the same round loop")
     p.add_argument("--max-load", type=float, default=1.5, help="wait for a lower load average before measuring")
+    p.add_argument("--banking77", default=str(BANKING77), help="BANKING77's train.csv (text,category)")
     p.add_argument("--out", help="write the figures as JSON to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -568,7 +574,7 @@ def main() -> None:
         with console.status("building the native client (build/native-bench)"):
             binary = build_native(REPO / "build" / "native-bench", targets=("edgemole-device",)) / "edgemole-device"
     binary = Path(shutil.copy2(binary, work / "edgemole-device"))  # others may relink the build meanwhile
-    rows = banking_rows()
+    rows = banking_rows(Path(args.banking77))
     labels = sorted({label for _, label in rows})
     task = build_task(labels, args.method)
     artifact = Path(args.artifact) if args.artifact else work / "artifact"
@@ -630,6 +636,8 @@ def main() -> None:
     # 1. the step, and 2. the whole round, alternating client by client
     steps: dict[str, list[float]] = {"native": [], "executorch": [], "eager": []}
     rounds: dict[str, list[dict]] = {"native": [], "executorch": [], "eager": []}
+    variant = Path(shutil.copy2(args.variant, work / "variant-edgemole-device")) if args.variant else None
+    variant_rounds: list[dict] = []
     with console.status("timing steps and rounds") as status:
         for i in range(1, args.repeats + 1):
             status.update(f"repeat {i} of {args.repeats}")
@@ -640,6 +648,9 @@ def main() -> None:
                 steps[e].append(m["train_s"] / m["steps"])
             rounds["native"].append(native_round(binary, cfg("banking"), task_payload,
                                                  assigns["banking"][i].read_bytes(), work / "n", breakdown=i == 1))
+            if variant:
+                variant_rounds.append(native_round(variant, cfg("banking"), task_payload,
+                                                   assigns["banking"][i].read_bytes(), work / "v", breakdown=i == 1))
             for e, w in workers.items():
                 rounds[e].append(w.ask(cmd="round", client="banking", assign=str(assigns["banking"][i])))
     # 6. prediction latency: the native client after a round that keeps its deployed model
@@ -683,11 +694,12 @@ def main() -> None:
 
     # 5. install size
     with console.status("install sizes"):
-        x86 = install_size(binary, ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu"], "strip", work)
+        arch = platform.machine()
+        host = install_size(binary, [f"/lib/{arch}-linux-gnu", f"/usr/lib/{arch}-linux-gnu"], "strip", work)
         arm_binary = Path(args.aarch64)
         arm = install_size(arm_binary, ["/usr/lib/aarch64-linux-gnu", "/lib/aarch64-linux-gnu",
                                         "/usr/aarch64-linux-gnu/lib"], "aarch64-linux-gnu-strip", work) \
-            if arm_binary.exists() and shutil.which("aarch64-linux-gnu-strip") else None
+            if arch != "aarch64" and arm_binary.exists() and shutil.which("aarch64-linux-gnu-strip") else None
         env = python_env_size()
     planned = _planned_memory(artifact / manifest.program.file)
     predict_method = getattr(manifest, "predict_method", "")
@@ -742,8 +754,11 @@ def main() -> None:
         "share_executorch": flops / med_step["executorch"] / peak["nominal"]["per_core"],
         "share_eager": flops / med_step["eager"] / peak["nominal"]["per_core"],
         "pi5_prediction": pi, "memory": {"native": native_mem, "python_executorch": python_mem},
-        "install": {"x86_64": x86, "aarch64": arm, "python_env": env}, "predict": predict,
+        "install": {arch: host, "aarch64 (cross-built)": arm, "python_env": env}, "predict": predict,
         "predict_method": predict_method,
+        "variant": {"binary": args.variant, "median_round_s": median([r["round_s"] for r in variant_rounds]),
+                    "memory": [r["memory"] for r in variant_rounds], "smaps": variant_rounds[0]["smaps"],
+                    "metrics": [r["metrics"] for r in variant_rounds]} if variant_rounds else None,
         "wall_s": time.perf_counter() - begun,
     }
 
@@ -792,7 +807,7 @@ def main() -> None:
     t = Table(title="install size (stripped), besides the artifact")
     for col in ("build", "we ship", "apt (Paho, utf8proc)", "on a Debian board anyway"):
         t.add_column(col, justify="right")
-    for name, inst in (("x86-64", x86), ("aarch64", arm)):
+    for name, inst in ((arch, host), ("aarch64 (cross-built)", arm)):
         if inst:
             tot = inst["stripped_total"]
             t.add_row(name, f"{tot['ship'] / 1e6:.1f} MB", f"{tot['apt'] / 1e6:.2f} MB",
@@ -808,6 +823,16 @@ def main() -> None:
     for k, v in predict.items():
         t.add_row(k, f"{v['median_ms']:.0f} ms")
     console.print(t)
+    if variant_rounds:
+        v = result["variant"]
+        console.print(f"variant {args.variant}: round {v['median_round_s']:.2f} s (native "
+                      f"{med_round['native']['round_s']:.2f} s); memory (MiB) after load "
+                      f"{median([m['loaded']['VmRSS'] for m in v['memory']]):.0f}, peak "
+                      f"{max(m['done']['VmHWM'] for m in v['memory']):.0f} (VmHWM), anonymous after the round "
+                      f"{median([m['done']['RssAnon'] for m in v['memory']]):.0f} (native "
+                      f"{median([r['memory']['done']['RssAnon'] for r in nat]):.0f}), mapped files "
+                      f"{median([m['done']['RssFile'] for m in v['memory']]):.0f}: " +
+                      ", ".join(f"{k} {x:.0f}" for k, x in v["smaps"]["done"].items() if x >= 0.5))
     console.print(f"load average {load_before:.2f} before, {load_after:.2f} after; {result['wall_s']:.0f} s in all")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -53,7 +53,8 @@ void set_runtime_threads(std::int64_t threads) {
 Program::Program(const Manifest& manifest, std::int64_t threads) : manifest_(manifest) {
   set_runtime_threads(threads);
   const std::string pte = manifest.path(manifest.program.file), ptd = manifest.path(manifest.data.file);
-  module_ = std::make_unique<et::Module>(pte, ptd, et::Module::LoadMode::File);
+  // Mmap: the frozen base is mapped once from base.ptd for both methods (File mode reads a copy per method).
+  module_ = std::make_unique<et::Module>(pte, ptd, et::Module::LoadMode::Mmap);
   const auto loaded = module_->load_method(kMethod);
   if (loaded != executorch::runtime::Error::Ok) {
     throw ArtifactError(manifest.directory + ": the ExecuTorch runtime cannot load the program (" +
