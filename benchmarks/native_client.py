@@ -107,25 +107,6 @@ def cpu_model() -> str:
     return "unknown"
 
 
-class RecordingLink:
-    """A link that keeps what the Python client publishes (no broker: the native ``round`` has the same one)."""
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-        self.birth = None
-        self.bytes_in = self.bytes_out = 0
-        self.connected = True
-
-    def connect(self, timeout_s: float = 30.0) -> None: ...
-    def subscribe(self, *topics: str) -> None: ...
-    def receive(self, timeout_s: float) -> None: ...
-    def close(self) -> None: ...
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, wait_s: float | None = 30.0) -> int:
-        self.published.append((topic, payload))
-        return len(payload)
-
-
 # -- the task, data and messages ------------------------------------------------------------------------------------
 def build_task(labels: list[str], method: str):  # noqa: ANN201 (TaskSpec; edgemole is imported lazily)
     from edgemole.config import Settings
@@ -369,6 +350,7 @@ def worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from edge_client.client import ClientOptions, EdgeClient
     from edge_client.engines import Batch, make_engine
+    from edgemole.memory_link import RecordingLink
     from edgemole.mqtt import Inbound
     from edgemole.protocol import Topics, decode
 

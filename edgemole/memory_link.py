@@ -145,3 +145,24 @@ class MemoryLink:
 
     def close(self) -> None:
         self._connected = False
+
+
+class RecordingLink:
+    """A link that only keeps what its owner publishes: one client driven message by message, with no broker (the
+    native client's ``edgemole-device round`` has the same one), for parity checks and benchmarks."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+        self.birth: tuple[str, bytes] | None = None
+        self.bytes_in = self.bytes_out = 0
+        self.connected = True
+
+    def connect(self, timeout_s: float = 30.0) -> None: ...
+    def subscribe(self, *topics: str) -> None: ...
+    def receive(self, timeout_s: float) -> None: ...
+    def close(self) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, wait_s: float | None = 30.0) -> int:
+        self.published.append((topic, payload))
+        self.bytes_out += len(payload)
+        return len(payload)

@@ -15,29 +15,11 @@ from native import native_build
 
 from aggregator.strategies.lora_a2 import a2_expectation
 from edge_client.client import ClientOptions, EdgeClient
+from edgemole.memory_link import RecordingLink
 from edgemole.mqtt import Inbound
 from edgemole.protocol import Kind, Message, Topics, decode, encode
 
 FLEET, RUN, CLIENT = "t", "run-1", "dev-0"
-
-
-class RecordingLink:
-    """A link that keeps what the Python client publishes (the native tool has the same one)."""
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-        self.birth = None
-        self.bytes_in = self.bytes_out = 0
-        self.connected = True
-
-    def connect(self, timeout_s: float = 30.0) -> None: ...
-    def subscribe(self, *topics: str) -> None: ...
-    def receive(self, timeout_s: float) -> None: ...
-    def close(self) -> None: ...
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, wait_s: float | None = 30.0) -> int:
-        self.published.append((topic, payload))
-        return len(payload)
 
 
 def _assignment(task, client: EdgeClient, phase: str, rnd: int) -> Message:  # noqa: ANN001
