@@ -13,8 +13,7 @@ std::int64_t AlternatingRound::ranks() const {
 AlternatingRound train_alternating(Engine& engine, const EncodedSplit& data, const nlohmann::json& body,
                                    const std::string& phase, const std::function<BatchStream()>& batches,
                                    const TaskSpec& task, std::int64_t steps, std::int64_t upload_rank,
-                                   const std::vector<std::string>& train_roles,
-                                   const std::function<void()>& tick) {
+                                   const std::vector<std::string>& train_roles, const std::function<void()>& tick) {
   const std::string factor = active_factor(phase);
   const std::vector<std::string> roles_trained = train_roles.empty() ? std::vector<std::string>{factor} : train_roles;
   const std::map<std::string, double> role_lr{{"lora_B", task.a2.b_lr_multiplier}};
@@ -24,8 +23,8 @@ AlternatingRound train_alternating(Engine& engine, const EncodedSplit& data, con
   const TensorMap global = engine.get_state(body, &wire_roles);
   const std::vector<std::string> prefixes = adapter_prefixes(global);
   AlternatingRound round;
-  const TrainStats probe = engine.train(data, batches(), task.a2.probe_steps > 0 ? task.a2.probe_steps : steps, lr,
-                                        wd, roles_trained, role_lr, tick);
+  const TrainStats probe = engine.train(data, batches(), task.a2.probe_steps > 0 ? task.a2.probe_steps : steps, lr, wd,
+                                        roles_trained, role_lr, tick);
   round.probe_s = probe.seconds;
   const TensorMap probed = engine.get_state(body);
   std::set<std::string> modules;

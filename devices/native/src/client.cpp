@@ -11,8 +11,8 @@
 #include "data.h"
 #include "deployed.h"
 #include "errors.h"
-#include "lora_a2.h"
 #include "log.h"
+#include "lora_a2.h"
 #include "validate.h"
 
 namespace edgemole {
@@ -389,8 +389,8 @@ void DeviceClient::on_assignment(const Message& msg) {
     }
     if (task.uses_experts()) {  // RSEA vectors on the aux set with the post-training weights
       std::vector<Rows> aux;
-      const Rows rows = aux_indices(data_.num_train(), task.amole.aux_fraction,
-                                    static_cast<std::size_t>(task.amole.aux_max));
+      const Rows rows =
+          aux_indices(data_.num_train(), task.amole.aux_fraction, static_cast<std::size_t>(task.amole.aux_max));
       const auto size = static_cast<std::size_t>(task.train.eval_batch_size);
       for (std::size_t start = 0; start < rows.size(); start += size) {
         aux.emplace_back(rows.begin() + static_cast<std::ptrdiff_t>(start),
@@ -423,8 +423,8 @@ void DeviceClient::on_assignment(const Message& msg) {
     save_deployed(config_.state_dir, task_json_, msg.body, msg.round, run_id_, engine_->get_state(msg.body));
   }
   log_info("round " + std::to_string(msg.round) + " " + msg.phase + ": acc " + fixed3(before.accuracy) + " -> " +
-           (metrics.contains("acc_after") ? fixed3(metrics["acc_after"].get<double>()) : std::string("-")) +
-           ", sent " + std::to_string(payload.size()) + " bytes");
+           (metrics.contains("acc_after") ? fixed3(metrics["acc_after"].get<double>()) : std::string("-")) + ", sent " +
+           std::to_string(payload.size()) + " bytes");
 }
 
 }  // namespace edgemole

@@ -151,14 +151,19 @@ void check_task(const TaskSpec& t) {
 
 bool TaskSpec::operator==(const TaskSpec& o) const {
   auto key = [](const TaskSpec& t) {
-    json j = {{"labels", t.labels}, {"method", t.method}, {"seed", t.seed}, {"model", {t.model.name, t.model.max_length}},
-              {"lora", {t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.target_modules, t.lora.train_head}},
-              {"train", {t.train.local_steps, t.train.batch_size, t.train.lr, t.train.weight_decay,
-                         t.train.eval_batch_size, t.train.dropout, t.train.optimizer}},
-              {"amole", {t.amole.experts, t.amole.slots, t.amole.holders, t.amole.reassign_every, t.amole.top_k,
-                         t.amole.load_balance_weight, t.amole.sample_weighted, t.amole.dp_eta,
-                         t.amole.aux_fraction, t.amole.aux_max}},
-              {"a2", {t.a2.upload_rank, t.a2.b_lr_multiplier, t.a2.probe_steps}}};
+    json j = {
+        {"labels", t.labels},
+        {"method", t.method},
+        {"seed", t.seed},
+        {"model", {t.model.name, t.model.max_length}},
+        {"lora", {t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.target_modules, t.lora.train_head}},
+        {"train",
+         {t.train.local_steps, t.train.batch_size, t.train.lr, t.train.weight_decay, t.train.eval_batch_size,
+          t.train.dropout, t.train.optimizer}},
+        {"amole",
+         {t.amole.experts, t.amole.slots, t.amole.holders, t.amole.reassign_every, t.amole.top_k,
+          t.amole.load_balance_weight, t.amole.sample_weighted, t.amole.dp_eta, t.amole.aux_fraction, t.amole.aux_max}},
+        {"a2", {t.a2.upload_rank, t.a2.b_lr_multiplier, t.a2.probe_steps}}};
     return j;
   };
   return key(*this) == key(o);
@@ -258,9 +263,9 @@ DeviceConfig read_device_config(const std::string& path) {
 
 void set_device_option(DeviceConfig& config, const std::string& key, const std::string& value) {
   // Parse the value as JSON where the field is not a string, so that types are checked by the same code.
-  static const std::set<std::string> strings{"broker",   "client_id",   "fleet",        "topic_prefix", "artifact",
-                                             "data",     "test_data",   "text_column",  "label_column", "log_level",
-                                             "state_dir"};
+  static const std::set<std::string> strings{"broker",       "client_id", "fleet",     "topic_prefix",
+                                             "artifact",     "data",      "test_data", "text_column",
+                                             "label_column", "log_level", "state_dir"};
   json object = json::object();
   if (strings.count(key)) {
     object[key] = value;

@@ -5,11 +5,10 @@
 #pragma once
 
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace edgemole {
 
@@ -74,23 +73,23 @@ extern const std::vector<std::string> kMethods;
 
 // What `edgemole-device --config FILE` reads (JSON), with command-line overrides on top.
 struct DeviceConfig {
-  std::string broker;             // mqtt://host:port
+  std::string broker;  // mqtt://host:port
   std::string client_id;
   std::string fleet = "default";
   std::string topic_prefix = "edgemole";
-  std::string artifact;           // folder written by `edgemole export`
-  std::string data;               // CSV / JSONL / JSON with text and label columns
-  std::string test_data;          // optional: a separate local test file
+  std::string artifact;   // folder written by `edgemole export`
+  std::string data;       // CSV / JSONL / JSON with text and label columns
+  std::string test_data;  // optional: a separate local test file
   double test_fraction = 0.2;
   std::string text_column, label_column;
-  std::int64_t upload_rank = 0;   // r_c; 0: the task's a2.upload_rank, else the LoRA rank
-  std::int64_t threads = 1;       // ExecuTorch runtime threads (1: no worker threads; what qemu needs)
+  std::int64_t upload_rank = 0;  // r_c; 0: the task's a2.upload_rank, else the LoRA rank
+  std::int64_t threads = 1;      // ExecuTorch runtime threads (1: no worker threads; what qemu needs)
   std::int64_t max_message_bytes = 16 * 1024 * 1024;
   double connect_timeout_s = 30.0;
-  bool keep_serving = false;      // join the next run after one ends (a device service)
+  bool keep_serving = false;  // join the next run after one ends (a device service)
   bool eval_after_training = true;
   std::string log_level = "info";
-  std::string state_dir;          // where the deployed model is kept between rounds ("": not kept)
+  std::string state_dir;  // where the deployed model is kept between rounds ("": not kept)
 };
 
 // Read a JSON config file (unknown keys are errors); ConfigError with one line.

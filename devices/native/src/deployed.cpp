@@ -1,11 +1,12 @@
 #include "deployed.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
-#include <fcntl.h>
-#include <unistd.h>
 
 #include "errors.h"
 #include "safetensors.h"
@@ -16,10 +17,12 @@ using nlohmann::json;
 
 void save_deployed(const std::string& state_dir, const json& task, const json& body, std::int64_t round,
                    const std::string& run, const TensorMap& state) {
-  const std::vector<std::uint8_t> bytes = write_safetensors(
-      {{"format", "edgemole-deployed/1"}, {"task", task.dump()}, {"body", body.dump()},
-       {"round", std::to_string(round)}, {"run", run}},
-      state);
+  const std::vector<std::uint8_t> bytes = write_safetensors({{"format", "edgemole-deployed/1"},
+                                                             {"task", task.dump()},
+                                                             {"body", body.dump()},
+                                                             {"round", std::to_string(round)},
+                                                             {"run", run}},
+                                                            state);
   const std::string path = state_dir + "/" + kDeployedFile, tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) throw ConfigError("cannot write the deployed model to '" + tmp + "' (does state_dir exist?)");
@@ -42,7 +45,9 @@ DeployedModel::DeployedModel(const DeviceConfig& config) {
   verify_files(manifest);
   const std::string path = config.state_dir + "/" + kDeployedFile;
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw ConfigError("no deployed model in '" + config.state_dir + "' yet (the client writes it after its first round)");
+  if (!in)
+    throw ConfigError("no deployed model in '" + config.state_dir +
+                      "' yet (the client writes it after its first round)");
   const std::vector<std::uint8_t> bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
   Safetensors file;
   json body;

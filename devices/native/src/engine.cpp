@@ -76,7 +76,8 @@ TrainStats Engine::train(const EncodedSplit& data, const BatchStream& batches, s
     const std::string& role = params[i].role;
     if (!roles.empty() && std::find(roles.begin(), roles.end(), role) == roles.end()) continue;
     const auto multiplier = role_lr.find(role);
-    slots.push_back(ParamSlot{params[i].data, params[i].size, lr * (multiplier == role_lr.end() ? 1.0 : multiplier->second)});
+    slots.push_back(
+        ParamSlot{params[i].data, params[i].size, lr * (multiplier == role_lr.end() ? 1.0 : multiplier->second)});
     trained.push_back(i);
   }
   std::unique_ptr<Optimizer> optimizer;
@@ -92,9 +93,8 @@ TrainStats Engine::train(const EncodedSplit& data, const BatchStream& batches, s
   for (std::int64_t step = 0; step < steps; ++step) {
     const Rows rows = batches();
     if (rows.size() > static_cast<std::size_t>(shape().batch_size)) {
-      throw ArtifactError("training batches of " + std::to_string(rows.size()) +
-                          " exceed the program's batch size " + std::to_string(shape().batch_size) +
-                          "; export with --batch-size");
+      throw ArtifactError("training batches of " + std::to_string(rows.size()) + " exceed the program's batch size " +
+                          std::to_string(shape().batch_size) + "; export with --batch-size");
     }
     const Program::Outputs out = program_->run(inputs(data, rows));
     std::vector<const float*> grads;
@@ -151,9 +151,8 @@ TensorMap Engine::embeddings(const EncodedSplit& data, const std::vector<Rows>& 
   const ExpertSets sets = wire_.expert_sets(body);
   RseaSums sums(wire_.modules(), shape().slots, task_.lora.r);
   for (const Rows& batch : batches) {
-    run_chunks(data, batch, [&](const Rows&, const Program::Outputs& out) {
-      sums.add(out.token_sums, out.slot_sums, out.counts);
-    });
+    run_chunks(data, batch,
+               [&](const Rows&, const Program::Outputs& out) { sums.add(out.token_sums, out.slot_sums, out.counts); });
   }
   return sums.finish(sets);
 }

@@ -24,8 +24,8 @@ struct EncodedSplit {
   std::size_t rows() const { return labels.size(); }
 };
 
-using Rows = std::vector<std::size_t>;          // one batch: row indices into a split
-using BatchStream = std::function<Rows()>;      // endless batches (a round's training order)
+using Rows = std::vector<std::size_t>;      // one batch: row indices into a split
+using BatchStream = std::function<Rows()>;  // endless batches (a round's training order)
 
 struct TrainStats {
   double loss = 0.0;  // mean over steps

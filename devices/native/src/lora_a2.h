@@ -33,8 +33,7 @@ std::map<std::string, std::vector<float>> rank_scores(const TensorMap& global, c
 // lower rank, exactly as select_ranks in Python.
 Selection select_ranks(const std::map<std::string, std::vector<float>>& scores, std::int64_t budget);
 // Entries of the active factor outside the selection are put back to `global` (after every optimizer step).
-void hold_unselected(TensorMap& current, const TensorMap& global, const Selection& selection,
-                     const std::string& phase);
+void hold_unselected(TensorMap& current, const TensorMap& global, const Selection& selection, const std::string& phase);
 // The upload: `p.<factor>` sliced to the selected ranks and `p.ranks` (I64, increasing); none for empty selections.
 TensorMap encode_slices(const TensorMap& state, const Selection& selection, const std::string& phase);
 

@@ -105,8 +105,9 @@ int serve(int argc, char** argv) {
   Parsed p = parse(argc, argv, 1, {});
   if (!p.positional.empty()) throw ConfigError("unexpected argument '" + p.positional[0] + "'");
   check_device_config(p.config);
-  set_log_level(p.config.log_level == "debug" ? LogLevel::kDebug
-                : p.config.log_level == "warning" ? LogLevel::kWarning : LogLevel::kInfo);
+  set_log_level(p.config.log_level == "debug"     ? LogLevel::kDebug
+                : p.config.log_level == "warning" ? LogLevel::kWarning
+                                                  : LogLevel::kInfo);
   std::signal(SIGTERM, on_signal);
   std::signal(SIGINT, on_signal);
   DeviceClient client(p.config);
@@ -145,8 +146,8 @@ int one_round(int argc, char** argv) {
     std::string lines;
     for (const auto& item : recorded->published) {
       const Message m = decode(item.second);
-      lines += nlohmann::json{{"topic", item.first}, {"kind", m.kind}, {"round", m.round}, {"body", m.body}}.dump() +
-               "\n";
+      lines +=
+          nlohmann::json{{"topic", item.first}, {"kind", m.kind}, {"round", m.round}, {"body", m.body}}.dump() + "\n";
     }
     write_file(p.extra["published"], lines);
   }

@@ -1,9 +1,10 @@
 #include "manifest.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <fstream>
 #include <sstream>
-#include <sys/stat.h>
 
 #include "errors.h"
 #include "sha256.h"
@@ -25,7 +26,8 @@ bool is_file(const std::string& path) {
 }
 
 FileEntry file_entry(const json& j) {
-  return FileEntry{j.at("file").get<std::string>(), j.at("sha256").get<std::string>(), j.at("bytes").get<std::uint64_t>()};
+  return FileEntry{j.at("file").get<std::string>(), j.at("sha256").get<std::string>(),
+                   j.at("bytes").get<std::uint64_t>()};
 }
 
 }  // namespace
@@ -99,8 +101,7 @@ void verify_files(const Manifest& manifest) {
     if (got.bytes != entry->bytes || got.sha256_hex != entry->sha256) {
       throw ArtifactError(path + ": " + std::to_string(got.bytes) + " bytes with sha256 " +
                           got.sha256_hex.substr(0, 12) + "..., the manifest says " + std::to_string(entry->bytes) +
-                          " bytes, " + entry->sha256.substr(0, 12) +
-                          "... (corrupt, truncated or from another export)");
+                          " bytes, " + entry->sha256.substr(0, 12) + "... (corrupt, truncated or from another export)");
     }
   }
 }
@@ -148,7 +149,8 @@ void check_task_fits(const Manifest& m, const TaskSpec& task) {
     throw ArtifactError("the artifact is a " + m.task + " program; the fleet's task is classification");
   }
   std::vector<std::string> problems;
-  if (m.model != task.model.name) problems.push_back("model '" + m.model + "', the task's is '" + task.model.name + "'");
+  if (m.model != task.model.name)
+    problems.push_back("model '" + m.model + "', the task's is '" + task.model.name + "'");
   if (m.num_labels != static_cast<std::int64_t>(task.labels.size())) {
     problems.push_back(std::to_string(m.num_labels) + " labels, the task has " + std::to_string(task.labels.size()));
   }
@@ -165,8 +167,9 @@ void check_task_fits(const Manifest& m, const TaskSpec& task) {
     problems.push_back("adapter settings " + m.config.dump() + ", the task's are " + program_config(task).dump());
   }
   if (task.train.dropout) {
-    problems.push_back("no dropout, the task trains with dropout (run the fleet with --no-dropout, "
-                       "train.dropout = false)");
+    problems.push_back(
+        "no dropout, the task trains with dropout (run the fleet with --no-dropout, "
+        "train.dropout = false)");
   }
   if (task.train.batch_size > m.shape.batch_size) {
     problems.push_back("training batches of at most " + std::to_string(m.shape.batch_size) + ", the task's are " +

@@ -2,10 +2,9 @@
 #pragma once
 
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "config.h"
 
@@ -23,7 +22,7 @@ struct TensorEntry {
   std::string name;   // in the program
   std::string param;  // the model parameter (wire names derive from it)
   std::vector<std::int64_t> shape;
-  std::string role;   // lora_A, lora_B, head, router
+  std::string role;  // lora_A, lora_B, head, router
 };
 
 struct FileEntry {

@@ -14,9 +14,15 @@ namespace {
 void repr_into(const nlohmann::json& value, std::string& out) {
   if (out.size() > kReprMaxBytes) return;
   switch (value.type()) {
-    case nlohmann::json::value_t::null: out += "None"; break;
-    case nlohmann::json::value_t::boolean: out += value.get<bool>() ? "True" : "False"; break;
-    case nlohmann::json::value_t::string: out += py_str_repr(value.get_ref<const std::string&>()); break;
+    case nlohmann::json::value_t::null:
+      out += "None";
+      break;
+    case nlohmann::json::value_t::boolean:
+      out += value.get<bool>() ? "True" : "False";
+      break;
+    case nlohmann::json::value_t::string:
+      out += py_str_repr(value.get_ref<const std::string&>());
+      break;
     case nlohmann::json::value_t::array: {
       out += '[';
       bool first = true;
@@ -42,7 +48,9 @@ void repr_into(const nlohmann::json& value, std::string& out) {
       out += '}';
       break;
     }
-    default: out += value.dump(); break;
+    default:
+      out += value.dump();
+      break;
   }
 }
 

@@ -23,9 +23,7 @@ constexpr int kDisconnectTimeoutMs = 1000;
 constexpr int kMaxPollMessages = 1000;
 constexpr int kGrantedFailure = 0x80;  // SUBACK return code of a refused subscription
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 void sleep_s(double seconds) {
   if (seconds > 0) std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
@@ -38,12 +36,18 @@ unsigned long to_ms(double seconds) {
 // The MQTT 3.1.1 CONNACK refusals (return codes 1 to 5).
 const char* refusal(int rc) {
   switch (rc) {
-    case 1: return "unacceptable protocol version";
-    case 2: return "identifier rejected";
-    case 3: return "server unavailable";
-    case 4: return "bad user name or password";
-    case 5: return "not authorized";
-    default: return "refused";
+    case 1:
+      return "unacceptable protocol version";
+    case 2:
+      return "identifier rejected";
+    case 3:
+      return "server unavailable";
+    case 4:
+      return "bad user name or password";
+    case 5:
+      return "not authorized";
+    default:
+      return "refused";
   }
 }
 
@@ -75,17 +79,14 @@ std::string BrokerAddress::server_uri() const {
 }
 
 BrokerAddress parse_broker_url(const std::string& url) {
-  const auto invalid = [&url]() {
-    return ConfigError("invalid broker URL '" + url + "' (expected mqtt://host:port)");
-  };
+  const auto invalid = [&url]() { return ConfigError("invalid broker URL '" + url + "' (expected mqtt://host:port)"); };
   std::string rest = url;
   std::string scheme = "mqtt";
   const auto sep = url.find("://");
   if (sep != std::string::npos) {
     scheme = url.substr(0, sep);
-    std::transform(scheme.begin(), scheme.end(), scheme.begin(), [](unsigned char c) {
-      return static_cast<char>(std::tolower(c));
-    });
+    std::transform(scheme.begin(), scheme.end(), scheme.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
     rest = url.substr(sep + 3);
   }
   // Schemes and how Paho reaches them; "mqtts" (TLS) joins here with tls = true once its options exist.
@@ -128,8 +129,8 @@ void MqttLink::ClientDeleter::operator()(void* client) const {
 MqttLink::MqttLink(const std::string& broker, std::string client_id, LinkOptions options)
     : address_(parse_broker_url(broker)), client_id_(std::move(client_id)), options_(std::move(options)) {
   MQTTClient h = nullptr;
-  const int rc = MQTTClient_create(&h, address_.server_uri().c_str(), client_id_.c_str(), MQTTCLIENT_PERSISTENCE_NONE,
-                                   nullptr);
+  const int rc =
+      MQTTClient_create(&h, address_.server_uri().c_str(), client_id_.c_str(), MQTTCLIENT_PERSISTENCE_NONE, nullptr);
   if (rc != MQTTCLIENT_SUCCESS) {
     throw BrokerError("cannot create an MQTT client for " + address_.url() + " with client id '" + client_id_ +
                       "': " + describe(rc));
@@ -194,8 +195,7 @@ int MqttLink::attempt(double timeout_s) {
     std::vector<char*> topics;
     for (const std::string& topic : subscriptions_) topics.push_back(const_cast<char*>(topic.c_str()));
     std::vector<int> qos(subscriptions_.size(), 1);
-    const int sub = MQTTClient_subscribeMany(client_.get(), static_cast<int>(topics.size()), topics.data(),
-                                             qos.data());
+    const int sub = MQTTClient_subscribeMany(client_.get(), static_cast<int>(topics.size()), topics.data(), qos.data());
     if (sub != MQTTCLIENT_SUCCESS || std::count(qos.begin(), qos.end(), kGrantedFailure) > 0) {
       warn("resubscribing at " + address_.url() + " failed: " + describe(sub));
     }

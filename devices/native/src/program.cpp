@@ -57,12 +57,11 @@ Program::Program(const Manifest& manifest, std::int64_t threads) : manifest_(man
   module_ = std::make_unique<et::Module>(pte, ptd, et::Module::LoadMode::Mmap);
   const auto loaded = module_->load_method(kMethod);
   if (loaded != executorch::runtime::Error::Ok) {
-    throw ArtifactError(manifest.directory + ": the ExecuTorch runtime cannot load the program (" +
-                        error_text(loaded) + ")");
+    throw ArtifactError(manifest.directory + ": the ExecuTorch runtime cannot load the program (" + error_text(loaded) +
+                        ")");
   }
   const auto grads = call(*module_, std::string("__et_training_gradients_index_") + kMethod, {}, manifest.directory);
-  const auto params = call(*module_, std::string("__et_training_parameters_index_") + kMethod, {},
-                           manifest.directory);
+  const auto params = call(*module_, std::string("__et_training_parameters_index_") + kMethod, {}, manifest.directory);
   const auto names = call(*module_, std::string("__et_training_fqn_") + kMethod, {}, manifest.directory);
   if (grads.empty() || !grads[0].isInt() || params.empty() || !params[0].isInt()) {
     throw ArtifactError(manifest.directory + ": the program is not a joint training graph (no training metadata)");
@@ -99,7 +98,8 @@ Program::Program(const Manifest& manifest, std::int64_t threads) : manifest_(man
       if (manifest.tensors[k].name == name) predict_order_.push_back(k);
     }
   }
-  if (!manifest.predict_method.empty() && module_->load_method(manifest.predict_method) != executorch::runtime::Error::Ok) {
+  if (!manifest.predict_method.empty() &&
+      module_->load_method(manifest.predict_method) != executorch::runtime::Error::Ok) {
     throw ArtifactError(manifest.directory + ": the ExecuTorch runtime cannot load method '" + manifest.predict_method +
                         "'");
   }
@@ -182,7 +182,8 @@ Program::Outputs Program::run(const ProgramInputs& in) {
       std::int64_t numel = 1;
       for (std::int64_t d : entry.shape) numel *= d;
       if (numel != tensor.numel()) {
-        throw ArtifactError(manifest_.directory + ": tensor '" + entry.name + "' has another shape than the manifest's");
+        throw ArtifactError(manifest_.directory + ": tensor '" + entry.name +
+                            "' has another shape than the manifest's");
       }
     }
   }

@@ -193,8 +193,9 @@ TensorMap read_tensors(const Header& header, const std::uint8_t* data, std::size
       if (it != info.end()) dtype = &*it;
     }
     if (dtype == nullptr || !dtype->is_string() || !parse_dtype(dtype->get_ref<const std::string&>())) {
-      const std::string shown =
-          dtype == nullptr ? "None" : dtype->is_string() ? quote_name(dtype->get<std::string>()) : dtype->dump();
+      const std::string shown = dtype == nullptr     ? "None"
+                                : dtype->is_string() ? quote_name(dtype->get<std::string>())
+                                                     : dtype->dump();
       throw ProtocolError("tensor " + quote_name(name) + " has dtype " + shown +
                           ", not one of ['BF16', 'F16', 'F32', 'I32', 'I64']");
     }
@@ -288,9 +289,9 @@ std::vector<std::uint8_t> write_safetensors(const std::vector<std::pair<std::str
   std::uint64_t offset = 0;
   for (const auto* item : order) {
     const Tensor& tensor = item->second;
-    const std::string entry = "{\"dtype\":\"" + std::string(dtype_name(tensor.dtype)) + "\",\"shape\":" +
-                              nlohmann::json(tensor.shape).dump() + ",\"data_offsets\":[" + std::to_string(offset) +
-                              "," + std::to_string(offset + tensor.bytes.size()) + "]}";
+    const std::string entry = "{\"dtype\":\"" + std::string(dtype_name(tensor.dtype)) +
+                              "\",\"shape\":" + nlohmann::json(tensor.shape).dump() + ",\"data_offsets\":[" +
+                              std::to_string(offset) + "," + std::to_string(offset + tensor.bytes.size()) + "]}";
     offset += tensor.bytes.size();
     text += (text.size() > 1 ? "," : "") + json_text(item->first) + ":" + entry;
   }

@@ -154,8 +154,8 @@ void check_tensors(const Message& msg, const SpecMap& expected) {
       const auto role = msg.roles.find(name);
       if (role == msg.roles.end() || role->second != spec.role) {
         throw ProtocolError("tensor " + py_repr(name) + " has role " +
-                            (role == msg.roles.end() ? std::string("None") : py_repr(role->second)) +
-                            ", expected " + py_repr(spec.role));
+                            (role == msg.roles.end() ? std::string("None") : py_repr(role->second)) + ", expected " +
+                            py_repr(spec.role));
       }
     }
     if (!all_finite(tensor)) throw ProtocolError("tensor " + py_repr(name) + " contains NaN or Inf");

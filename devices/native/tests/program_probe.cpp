@@ -3,17 +3,17 @@
 // JSON line (loss, gradient and parameter counts, a gradient checksum). It depends on nothing but the runtime, so it
 // shows that a cross-built runtime (aarch64 under qemu, a board, a phone) gives the host's numbers before the client
 // itself is involved.
+#include <executorch/extension/module/module.h>
+#include <executorch/extension/tensor/tensor_ptr.h>
+
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <executorch/extension/module/module.h>
-#include <executorch/extension/tensor/tensor_ptr.h>
-#include <nlohmann/json.hpp>
 
 #include "errors.h"
 

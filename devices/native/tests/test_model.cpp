@@ -72,7 +72,7 @@ TEST_CASE("masks hold unselected ranks and slices carry the selected ones with t
 
 TEST_CASE("adapter prefixes and modules of plain LoRA and AMoLE names") {
   TensorMap state{{"q.expert.3.lora_A", {}}, {"q.expert.3.lora_B", {}}, {"q.shared.lora_A", {}},
-                  {"q.shared.lora_B", {}}, {"q.router", {}}, {"head.weight", {}}};
+                  {"q.shared.lora_B", {}},   {"q.router", {}},          {"head.weight", {}}};
   CHECK(adapter_prefixes(state) == std::vector<std::string>{"q.expert.3", "q.shared"});
   CHECK(adapter_module("q.expert.3") == "q");
   CHECK(adapter_module("q.shared") == "q");
@@ -109,12 +109,10 @@ TEST_CASE("AdamW's first step moves every entry by lr against the gradient's sig
 TEST_CASE("AMoLE experts go into the first slots in id order, the rest are zeroed and masked off") {
   // one module, 3 slots, r = 1, d_in = 2, d_out = 1
   std::vector<float> ea(6, 9.0f), eb(3, 9.0f), sa(2), sb(1), router(2), head(2);
-  std::vector<ParamView> params{{"q.experts_A", "lora_A", {3, 1, 2}, ea.data(), 6},
-                                {"q.experts_B", "lora_B", {3, 1, 1}, eb.data(), 3},
-                                {"q.shared_A", "lora_A", {1, 2}, sa.data(), 2},
-                                {"q.shared_B", "lora_B", {1, 1}, sb.data(), 1},
-                                {"q.router", "router", {1, 2}, router.data(), 2},
-                                {"head.weight", "head", {1, 2}, head.data(), 2}};
+  std::vector<ParamView> params{
+      {"q.experts_A", "lora_A", {3, 1, 2}, ea.data(), 6}, {"q.experts_B", "lora_B", {3, 1, 1}, eb.data(), 3},
+      {"q.shared_A", "lora_A", {1, 2}, sa.data(), 2},     {"q.shared_B", "lora_B", {1, 1}, sb.data(), 1},
+      {"q.router", "router", {1, 2}, router.data(), 2},   {"head.weight", "head", {1, 2}, head.data(), 2}};
   WireState wire(params, {"q"}, 3, 5);
   const json body = {{"experts", {{"q", {4, 1}}}}};
   const SpecMap spec = wire.assignment_spec(body);
@@ -162,12 +160,14 @@ TEST_CASE("RSEA embeddings are token means; DP noise is seeded and never grows t
 }
 
 TEST_CASE("the task is parsed as strictly as the Python client parses it") {
-  const json task = {{"labels", {"a", "b"}}, {"method", "fedamole-a2"}, {"seed", 3},
-                     {"model", {{"name", "m"}, {"max_length", 16}}},
-                     {"lora", {{"r", 4}, {"alpha", 8}, {"dropout", 0.0}, {"target_modules", {"query"}},
-                               {"train_head", true}}},
-                     {"train", {{"local_steps", 2}, {"lr", 0.01}, {"dropout", false}}},
-                     {"amole", {{"experts", 4}, {"slots", 3}}}};
+  const json task = {
+      {"labels", {"a", "b"}},
+      {"method", "fedamole-a2"},
+      {"seed", 3},
+      {"model", {{"name", "m"}, {"max_length", 16}}},
+      {"lora", {{"r", 4}, {"alpha", 8}, {"dropout", 0.0}, {"target_modules", {"query"}}, {"train_head", true}}},
+      {"train", {{"local_steps", 2}, {"lr", 0.01}, {"dropout", false}}},
+      {"amole", {{"experts", 4}, {"slots", 3}}}};
   const TaskSpec t = parse_task(task);
   CHECK(t.uses_experts());
   CHECK(t.alternating());

@@ -34,8 +34,13 @@ json tiny() {
   json added = json::array();
   for (const auto& [id, content] : std::vector<std::pair<int, std::string>>{
            {0, "[PAD]"}, {1, "[UNK]"}, {2, "[CLS]"}, {3, "[SEP]"}, {4, "[MASK]"}}) {
-    added.push_back({{"id", id}, {"content", content}, {"single_word", false}, {"lstrip", false},
-                     {"rstrip", false}, {"normalized", false}, {"special", true}});
+    added.push_back({{"id", id},
+                     {"content", content},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", true}});
   }
   return {
       {"version", "1.0"},
@@ -43,8 +48,11 @@ json tiny() {
       {"padding", nullptr},
       {"added_tokens", added},
       {"normalizer",
-       {{"type", "BertNormalizer"}, {"clean_text", true}, {"handle_chinese_chars", true},
-        {"strip_accents", nullptr}, {"lowercase", true}}},
+       {{"type", "BertNormalizer"},
+        {"clean_text", true},
+        {"handle_chinese_chars", true},
+        {"strip_accents", nullptr},
+        {"lowercase", true}}},
       {"pre_tokenizer", {{"type", "BertPreTokenizer"}}},
       {"post_processor",
        {{"type", "TemplateProcessing"},
@@ -56,8 +64,11 @@ json tiny() {
           {"[SEP]", {{"id", "[SEP]"}, {"ids", {3}}, {"tokens", {"[SEP]"}}}}}}}},
       {"decoder", {{"type", "WordPiece"}, {"prefix", "##"}, {"cleanup", true}}},
       {"model",
-       {{"type", "WordPiece"}, {"unk_token", "[UNK]"}, {"continuing_subword_prefix", "##"},
-        {"max_input_chars_per_word", 10}, {"vocab", vocab}}},
+       {{"type", "WordPiece"},
+        {"unk_token", "[UNK]"},
+        {"continuing_subword_prefix", "##"},
+        {"max_input_chars_per_word", 10},
+        {"vocab", vocab}}},
   };
 }
 
@@ -86,8 +97,8 @@ std::string error_of(const json& doc) {
 TEST_CASE("words, case and accents") {
   const auto t = load(tiny());
   CHECK(body(t, "Hello WORLD") == Ids{5, 6});
-  CHECK(body(t, "H\xC3\xA9llo") == Ids{5});         // héllo: strip_accents null follows lowercase
-  CHECK(body(t, "He\xCC\x81llo") == Ids{5});        // e + COMBINING ACUTE, already decomposed
+  CHECK(body(t, "H\xC3\xA9llo") == Ids{5});   // héllo: strip_accents null follows lowercase
+  CHECK(body(t, "He\xCC\x81llo") == Ids{5});  // e + COMBINING ACUTE, already decomposed
   CHECK(body(t, "  hello \t\n world  ") == Ids{5, 6});
   CHECK(body(t, "") == Ids{});
   CHECK(body(t, " \t ") == Ids{});
@@ -116,7 +127,9 @@ TEST_CASE("punctuation is split off, ASCII symbols count as punctuation") {
   CHECK(body(t, "$hello") == Ids{12, 5});
   CHECK(body(t, "\xC2\xBFhello") == Ids{21, 5});  // ¿ is Po
   CHECK(body(t, "hello+world") == Ids{5, 1, 6});  // '+' is Sm but ASCII punctuation: its own word, [UNK]
-  CHECK(body(t, "a\xC2\xA9" "b") == Ids{1});       // '©' is So: not punctuation, so "a©b" is one unknown word
+  CHECK(body(t,
+             "a\xC2\xA9"
+             "b") == Ids{1});  // '©' is So: not punctuation, so "a©b" is one unknown word
 }
 
 TEST_CASE("Chinese characters are words of their own") {
@@ -131,23 +144,45 @@ TEST_CASE("control characters are removed, other whitespace splits") {
   const auto t = load(tiny());
   CHECK(body(t, std::string("a\x01") + "b") == Ids{15});
   CHECK(body(t, std::string("a\0b", 3)) == Ids{15});
-  CHECK(body(t, "a\xE2\x80\x8B" "b") == Ids{15});        // U+200B ZERO WIDTH SPACE is Cf
-  CHECK(body(t, "a\xC2\x85" "b") == Ids{15});            // U+0085 NEL is Cc: removed before whitespace mapping
-  CHECK(body(t, "a\xEF\xBF\xBD" "b") == Ids{15});        // U+FFFD
-  CHECK(body(t, "a\xEE\x80\x80" "b") == Ids{15});        // U+E000 private use
-  CHECK(body(t, "a\xC2\xA0" "b") == Ids{16, 17});        // NO-BREAK SPACE
-  CHECK(body(t, "a\xE3\x80\x80" "b") == Ids{16, 17});    // IDEOGRAPHIC SPACE
-  CHECK(body(t, "a\xE2\x80\xA8" "b") == Ids{16, 17});    // LINE SEPARATOR
+  CHECK(body(t,
+             "a\xE2\x80\x8B"
+             "b") == Ids{15});  // U+200B ZERO WIDTH SPACE is Cf
+  CHECK(body(t,
+             "a\xC2\x85"
+             "b") == Ids{15});  // U+0085 NEL is Cc: removed before whitespace mapping
+  CHECK(body(t,
+             "a\xEF\xBF\xBD"
+             "b") == Ids{15});  // U+FFFD
+  CHECK(body(t,
+             "a\xEE\x80\x80"
+             "b") == Ids{15});  // U+E000 private use
+  CHECK(body(t,
+             "a\xC2\xA0"
+             "b") == Ids{16, 17});  // NO-BREAK SPACE
+  CHECK(body(t,
+             "a\xE3\x80\x80"
+             "b") == Ids{16, 17});  // IDEOGRAPHIC SPACE
+  CHECK(body(t,
+             "a\xE2\x80\xA8"
+             "b") == Ids{16, 17});  // LINE SEPARATOR
   CHECK(body(t, "a\rb") == Ids{16, 17});
 }
 
 TEST_CASE("ill-formed UTF-8 reads as U+FFFD, which clean_text drops") {
   const auto t = load(tiny());
-  CHECK(body(t, "a\xFF" "b") == Ids{15});
-  CHECK(body(t, "a\xE4\xB8" "b") == Ids{15});      // truncated 3-byte sequence
-  CHECK(body(t, "a\xED\xA0\x80" "b") == Ids{15});  // an encoded surrogate
-  CHECK(body(t, "a\xC0\xAF" "b") == Ids{15});      // overlong
-  CHECK(body(t, "hello\xE4") == Ids{5});           // cut at the end
+  CHECK(body(t,
+             "a\xFF"
+             "b") == Ids{15});
+  CHECK(body(t,
+             "a\xE4\xB8"
+             "b") == Ids{15});  // truncated 3-byte sequence
+  CHECK(body(t,
+             "a\xED\xA0\x80"
+             "b") == Ids{15});  // an encoded surrogate
+  CHECK(body(t,
+             "a\xC0\xAF"
+             "b") == Ids{15});            // overlong
+  CHECK(body(t, "hello\xE4") == Ids{5});  // cut at the end
 }
 
 TEST_CASE("continuing subwords and [UNK]") {
@@ -171,8 +206,13 @@ TEST_CASE("added tokens are found anywhere in the raw text") {
 
   // a normalized (non-special) added token is matched in the normalised text, with its normalised content
   json doc = tiny();
-  doc["added_tokens"].push_back({{"id", 26}, {"content", "HeLLo-W\xC3\xB6rld"}, {"single_word", false},
-                                 {"lstrip", false}, {"rstrip", false}, {"normalized", true}, {"special", false}});
+  doc["added_tokens"].push_back({{"id", 26},
+                                 {"content", "HeLLo-W\xC3\xB6rld"},
+                                 {"single_word", false},
+                                 {"lstrip", false},
+                                 {"rstrip", false},
+                                 {"normalized", true},
+                                 {"special", false}});
   const auto n = load(doc);
   CHECK(body(n, "say HELLO-WORLD!hello-w\xC3\xB6rldx") == Ids{1, 26, 11, 26, 22});
   CHECK(n.token_id("HeLLo-W\xC3\xB6rld") == 26);

@@ -81,9 +81,7 @@ std::string rejection(const Bytes& payload, std::size_t max_bytes = kDefaultMaxM
   return "";
 }
 
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 // A payload from header text (padded with spaces to a multiple of 8) and a data section.
 Bytes payload(const std::string& header, const Bytes& data = {}, bool pad = true) {
@@ -131,9 +129,7 @@ TensorSpec spec(std::vector<std::optional<std::int64_t>> shape, DType dtype = DT
   return s;
 }
 
-SpecMap lora_spec() {
-  return {{kA, spec({2, 3}, DType::F32, "lora_A")}, {kB, spec({3, 2}, DType::F32, "lora_B")}};
-}
+SpecMap lora_spec() { return {{kA, spec({2, 3}, DType::F32, "lora_A")}, {kB, spec({3, 2}, DType::F32, "lora_B")}}; }
 
 std::string check_error(const Message& msg, const SpecMap& expected) {
   try {
@@ -144,9 +140,7 @@ std::string check_error(const Message& msg, const SpecMap& expected) {
   return "";
 }
 
-Message update_ok() {
-  return decode(vec("update-ok"));
-}
+Message update_ok() { return decode(vec("update-ok")); }
 
 }  // namespace
 
