@@ -257,17 +257,6 @@ BatchStream DeviceClient::batches(std::int64_t round) const {
   return [order] { return order->next(); };
 }
 
-std::vector<Rows> DeviceClient::eval_batches(std::size_t rows, std::int64_t batch_size) const {
-  std::vector<Rows> out;
-  const auto size = static_cast<std::size_t>(batch_size);
-  for (std::size_t start = 0; start < rows; start += size) {
-    Rows batch;
-    for (std::size_t i = start; i < std::min(rows, start + size); ++i) batch.push_back(i);
-    out.push_back(batch);
-  }
-  return out;
-}
-
 namespace {
 
 struct CheckedAssignment {
@@ -337,7 +326,8 @@ void DeviceClient::on_assignment(const Message& msg) {
     }
   }
   engine_->set_state(own_rank ? truncate_ranks(msg.tensors, own_prefixes, own_rank) : msg.tensors, msg.body);
-  const std::vector<Rows> test = eval_batches(data_.num_test(), task.train.eval_batch_size);
+  const std::vector<Rows> test =
+      batches_of(all_rows(data_.num_test()), static_cast<std::size_t>(task.train.eval_batch_size));
   const EvalStats before = engine_->evaluate(data_.test, test);
   json metrics = {{"acc_before", before.accuracy},
                   {"loss_before", before.loss},
@@ -388,14 +378,9 @@ void DeviceClient::on_assignment(const Message& msg) {
       metrics["eval_s"] = before.seconds + after.seconds;
     }
     if (task.uses_experts()) {  // RSEA vectors on the aux set with the post-training weights
-      std::vector<Rows> aux;
-      const Rows rows =
-          aux_indices(data_.num_train(), task.amole.aux_fraction, static_cast<std::size_t>(task.amole.aux_max));
-      const auto size = static_cast<std::size_t>(task.train.eval_batch_size);
-      for (std::size_t start = 0; start < rows.size(); start += size) {
-        aux.emplace_back(rows.begin() + static_cast<std::ptrdiff_t>(start),
-                         rows.begin() + static_cast<std::ptrdiff_t>(std::min(rows.size(), start + size)));
-      }
+      const std::vector<Rows> aux = batches_of(
+          aux_indices(data_.num_train(), task.amole.aux_fraction, static_cast<std::size_t>(task.amole.aux_max)),
+          static_cast<std::size_t>(task.train.eval_batch_size));
       TensorMap embeddings = engine_->embeddings(data_.train, aux, msg.body);
       if (task.amole.dp_eta > 0) {
         embeddings = privatize(embeddings, task.amole.dp_eta, batch_seed(task.seed, config_.client_id, msg.round) + 1);

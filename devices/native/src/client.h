@@ -94,7 +94,6 @@ class DeviceClient {
   void on_assignment(const Message& msg);
   std::int64_t upload_rank() const;
   BatchStream batches(std::int64_t round) const;
-  std::vector<Rows> eval_batches(std::size_t rows, std::int64_t batch_size) const;
 
   DeviceConfig config_;
   Topics topics_;

@@ -46,22 +46,31 @@ ProgramInputs Engine::inputs(const EncodedSplit& data, const Rows& rows) const {
   return in;
 }
 
+std::vector<Rows> batches_of(const Rows& rows, std::size_t size) {
+  std::vector<Rows> out;
+  for (std::size_t start = 0; start < rows.size(); start += size) {
+    out.emplace_back(rows.begin() + static_cast<std::ptrdiff_t>(start),
+                     rows.begin() + static_cast<std::ptrdiff_t>(std::min(rows.size(), start + size)));
+  }
+  return out;
+}
+
+Rows all_rows(std::size_t n) {
+  Rows rows(n);
+  for (std::size_t i = 0; i < n; ++i) rows[i] = i;
+  return rows;
+}
+
 void Engine::predict_chunks(const EncodedSplit& data, const Rows& rows,
                             const std::function<void(const Rows&, const float*)>& each) {
-  const auto size = static_cast<std::size_t>(shape().batch_size);
-  for (std::size_t start = 0; start < rows.size(); start += size) {
-    const Rows chunk(rows.begin() + static_cast<std::ptrdiff_t>(start),
-                     rows.begin() + static_cast<std::ptrdiff_t>(std::min(rows.size(), start + size)));
+  for (const Rows& chunk : batches_of(rows, static_cast<std::size_t>(shape().batch_size))) {
     each(chunk, program_->predict(inputs(data, chunk)));
   }
 }
 
 void Engine::run_chunks(const EncodedSplit& data, const Rows& rows,
                         const std::function<void(const Rows&, const Program::Outputs&)>& each) {
-  const auto size = static_cast<std::size_t>(shape().batch_size);
-  for (std::size_t start = 0; start < rows.size(); start += size) {
-    const Rows chunk(rows.begin() + static_cast<std::ptrdiff_t>(start),
-                     rows.begin() + static_cast<std::ptrdiff_t>(std::min(rows.size(), start + size)));
+  for (const Rows& chunk : batches_of(rows, static_cast<std::size_t>(shape().batch_size))) {
     each(chunk, program_->run(inputs(data, chunk)));
   }
 }

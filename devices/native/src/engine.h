@@ -24,8 +24,13 @@ struct EncodedSplit {
   std::size_t rows() const { return labels.size(); }
 };
 
-using Rows = std::vector<std::size_t>;      // one batch: row indices into a split
-using BatchStream = std::function<Rows()>;  // endless batches (a round's training order)
+using Rows = std::vector<std::size_t>;  // one batch: row indices into a split
+using BatchStream = std::function<Rows()>;
+
+// `rows` cut into consecutive batches of at most `size` (the last one may be smaller).
+std::vector<Rows> batches_of(const Rows& rows, std::size_t size);
+// 0, 1, ..., n-1.
+Rows all_rows(std::size_t n);  // endless batches (a round's training order)
 
 struct TrainStats {
   double loss = 0.0;  // mean over steps

@@ -117,48 +117,47 @@ std::vector<executorch::aten::SizesType> sizes_of(const std::vector<std::int64_t
 
 }  // namespace
 
-const float* Program::predict(const ProgramInputs& in) {
-  if (manifest_.predict_method.empty()) return run(in).logits;
+// The program's inputs as runtime tensors: token ids, attention mask, the labels (training method only) and, for
+// AMoLE, the slot mask; `values` stays valid while this lives.
+struct Program::Inputs {
+  std::vector<et::TensorPtr> tensors;
+  std::vector<std::uint8_t> slot_bytes;  // bool tensors hold one byte of 0 or 1 per element
+  std::vector<EValue> values;
+};
+
+void Program::make_inputs(const ProgramInputs& in, bool with_labels, Inputs& out) const {
   const auto b = static_cast<executorch::aten::SizesType>(shape().batch_size);
   const auto t = static_cast<executorch::aten::SizesType>(shape().max_length);
-  auto ids = et::make_tensor_ptr({b, t}, std::vector<std::int64_t>(in.input_ids));
-  auto mask = et::make_tensor_ptr({b, t}, std::vector<std::int64_t>(in.attention_mask));
-  std::vector<EValue> inputs{*ids, *mask};
-  et::TensorPtr slots;
-  std::vector<std::uint8_t> slot_bytes(in.slot_mask);
+  out.tensors.push_back(et::make_tensor_ptr({b, t}, std::vector<std::int64_t>(in.input_ids)));
+  out.tensors.push_back(et::make_tensor_ptr({b, t}, std::vector<std::int64_t>(in.attention_mask)));
+  if (with_labels) out.tensors.push_back(et::make_tensor_ptr({b}, std::vector<std::int64_t>(in.labels)));
   if (!shape().amole_modules.empty()) {
     const auto l = static_cast<executorch::aten::SizesType>(shape().amole_modules.size());
     const auto m = static_cast<executorch::aten::SizesType>(shape().slots);
-    slots = et::make_tensor_ptr({l, m}, slot_bytes.data(), ScalarType::Bool);
-    inputs.emplace_back(*slots);
+    out.slot_bytes = in.slot_mask;
+    out.tensors.push_back(et::make_tensor_ptr({l, m}, out.slot_bytes.data(), ScalarType::Bool));
   }
-  std::vector<et::TensorPtr> weights;  // views of the training method's parameter memory
-  for (std::size_t k : predict_order_) {
-    weights.push_back(et::make_tensor_ptr(sizes_of(params_[k].shape), params_[k].data, ScalarType::Float));
-    inputs.emplace_back(*weights.back());
+  for (const auto& tensor : out.tensors) out.values.emplace_back(*tensor);
+}
+
+const float* Program::predict(const ProgramInputs& in) {
+  if (manifest_.predict_method.empty()) return run(in).logits;
+  Inputs inputs;
+  make_inputs(in, false, inputs);
+  for (std::size_t k : predict_order_) {  // views of the training method's parameter memory
+    inputs.tensors.push_back(et::make_tensor_ptr(sizes_of(params_[k].shape), params_[k].data, ScalarType::Float));
+    inputs.values.emplace_back(*inputs.tensors.back());
   }
-  const std::vector<EValue> out = call(*module_, manifest_.predict_method, inputs, manifest_.directory);
+  const std::vector<EValue> out = call(*module_, manifest_.predict_method, inputs.values, manifest_.directory);
   const auto& logits = out.at(0).toTensor();
   logits_.assign(logits.const_data_ptr<float>(), logits.const_data_ptr<float>() + logits.numel());
   return logits_.data();
 }
 
 Program::Outputs Program::run(const ProgramInputs& in) {
-  const auto b = static_cast<executorch::aten::SizesType>(shape().batch_size);
-  const auto t = static_cast<executorch::aten::SizesType>(shape().max_length);
-  auto ids = et::make_tensor_ptr({b, t}, std::vector<std::int64_t>(in.input_ids));
-  auto mask = et::make_tensor_ptr({b, t}, std::vector<std::int64_t>(in.attention_mask));
-  auto labels = et::make_tensor_ptr({b}, std::vector<std::int64_t>(in.labels));
-  std::vector<EValue> inputs{*ids, *mask, *labels};
-  et::TensorPtr slots;
-  std::vector<std::uint8_t> slot_bytes(in.slot_mask);  // bool tensors hold one byte of 0 or 1 per element
-  if (!shape().amole_modules.empty()) {
-    const auto l = static_cast<executorch::aten::SizesType>(shape().amole_modules.size());
-    const auto m = static_cast<executorch::aten::SizesType>(shape().slots);
-    slots = et::make_tensor_ptr({l, m}, slot_bytes.data(), ScalarType::Bool);
-    inputs.emplace_back(*slots);
-  }
-  std::vector<EValue> out = call(*module_, kMethod, inputs, manifest_.directory);
+  Inputs inputs;
+  make_inputs(in, true, inputs);
+  std::vector<EValue> out = call(*module_, kMethod, inputs.values, manifest_.directory);
   if (out.size() != parameters_start_ + order_.size()) {
     throw ArtifactError(manifest_.directory + ": the program returned " + std::to_string(out.size()) + " outputs");
   }

@@ -60,6 +60,9 @@ class Program {
   const float* gradient(std::size_t index) const { return gradients_.at(index); }
 
  private:
+  struct Inputs;
+  void make_inputs(const ProgramInputs& in, bool with_labels, Inputs& out) const;
+
   Manifest manifest_;
   std::unique_ptr<executorch::extension::module::Module> module_;
   std::size_t gradients_start_ = 0, parameters_start_ = 0;
