@@ -27,6 +27,8 @@ from edgemole.protocol import TensorSpec, spec_of
 log = logging.getLogger("edgemole.aggregator")
 
 ExpertSets = dict[str, list[int]]  # module -> expert ids held
+#: checkpoint tensor prefix of a device's latest token embeddings (modules x r)
+TOKENS = "rsea.tokens."
 
 
 class FedAMoLE(Strategy):
@@ -168,17 +170,44 @@ class FedAMoLE(Strategy):
         return self._tensors(self.sets[client])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**self.state, **{f"rsea.{m}.experts": self.expert_embed[m] for m in self.modules}}
+        """The experts, shared experts, routers and head, plus the RSEA state reverse selection scores with:
+        every expert's latest e_i (and whether it has one) and every device's latest t_c."""
+        rsea = {f"rsea.{m}.experts": self.expert_embed[m] for m in self.modules}
+        rsea.update({f"rsea.{m}.embedded": self.embedded[m] for m in self.modules})
+        rsea.update({f"{TOKENS}{c}": torch.stack([t[m] for m in self.modules]) for c, t in self.token_embed.items()})
+        return {**self.state, **rsea}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.state) | {f"rsea.{m}.experts" for m in self.modules}
-        if set(state) != expected:
+    def extra_state(self) -> dict[str, Any]:
+        """The expert sets in force, whom they were made for, the last round planned and the numpy RNG (random
+        assignments before the first embeddings): what :meth:`expert_sets` of the next round reads."""
+        return {"sets": self.sets, "assigned_clients": list(self.assigned_clients), "last_round": self.last_round,
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> None:
+        required = set(self.state) | {f"rsea.{m}.experts" for m in self.modules}
+        optional = {f"rsea.{m}.embedded" for m in self.modules}
+        tokens = {k for k in state if k.startswith(TOKENS)}
+        if not required <= set(state) or set(state) - required - optional - tokens:
             raise ValueError("checkpoint tensors do not match this model's experts")
+        if any(state[k].shape != (len(self.modules), self.r) for k in tokens):
+            raise ValueError("checkpoint token embeddings do not match this model's modules")
         for m in self.modules:
             self.expert_embed[m] = state[f"rsea.{m}.experts"].clone()
-            self.embedded[m] = self.expert_embed[m].abs().sum(1) > 0
-        self.state = {k: v.clone() for k, v in state.items() if not k.startswith("rsea.")}
-
+            flags = state.get(f"rsea.{m}.embedded")
+            self.embedded[m] = flags.clone().bool() if flags is not None else self.expert_embed[m].abs().sum(1) > 0
+        self.token_embed = {k[len(TOKENS):]: {m: state[k][i].clone() for i, m in enumerate(self.modules)}
+                            for k in tokens}
+        self.state = {k: state[k].clone() for k in self.state}
+        if extra:
+            try:
+                self.sets = {c: {m: [int(e) for e in ids] for m, ids in per.items()}
+                             for c, per in extra.get("sets", {}).items()}
+                self.assigned_clients = tuple(extra.get("assigned_clients", ()))
+                self.last_round = int(extra.get("last_round", 0))
+                if "rng" in extra:
+                    self.rng.bit_generator.state = extra["rng"]
+            except (TypeError, ValueError, AttributeError, KeyError) as exc:
+                raise ValueError(f"checkpoint's expert assignment state is invalid: {exc}") from None
 
 def expert_set_stats(sets: dict[str, ExpertSets]) -> dict[str, Any]:
     """How many experts devices hold and how many distinct architectures the fleet has this round."""

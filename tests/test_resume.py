@@ -1,0 +1,175 @@
+"""Exact resume: N rounds in one go equal k rounds, a crash, ``--resume`` and N - k more, for every method with state
+beyond its tensors; checkpoints are atomic, few, and refused when they belong to another run set-up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY_AMOLE, write_client_data, write_config
+
+import aggregator.service as service_module
+from aggregator.checkpoint import LATEST, load_for_resume, read_checkpoint, save_checkpoint
+from aggregator.service import AggregatorService
+from edge_client.client import ClientOptions, EdgeClient
+from edgemole.bench import SharedEngine
+from edgemole.config import load_settings
+from edgemole.errors import EdgemoleError
+from edgemole.memory_link import MemoryBroker, MemoryLink
+from edgemole.protocol import DONE, Kind, Topics, decode
+
+ROUNDS = 4
+
+
+class Crash(BaseException):
+    """Stands for kill -9: not an Exception, so the service announces nothing on its way out."""
+
+
+def _settings(tmp: Path, model: str, method: str, **fleet: Any):  # noqa: ANN202
+    files, labels = write_client_data(tmp, [24, 30, 36, 28])
+    amole = TINY_AMOLE if "fedamole" in method else None
+    config = write_config(tmp / f"{method}.json", model, labels, {"dropout": False, "local_steps": 2}, amole,
+                          method=method, rounds=ROUNDS, min_clients=4, quorum=1.0, clients_per_round=0.75,
+                          **fleet)
+    settings = load_settings(config)
+    return settings, settings.task(labels), files
+
+
+def _fleet(tmp: Path, model: str, method: str, ckpt: Path, *, resume: bool = False, crash_after: int | None = None,
+           monkeypatch: pytest.MonkeyPatch | None = None) -> tuple[AggregatorService, list[bytes]]:
+    """One in-memory fleet (the bench's link); crashes right after checkpointing round ``crash_after``."""
+    settings, task, files = _settings(tmp, model, method)
+    topics = Topics(settings.fleet.fleet, settings.fleet.topic_prefix)
+    broker = MemoryBroker()
+    service = AggregatorService(settings.fleet, task, link=MemoryLink(broker, "aggregator"), checkpoint_dir=ckpt,
+                                resume=resume, keep_checkpoints=2)
+    engines = SharedEngine("eager", 1)
+    for k, (train, test) in enumerate(files):
+        opts = ClientOptions(broker="memory", client_id=f"c{k}", data=str(train), test_data=str(test), fleet="t",
+                             threads=1, eval_after_training=False)
+        link = MemoryLink(broker, topics.device_mqtt_id(f"c{k}"))
+        client = EdgeClient(opts, link=link, engine_factory=engines)
+        client.start()
+        link.serve(client.handle)
+    rounds: list[bytes] = []
+    watch = MemoryLink(broker, "watch")
+    watch.connect()
+    watch.subscribe(topics.round)
+    watch.serve(lambda inbound: rounds.append(inbound.payload))
+    if crash_after is not None and monkeypatch is not None:
+        save = service_module.save_checkpoint
+
+        def save_then_crash(*args: Any, **kwargs: Any) -> Path:
+            path = save(*args, **kwargs)
+            if kwargs["round_"] == crash_after:
+                raise Crash
+            return path
+
+        monkeypatch.setattr(service_module, "save_checkpoint", save_then_crash)
+    try:
+        service.run()
+    except Crash:
+        pass
+    finally:
+        if monkeypatch is not None:
+            monkeypatch.undo()
+    return service, rounds
+
+
+@pytest.mark.parametrize("method", ["fedit", "lora-a2", "fedamole", "fedamole-a2"])
+def test_resumed_run_ends_with_the_uninterrupted_runs_model(tmp_path: Path, tiny_model: str, method: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    whole, _ = _fleet(tmp_path, tiny_model, method, tmp_path / "whole")
+    crashed, rounds = _fleet(tmp_path, tiny_model, method, tmp_path / "split", crash_after=2,
+                             monkeypatch=monkeypatch)
+    assert not any(decode(p).phase == DONE for p in rounds if p), "a crash must not announce done"
+    resumed, _ = _fleet(tmp_path, tiny_model, method, tmp_path / "split", resume=True)
+    assert resumed.run_id == crashed.run_id  # devices of the interrupted round can still answer it
+    a, b = read_checkpoint(tmp_path / "whole" / LATEST), read_checkpoint(tmp_path / "split" / LATEST)
+    assert a.round == b.round == ROUNDS and set(a.state) == set(b.state)
+    for name, value in a.state.items():
+        assert torch.allclose(value.double(), b.state[name].double(), atol=1e-6, rtol=0), name
+    assert json.dumps(a.strategy_extra, sort_keys=True) == json.dumps(b.strategy_extra, sort_keys=True)
+    # the summary is whole: every round's record, the same selections and, for FedAMoLE, the same expert sets
+    whole_rounds, resumed_rounds = whole.records, resumed.records
+    assert [r["round"] for r in resumed_rounds] == [1, 2, 3, 4, 5]
+    for x, y in zip(whole_rounds, resumed_rounds, strict=True):
+        assert x["selected"] == y["selected"] and x.get("experts") == y.get("experts")
+        assert x["accuracy_before"] == pytest.approx(y["accuracy_before"], abs=1e-9)
+    # K = 2 round files besides latest, and no temporary file left
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == [
+        LATEST, "round-000003.safetensors", "round-000004.safetensors"]
+
+
+def test_resume_refuses_missing_and_foreign_checkpoints(tmp_path: Path, tiny_model: str) -> None:
+    settings, task, _ = _settings(tmp_path, tiny_model, "fedit")
+    empty = tmp_path / "empty"
+    with pytest.raises(EdgemoleError, match="no checkpoint in"):
+        AggregatorService(settings.fleet, task, link=MemoryLink(MemoryBroker(), "a"), checkpoint_dir=empty,
+                          resume=True)._build_strategy()
+    with pytest.raises(EdgemoleError, match="needs --checkpoint-dir"):
+        AggregatorService(settings.fleet, task, link=MemoryLink(MemoryBroker(), "a"), resume=True)
+    service = AggregatorService(settings.fleet, task, link=MemoryLink(MemoryBroker(), "a"), checkpoint_dir=empty)
+    strategy, _ = service._build_strategy()
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, strategy.state_dict(), method="fedit", run="r1", round_=1, identity=service.identity())
+    assert load_for_resume(ckpt, method="fedit", identity=service.identity()).run == "r1"
+    other = {**service.identity()}
+    for key, value, needle in (("fleet", "other", "another fleet"), ("model", "m", "another model"),
+                               ("task", "0" * 16, "another task")):
+        with pytest.raises(EdgemoleError, match=needle) as info:
+            load_for_resume(ckpt, method="fedit", identity={**other, key: value})
+        assert "\n" not in str(info.value)
+    with pytest.raises(EdgemoleError, match="method 'fedit', not 'lora-a2'"):
+        load_for_resume(ckpt, method="lora-a2", identity=other)
+    # another task (here: other labels) is another hash
+    _, task2, _ = _settings(tmp_path, tiny_model, "fedit")
+    task2.labels = task2.labels[:-1]
+    assert AggregatorService(settings.fleet, task2, link=MemoryLink(MemoryBroker(), "a")).identity()["task"] != \
+        service.identity()["task"]
+
+
+def test_checkpoints_are_atomic_and_stale_temporaries_are_removed(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    (tmp_path / ".ckpt-abc.tmp").write_bytes(b"\0" * 1000)  # what a kill during a write leaves
+    (tmp_path / f".{LATEST}.tmp").write_bytes(b"\0" * 1000)  # the old code's temporary name
+    from aggregator.checkpoint import remove_stale_temporaries
+    assert remove_stale_temporaries(tmp_path) == 2
+    for rnd in range(1, 6):
+        save_checkpoint(tmp_path, {"w": state["w"] + rnd}, method="fedit", run="r", round_=rnd, keep=3,
+                        strategy_extra={"x": rnd}, service={"records": [{"round": rnd}]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        LATEST, "round-000003.safetensors", "round-000004.safetensors", "round-000005.safetensors"]
+    latest = read_checkpoint(tmp_path / LATEST)
+    assert latest.round == 5 and latest.strategy_extra == {"x": 5} and torch.equal(latest.state["w"], state["w"] + 5)
+    # a write that dies before its rename leaves the previous checkpoint whole and no temporary file
+    import aggregator.checkpoint as ckpt_module
+
+    def dying_replace(src: str, dst: str) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(ckpt_module.os, "replace", dying_replace)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, state, method="fedit", run="r", round_=6)
+    monkeypatch.undo()
+    assert read_checkpoint(tmp_path / LATEST).round == 5
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_failed_run_announces_done_with_its_reason(tmp_path: Path, tiny_model: str) -> None:
+    settings, task, _ = _settings(tmp_path, tiny_model, "fedit", wait_clients_s=0.2)
+    broker = MemoryBroker()
+    watch = MemoryLink(broker, "watch")
+    watch.connect()
+    watch.subscribe(Topics("t").round)
+    service = AggregatorService(settings.fleet, task, link=MemoryLink(broker, "aggregator"))
+    with pytest.raises(EdgemoleError, match="only 0 of the required 4 clients"):
+        service.run()
+    done = decode(broker.retained[Topics("t").round])
+    assert done.kind == Kind.ROUND and done.phase == DONE
+    assert done.body["failed"] is True and "only 0 of the required 4" in done.body["reason"]
+    assert done.body["run"] == service.run_id
