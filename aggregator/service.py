@@ -19,12 +19,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from aggregator.checkpoint import load_checkpoint, save_checkpoint
+from aggregator.bounds import norm_violations, samples_violation, value_violation
+from aggregator.checkpoint import DEFAULT_KEEP, load_for_resume, remove_stale_temporaries, save_checkpoint, task_hash
 from aggregator.strategies import ClientUpdate, RoundPlan, Strategy, strategy_class
+from edgemole.adapters.amole.model import EMBEDDING_ROLE
 from edgemole.config import FleetConfig, TaskSpec
 from edgemole.errors import EdgemoleError, ProtocolError
 from edgemole.model import WireState, build_classifier
-from edgemole.mqtt import Inbound, Link, MqttLink
+from edgemole.mqtt import RECONNECTED, BrokerCredentials, Inbound, Link, MqttLink, packet_limit
 from edgemole.protocol import DONE, Kind, Message, Topics, decode, encode, validate_update
 
 log = logging.getLogger("edgemole.aggregator")
@@ -38,9 +40,29 @@ class RoundFailed(EdgemoleError):
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and population std, None where undefined or where the devices' (finite) values overflow them."""
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+    try:
+        return _finite(statistics.fmean(values)), _finite(statistics.pstdev(values) if len(values) > 1 else 0.0)
+    except (OverflowError, ValueError):
+        return None, None
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None: a round record mixes figures computed from device
+    metrics (finite one by one, but sums may overflow) and must always encode (``allow_nan=False``)."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class AggregatorService:
@@ -57,6 +79,8 @@ class AggregatorService:
         resume: bool = False,
         summary_path: str | Path | None = None,
         connect_timeout_s: float = 30.0,
+        keep_checkpoints: int = DEFAULT_KEEP,
+        credentials: BrokerCredentials | None = None,
     ) -> None:
         self.fleet = fleet
         self.task = task
@@ -64,6 +88,9 @@ class AggregatorService:
         self.strategy_cls = strategy_class(fleet.method)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.resume = resume
+        self.keep_checkpoints = keep_checkpoints
+        if resume and self.checkpoint_dir is None:
+            raise EdgemoleError("--resume needs --checkpoint-dir (the folder of the run to continue)")
         self.summary_path = Path(summary_path) if summary_path else None
         self.connect_timeout_s = connect_timeout_s
         self.run_id = uuid.uuid4().hex[:12]
@@ -73,7 +100,9 @@ class AggregatorService:
         if link is None and broker is None:
             raise ValueError("AggregatorService needs a broker URL or a link")
         #: the transport: MQTT, or the in-memory link of ``edgemole bench``
-        self.link: Link = link or MqttLink(broker or "", self.topics.mqtt_client_id("aggregator"), clean_session=False)
+        self.link: Link = link or MqttLink(broker or "", self.topics.mqtt_client_id("aggregator"), clean_session=False,
+                                           credentials=credentials, identity="aggregator",
+                                           max_packet_bytes=packet_limit(fleet.max_message_bytes))
         #: the run's strategy once :meth:`run` built it (the bench evaluates its models after the run)
         self.strategy: Strategy | None = None
         self.records: list[dict[str, Any]] = []
@@ -81,6 +110,18 @@ class AggregatorService:
         self._open: tuple[int, str, RoundPlan] | None = None
         self._updates: dict[str, ClientUpdate] = {}
         self._bytes_up = 0
+        #: client -> why its update of the open round was refused by the bounds (for the round record)
+        self._out_of_bounds: dict[str, str] = {}
+        #: (run, round, client) of every accepted update: a re-sent one (after a reconnect) is dropped quietly
+        self._accepted: set[tuple[str, int, str]] = set()
+        #: updates dropped as duplicates of an accepted one, or of this run while no round was open (a resumed
+        #: aggregator receives the interrupted round's queued updates before it re-opens the round)
+        self.duplicates = 0
+        self.early = 0
+        #: what a reconnect re-publishes: the retained task and round announcement, the open round's assignments
+        self._task_payload: bytes | None = None
+        self._round_payload: bytes | None = None
+        self._assign_payloads: dict[str, bytes] = {}
 
     # -- inbound -------------------------------------------------------------------------------
     def _reject(self, reason: str, detail: str) -> None:
@@ -88,6 +129,9 @@ class AggregatorService:
         log.warning("rejected %s: %s (%s rejected so far)", reason, detail, sum(self.rejected.values()))
 
     def _handle(self, inbound: Inbound) -> None:
+        if inbound.topic == RECONNECTED:
+            self._on_reconnected()
+            return
         parsed = self.topics.parse_client_topic(inbound.topic)
         if parsed is None or not inbound.payload:
             return
@@ -108,16 +152,31 @@ class AggregatorService:
             self._reject("status", f"from {client}: {exc}")
             return
         self.status[client] = msg.body
+        if self._is_ready(msg.body):
+            self._resend_if_outstanding(client)
         if msg.body["state"] == "error":
             log.warning("client %s reports an error: %s", client, msg.body.get("error", ""))
 
     def _on_update(self, client: str, payload: bytes) -> None:
+        try:
+            msg = decode(payload, self.fleet.max_message_bytes)
+        except ProtocolError as exc:
+            self._reject("update", f"from {client}: {exc}")
+            return
+        run = msg.body.get("run")
+        if isinstance(run, str) and (run, msg.round, client) in self._accepted:  # a list would be unhashable
+            self.duplicates += 1  # a device re-sent it after a reconnect or a repeated assignment: expected
+            log.debug("dropped a duplicate update from %s for round %d", client, msg.round)
+            return
         if self._open is None:
-            self._reject("update", f"from {client} while no round is open")
+            if msg.body.get("run") == self.run_id:  # e.g. queued for a resumed aggregator: asked for again
+                self.early += 1
+                log.info("dropped an update from %s for round %d: no round open yet", client, msg.round)
+            else:
+                self._reject("update", f"from {client} while no round is open")
             return
         rnd, phase, plan = self._open
         try:
-            msg = decode(payload, self.fleet.max_message_bytes)
             assignment = plan.assignments.get(client)
             validate_update(
                 msg,
@@ -134,6 +193,18 @@ class AggregatorService:
         except ProtocolError as exc:
             self._reject("update", f"from {client}: {exc}")
             return
+        # Well formed, but within bounds? Checked on arrival so that a forged out-of-bounds update on a device's
+        # topic cannot take the place of the device's real one.
+        for reason, why in (
+            ("samples", samples_violation(msg.body["num_samples"], phase, self.status.get(client),
+                                          self.fleet.max_samples)),
+            ("bounds", value_violation(msg.tensors, self.fleet.max_update_value)),
+        ):
+            if why is not None:
+                self._reject(reason, f"from {client} in round {rnd}: {why}")
+                self._out_of_bounds[client] = why
+                return
+        self._accepted.add((self.run_id, rnd, client))
         self._updates[client] = ClientUpdate(client, msg.body["num_samples"], msg.tensors,
                                              dict(msg.body.get("metrics", {})))
         self._updates[client].metrics["bytes_up"] = len(payload)
@@ -153,6 +224,32 @@ class AggregatorService:
 
     def ready_clients(self) -> list[str]:
         return sorted(c for c, s in self.status.items() if s.get("state") == "ready" and s.get("run") == self.run_id)
+
+    def _is_ready(self, status: dict[str, Any]) -> bool:
+        return status.get("state") == "ready" and status.get("run") == self.run_id
+
+    def _resend_if_outstanding(self, client: str) -> None:
+        """A selected device that reports ready for this run during the open round without having answered it
+        was restarted, or (re)connected, perhaps to a restarted broker that lost its assignment: send it again
+        rather than wait for the round's deadline (a device that has the round's update re-sends that)."""
+        if self._open is None or client in self._updates or client not in self._assign_payloads:
+            return
+        log.info("round %d: %s is ready again without having answered: re-sending its assignment", self._open[0],
+                 client)
+        self.link.publish(self.topics.assign(client), self._assign_payloads[client])
+
+    def _on_reconnected(self) -> None:
+        """The broker connection came back (perhaps to a restarted broker without persistence, which forgot every
+        retained message and queued delivery): restore the retained task and round, re-send what is outstanding."""
+        pending = [c for c in self._assign_payloads if self._open is not None and c not in self._updates]
+        log.warning("reconnected to the broker: re-publishing the task and round, re-sending %d assignment(s)",
+                    len(pending))
+        if self._task_payload is not None:
+            self.link.publish(self.topics.task, self._task_payload, retain=True)
+        if self._round_payload is not None:
+            self.link.publish(self.topics.round, self._round_payload, retain=True)
+        for client in pending:
+            self.link.publish(self.topics.assign(client), self._assign_payloads[client])
 
     def _live(self, client: str) -> bool:
         return self.status.get(client, {}).get("state") in LIVE_STATES
@@ -174,11 +271,11 @@ class AggregatorService:
         return sorted(self.rng.sample(ready, k)) if k < len(ready) else ready
 
     def _announce(self, rnd: int, phase: str, selected: list[str], deadline_s: float,
-                  hparams: dict[str, Any]) -> None:
+                  hparams: dict[str, Any], **extra: Any) -> None:
         body = {"run": self.run_id, "deadline_unix": time.time() + deadline_s, "selected": selected,
-                "hparams": hparams, "rounds": self.fleet.rounds}
-        self.link.publish(self.topics.round, encode(Message(Kind.ROUND, self.fleet.fleet, rnd, phase, body=body)),
-                          retain=True)
+                "hparams": hparams, "rounds": self.fleet.rounds, **extra}
+        self._round_payload = encode(Message(Kind.ROUND, self.fleet.fleet, rnd, phase, body=body))
+        self.link.publish(self.topics.round, self._round_payload, retain=True)
 
     def run_round(self, strategy: Strategy, rnd: int, evaluate: bool = False) -> dict[str, Any]:
         """One round: announce, assign, collect until done or deadline + quorum, aggregate."""
@@ -190,11 +287,14 @@ class AggregatorService:
         plan = strategy.configure_evaluate(selected) if evaluate else strategy.configure_train(rnd, selected)
         self._announce(rnd, plan.phase, selected, self.fleet.round_deadline_s, plan.hparams)
         self._open, self._updates, self._bytes_up = (rnd, plan.phase, plan), {}, 0
+        self._out_of_bounds = {}
+        self._assign_payloads = {}
         bytes_down = params_down = 0
         for client, assignment in plan.assignments.items():
             body = {"run": self.run_id, **plan.hparams, **assignment.body}
             payload = encode(Message(Kind.ASSIGN, self.fleet.fleet, rnd, plan.phase, client, body,
                                      assignment.tensors, {k: strategy.roles.get(k, "") for k in assignment.tensors}))
+            self._assign_payloads[client] = payload  # kept for a re-send (reconnect, restarted device)
             bytes_down += self.link.publish(self.topics.assign(client), payload)
             params_down += sum(t.numel() for t in assignment.tensors.values())
         quorum = max(1, math.ceil(self.fleet.quorum * len(selected)))
@@ -215,13 +315,33 @@ class AggregatorService:
                 raise RoundFailed(f"round {rnd} failed: {answered} of {len(selected)} selected clients "
                                   f"answered by the deadline (quorum {quorum})")
             self._pump(min(0.5, max(0.01, (deadline if answered >= quorum else hard_deadline) - now)))
-        self._open = None
+        self._open, self._assign_payloads = None, {}
         updates = [self._updates[c] for c in selected if c in self._updates]
         t0 = time.perf_counter()
-        extra = {} if evaluate else strategy.aggregate(rnd, plan, updates)
+        extra: dict[str, Any] = {}
+        if not evaluate:
+            updates = self._within_norm_bounds(rnd, plan, updates)
+            if updates:
+                strategy.robust = self.fleet.robust
+                extra = strategy.aggregate(rnd, plan, updates)
+            else:
+                log.warning("round %d: every update was refused by the bounds; the model stays as it was", rnd)
         aggregate_s = time.perf_counter() - t0
         return self._record(rnd, plan.phase, selected, updates, (bytes_down, params_down), aggregate_s,
-                            time.monotonic() - started, {**plan.info, **extra})
+                            time.monotonic() - started, {**plan.info, **extra, "refused": dict(self._out_of_bounds)})
+
+    def _within_norm_bounds(self, rnd: int, plan: RoundPlan, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """The updates whose tensor norms are within ``fleet.update_norm_factor`` of their references; the others
+        are rejected (counted, logged, recorded under ``refused`` in the round record)."""
+        pools = {n: EMBEDDING_ROLE for a in plan.assignments.values() for n, spec in a.expect.items()
+                 if spec.role == EMBEDDING_ROLE}
+        refused = norm_violations({u.client: u.tensors for u in updates},
+                                  {c: a.tensors for c, a in plan.assignments.items()}, self.fleet.update_norm_factor,
+                                  pools)
+        for client, why in refused.items():
+            self._reject("bounds", f"from {client} in round {rnd}: {why}")
+            self._out_of_bounds[client] = why
+        return [u for u in updates if u.client not in refused]
 
     def _record(self, rnd: int, phase: str, selected: list[str], updates: list[ClientUpdate],
                 down: tuple[int, int], aggregate_s: float, wall_s: float, extra: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +352,7 @@ class AggregatorService:
         acc_before, acc_before_std = stat("acc_before")
         acc_after, acc_after_std = stat("acc_after")
         loss, _ = stat("train_loss")
-        return {
+        return json_safe({  # device metrics are finite one by one; their sums may not be
             "round": rnd,
             "phase": phase,
             "selected": selected,
@@ -255,30 +375,59 @@ class AggregatorService:
             "rejected_total": sum(self.rejected.values()),
             "clients": {u.client: {"num_samples": u.num_samples, **u.metrics} for u in updates},
             **extra,
-        }
+        })
 
     # -- whole run -----------------------------------------------------------------------------
+    def identity(self) -> dict[str, str]:
+        """What a checkpoint must match to be resumed by this run: its task (hash of the task body), fleet, model."""
+        return {"task": task_hash(self.task.to_body()), "fleet": self.fleet.fleet, "model": self.task.model.name}
+
     def _build_strategy(self) -> tuple[Strategy, int]:
         model, _ = build_classifier(self.task)
         strategy = self.strategy_cls(*WireState.of_model(model, self.task).initial_fleet_state(), self.task)
         del model
-        start = 1
-        if self.resume and self.checkpoint_dir:
-            found = load_checkpoint(self.checkpoint_dir, method=self.fleet.method)
-            if found is not None:
-                state, _, done_round = found
-                try:
-                    strategy.load_state_dict(state)
-                except ValueError as exc:
-                    raise EdgemoleError(f"cannot resume from '{self.checkpoint_dir}': {exc}") from None
-                start = done_round + 1
-                log.info("resuming after round %d from %s", done_round, self.checkpoint_dir)
-        return strategy, start
+        if self.checkpoint_dir is not None:
+            remove_stale_temporaries(self.checkpoint_dir)
+        if not self.resume or self.checkpoint_dir is None:
+            return strategy, 1
+        ckpt = load_for_resume(self.checkpoint_dir, method=self.fleet.method, identity=self.identity())
+        try:
+            strategy.load_state_dict(ckpt.state, ckpt.strategy_extra)
+            self._restore(ckpt.service)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise EdgemoleError(f"--resume: cannot resume from '{ckpt.path}': {exc}") from None
+        # the interrupted run's id: devices still answering its open round are answered, not rejected
+        self.run_id = ckpt.run or self.run_id
+        log.info("resuming run %s after round %d from %s", self.run_id, ckpt.round, ckpt.path)
+        return strategy, ckpt.round + 1
+
+    def _service_state(self) -> dict[str, Any]:
+        """The service's part of a checkpoint: the selection RNG and the records, so that a resumed run selects
+        as the uninterrupted one would and its summary covers every round."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "records": self.records, "rejected": dict(self.rejected)}
+
+    def _restore(self, service: dict[str, Any]) -> None:
+        if "rng" in service:
+            version, internal, gauss = service["rng"]
+            self.rng.setstate((version, tuple(internal), gauss))
+        self.records = list(service.get("records", []))
+        self.rejected.update(service.get("rejected", {}))
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         self.link.publish(self.topics.metrics, encode(Message(Kind.METRICS, self.fleet.fleet, record["round"],
                                                               record["phase"], body=record)))
+
+    def _announce_failure(self, exc: BaseException) -> None:
+        """Tell the devices the run is over, so that none waits for ever; best effort (the broker may be the
+        reason it failed)."""
+        reason = str(exc) or type(exc).__name__
+        log.error("run %s failed: %s", self.run_id, reason)
+        try:
+            self._announce(self.fleet.rounds + 1, DONE, [], 0.0, {}, failed=True, reason=reason[:500])
+        except Exception as publish_exc:  # noqa: BLE001 - the original error is what the caller must see
+            log.warning("could not announce the failed run: %s", publish_exc)
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -287,8 +436,8 @@ class AggregatorService:
         self.link.connect(self.connect_timeout_s)
         self.link.subscribe(self.topics.all_status, self.topics.all_updates)
         task_body = {"run": self.run_id, "task": self.task.to_body()}
-        self.link.publish(self.topics.task, encode(Message(Kind.TASK, self.fleet.fleet, body=task_body)),
-                          retain=True)
+        self._task_payload = encode(Message(Kind.TASK, self.fleet.fleet, body=task_body))
+        self.link.publish(self.topics.task, self._task_payload, retain=True)
         needed = max(self.fleet.min_clients, strategy.min_clients)
         log.info("run %s: method %s, %d rounds, waiting for %d client(s)", self.run_id, self.fleet.method,
                  self.fleet.rounds, needed)
@@ -302,10 +451,15 @@ class AggregatorService:
                 self._emit(record)
                 if self.checkpoint_dir:
                     save_checkpoint(self.checkpoint_dir, strategy.state_dict(), method=self.fleet.method,
-                                    run=self.run_id, round_=rnd)
+                                    run=self.run_id, round_=rnd, identity=self.identity(),
+                                    strategy_extra=strategy.extra_state(), service=self._service_state(),
+                                    keep=self.keep_checkpoints)
             final = self.run_round(strategy, self.fleet.rounds + 1, evaluate=True)
             self._emit(final)
             self._announce(self.fleet.rounds + 1, DONE, [], 0.0, {})
+        except Exception as exc:
+            self._announce_failure(exc)
+            raise
         finally:
             self.link.close()
         summary = self._summary(final, time.monotonic() - started)
@@ -332,5 +486,7 @@ class AggregatorService:
             "aggregate_s_total": sum(r["aggregate_s"] for r in self.records),
             "rounds_wall_s_total": sum(r["wall_s"] for r in self.records),
             "rejected": dict(self.rejected),
+            "duplicates": self.duplicates,
+            "early": self.early,
             "aggregator_wall_s": wall_s,
         }

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from edge_client.alternating import train_alternating
 from edge_client.engines import Batch, TrainingEngine, make_engine
 from edge_client.local_data import LocalData
@@ -22,7 +24,7 @@ from edgemole.adapters.lora.a2 import TRAIN_A, TRAIN_B, active_factor, adapter_p
 from edgemole.adapters.lora.flex import OWN_RANK, leading_ranks, truncate_ranks
 from edgemole.config import TaskSpec
 from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
-from edgemole.mqtt import Inbound, Link, MqttLink
+from edgemole.mqtt import RECONNECTED, BrokerCredentials, Inbound, Link, MqttLink, packet_limit
 from edgemole.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DONE,
@@ -34,6 +36,7 @@ from edgemole.protocol import (
     encode,
     validate_assignment,
 )
+from edgemole.protocol.messages import finite_number
 from edgemole.rng import SplitMix64
 
 log = logging.getLogger("edgemole.client")
@@ -65,6 +68,8 @@ class ClientOptions:
     #: also evaluate after local training (the ``acc_after`` metric); benchmarks that only need the received
     #: model's accuracy turn it off to save a pass over the test split
     eval_after_training: bool = True
+    #: CA, client certificate, user name and password for the broker (None: an open broker)
+    credentials: BrokerCredentials | None = None
 
 
 def batch_seed(task_seed: int, client_id: str, round_: int) -> int:
@@ -96,6 +101,11 @@ class EdgeClient:
         self.run_id: str | None = None
         self.last_round = 0
         self.pending: Message | None = None
+        #: (run, round, payload) of the last update sent, kept until the next round: re-sent when the connection
+        #: comes back (a restarted broker may have lost it) or when that round's assignment arrives again
+        self.kept: tuple[str, int, bytes] | None = None
+        #: (run, round) of the latest round announcement: the round the aggregator is collecting
+        self.open_round: tuple[str, int] | None = None
         self.rejected = 0
         self._stop = False
         self._engine_factory = engine_factory or (lambda task: make_engine(opts.engine, task, threads=opts.threads,
@@ -105,6 +115,9 @@ class EdgeClient:
             self.topics.device_mqtt_id(opts.client_id),
             clean_session=False,
             will=(self.topics.status(opts.client_id), self._status_payload("offline")),
+            credentials=opts.credentials,
+            identity=opts.client_id,  # refused when it is not the credential's name
+            max_packet_bytes=packet_limit(opts.max_message_bytes),
         )
 
     # -- messages ------------------------------------------------------------------------------
@@ -167,6 +180,9 @@ class EdgeClient:
         self._stop = True
 
     def _handle(self, inbound: Inbound) -> None:
+        if inbound.topic == RECONNECTED:
+            self._on_reconnected()
+            return
         mine = (self.topics.task, self.topics.round, self.topics.assign(self.opts.client_id))
         if not inbound.payload or inbound.topic not in mine:  # a cleared retained message, or broker noise
             return
@@ -180,21 +196,50 @@ class EdgeClient:
         if inbound.topic == self.topics.task and msg.kind == Kind.TASK:
             self._on_task(msg)
         elif inbound.topic == self.topics.round and msg.kind == Kind.ROUND:
+            if isinstance(msg.body.get("run"), str) and msg.phase != DONE:
+                self.open_round = (msg.body["run"], msg.round)
             # A retained "done" is the end of a run that finished before we connected (its retained task too):
             # it only ends our run if we took part; otherwise we wait for the next run's task.
             if msg.body.get("run") == self.run_id and msg.phase == DONE and (self.last_round or not inbound.retain):
-                log.info("run %s finished after round %d", self.run_id, self.last_round)
-                if self.opts.keep_serving:
-                    self.run_id, self.last_round = None, 0
-                    self._publish_status("online")
-                else:
-                    self._stop = True
+                self._on_done(msg)
         elif inbound.topic == self.topics.assign(self.opts.client_id) and msg.kind == Kind.ASSIGN:
             self.pending = msg
             if self.engine is not None:
                 self._on_assignment(msg)
         else:
             self._reject(f"message on {inbound.topic}", f"unexpected kind {msg.kind}")
+
+    def _on_done(self, msg: Message) -> None:
+        """The run is over, finished or failed (the aggregator gave up: too few devices, a round that failed):
+        either way nothing more will come for it, so go idle (``keep_serving``) or end with 0."""
+        if msg.body.get("failed") is True:
+            log.warning("run %s failed after round %d: %s", self.run_id, self.last_round,
+                        str(msg.body.get("reason", "no reason given"))[:500])
+        else:
+            log.info("run %s finished after round %d", self.run_id, self.last_round)
+        self.kept = None
+        if self.opts.keep_serving:
+            self.run_id, self.last_round = None, 0
+            self._publish_status("online")
+        else:
+            self._stop = True
+
+    def _on_reconnected(self) -> None:
+        """The broker connection came back: if our last update is of the round still open, send it again (a
+        restarted broker without persistence forgot it; the aggregator drops it if it already had it)."""
+        if self.kept is not None and self.open_round == self.kept[:2]:
+            log.info("reconnected: re-sending the update of round %d", self.kept[1])
+            self.link.publish(self.topics.update(self.opts.client_id), self.kept[2])
+
+    def _resend_kept(self, msg: Message) -> bool:
+        """An assignment of the round this device already answered in this run (the aggregator re-sent it after a
+        restart or reconnect): re-publish the kept update instead of training again or rejecting it."""
+        if self.kept is None or msg.body.get("run") != self.run_id or (self.kept[0], self.kept[1]) != (
+                self.run_id, msg.round):
+            return False
+        log.info("round %d: assignment received again: re-sending the kept update", msg.round)
+        self.link.publish(self.topics.update(self.opts.client_id), self.kept[2])
+        return True
 
     def _on_task(self, msg: Message) -> None:
         run = msg.body.get("run")
@@ -258,6 +303,8 @@ class EdgeClient:
 
     def _on_assignment(self, msg: Message) -> None:
         self.pending = None
+        if self._resend_kept(msg):
+            return
         checked = self._check_assignment(msg)
         if checked is None:
             return
@@ -295,9 +342,17 @@ class EdgeClient:
             tensors.update(embeddings)
             roles.update(dict.fromkeys(embeddings, EMBEDDING_ROLE))
             num_samples = self.data.num_train
+        problem = non_finite(metrics, tensors)
+        if problem is not None:  # e.g. a model that diverged, or one the aggregator should never have sent
+            self.last_round = msg.round
+            self._reject(f"own update of round {msg.round}", problem)
+            self._publish_status("error", f"round {msg.round}: {problem}; no update sent")
+            return
         body = {"run": self.run_id, "num_samples": num_samples, "metrics": metrics}
         payload = encode(Message(Kind.UPDATE, self.opts.fleet, msg.round, msg.phase, self.opts.client_id,
                                  body, tensors, roles))
+        assert self.run_id is not None
+        self.kept = (self.run_id, msg.round, payload)  # before publishing: a reconnect during it re-sends it
         self.link.publish(self.topics.update(self.opts.client_id), payload)
         self.last_round = msg.round
         log.info("round %d %s: acc %.3f -> %s, sent %d bytes", msg.round, msg.phase, before.accuracy,
@@ -336,6 +391,18 @@ class EdgeClient:
             noisy = {k: privatize(embeddings[k], amole.dp_eta, rng) for k in sorted(embeddings)}
             embeddings = {k: noisy[k] for k in embeddings}
         return embeddings
+
+
+def non_finite(metrics: dict, tensors: dict) -> str | None:
+    """Why an update cannot be sent: a metric or tensor value that is NaN or Inf (JSON cannot carry the first, the
+    aggregator would reject the second), else None."""
+    bad = sorted(k for k, v in metrics.items() if not finite_number(v))
+    if bad:
+        return f"non-finite metric(s) {', '.join(bad[:5])}"
+    bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        return f"non-finite values in {len(bad)} tensor(s), e.g. {bad[0]!r}"
+    return None
 
 
 def run_client(opts: ClientOptions) -> int:

@@ -44,6 +44,11 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clients-per-round", type=float, help="fraction of ready clients selected per round")
     g.add_argument("--quorum", type=float, help="fraction of selected clients needed after the deadline")
     g.add_argument("--deadline", type=float, help="round deadline in seconds (default 300)")
+    g.add_argument("--max-update-value", type=float, help="largest |value| an update may hold (default 1e6)")
+    g.add_argument("--update-norm-factor", type=float,
+                   help="reject an update tensor above this many times its reference norm (default 10)")
+    g.add_argument("--max-samples", type=int, help="largest num_samples an update may claim (default 1000000)")
+    g.add_argument("--robust", help="plain-LoRA aggregation: none (default), clip, trimmed-mean:F or median")
     g = p.add_argument_group("model and adapters")
     g.add_argument("--model", help="Hugging Face id or local path (default: bundled all-MiniLM-L6-v2)")
     g.add_argument("--max-length", type=int, help="tokens per example (default 32)")
@@ -91,13 +96,33 @@ def _add_data_flags(p: argparse.ArgumentParser, simulate: bool) -> None:
         g.add_argument("--labels", type=_csv, help="comma-separated label set (instead of --dataset)")
 
 
+def _add_credential_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("broker identity (TLS, certificate, password; also EDGEMOLE_MQTT_* variables)")
+    g.add_argument("--ca-file", help="CA certificate(s) to verify an mqtts:// broker (env EDGEMOLE_MQTT_CA_FILE; "
+                   "default: the system's CAs)")
+    g.add_argument("--cert-file", help="client certificate for mutual TLS (env EDGEMOLE_MQTT_CERT_FILE)")
+    g.add_argument("--key-file", help="key of --cert-file (env EDGEMOLE_MQTT_KEY_FILE)")
+    g.add_argument("--username", help="MQTT user name (env EDGEMOLE_MQTT_USERNAME)")
+    g.add_argument("--password-file", help="file holding the MQTT password (env EDGEMOLE_MQTT_PASSWORD_FILE, or the "
+                   "password itself in EDGEMOLE_MQTT_PASSWORD; never a flag)")
+
+
+def _credentials(a: argparse.Namespace):  # noqa: ANN202
+    """The role's broker credentials from its flags and EDGEMOLE_MQTT_* (None: an open broker)."""
+    from edgemole.mqtt import BrokerCredentials
+
+    return BrokerCredentials.resolve(a.ca_file, a.cert_file, a.key_file, a.username, a.password_file)
+
+
 def _overrides(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
     get = lambda name: getattr(a, name, None)  # noqa: E731
     return {
         "fleet": {"method": get("method"), "rounds": get("rounds"), "fleet": get("fleet"),
                   "topic_prefix": get("topic_prefix"), "seed": get("seed"), "min_clients": get("min_clients"),
                   "clients_per_round": get("clients_per_round"), "quorum": get("quorum"),
-                  "round_deadline_s": get("deadline")},
+                  "round_deadline_s": get("deadline"), "max_update_value": get("max_update_value"),
+                  "update_norm_factor": get("update_norm_factor"), "max_samples": get("max_samples"),
+                  "robust": get("robust")},
         "model": {"name": get("model"), "max_length": get("max_length")},
         "lora": {"r": get("rank"), "alpha": get("lora_alpha"), "dropout": get("lora_dropout"),
                  "target_modules": get("target_modules"), "train_head": get("train_head")},
@@ -129,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="run an emulated fleet: broker, aggregator and N client processes")
     p.add_argument("--clients", type=int, help="number of emulated clients (default 4)")
-    p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded amqtt one")
+    p.add_argument("--broker", help="use this broker (mqtt://host:port or mqtts://host:port) instead of the embedded "
+                   "amqtt one")
+    p.add_argument("--secure-dir", help="a directory of 'edgemole broker init' with devices client-0..client-N-1: each "
+                   "role connects with its own identity from there (default broker: its certificate listener)")
     p.add_argument("--engine", help="client training engine: eager (default) or executorch")
     p.add_argument("--artifact", help="with --engine executorch: the folder of 'edgemole export' (default: export "
                    "the task's program into the work folder first)")
@@ -142,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="keep partitions, logs and checkpoints here (default: a temporary folder)")
     p.add_argument("--upload-ranks", type=_int_csv,
                    help="per-device upload rank budgets, e.g. 8,4,2,1, given to the clients in turn (lora-a2)")
+    _add_credential_flags(p)
     _add_task_flags(p)
     _add_data_flags(p, simulate=True)
 
@@ -161,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", help="write the run summary as JSON to this file")
     p.add_argument("--checkpoint-dir", help="save the aggregated state after every round here")
     p.add_argument("--resume", action="store_true", help="continue after the round of the checkpoint")
+    p.add_argument("--keep-checkpoints", type=int, default=3, metavar="K",
+                   help="round checkpoints to keep besides latest (default 3)")
     p.add_argument("--wait-clients", type=float, help="seconds to wait for --min-clients ready clients")
+    _add_credential_flags(p)
     _add_task_flags(p)
     _add_data_flags(p, simulate=False)
 
@@ -184,6 +216,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "flexlora (default: the task's)")
     p.add_argument("--keep-serving", action="store_true",
                    help="after a run ends, wait for the next one instead of exiting (for device services)")
+    _add_credential_flags(p)
+
+    p = sub.add_parser("broker", help="a TLS + ACL Mosquitto set-up: private CA, one credential per device")
+    bsub = p.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
+    b = bsub.add_parser("init", help="write CA, broker certificate and config, and every identity's credential")
+    b.add_argument("dir", help="directory to write (refused when not empty, unless --force)")
+    b.add_argument("--fleet", required=True, help="fleet name (the ACL covers <prefix>/<fleet>/...)")
+    b.add_argument("--devices", type=_csv, default=[], help="comma-separated device ids, e.g. pi-01,pi-02")
+    b.add_argument("--topic-prefix", default="edgemole", help="topic prefix (default 'edgemole')")
+    b.add_argument("--host", default="localhost", help="broker host name the devices use (default localhost)")
+    b.add_argument("--server-names", type=_csv, default=[],
+                   help="more DNS names or IP addresses of the broker for its certificate")
+    b.add_argument("--bind", help="address the listeners bind to (default: all interfaces)")
+    b.add_argument("--port", type=int, default=8883, help="mutual-TLS (certificate) listener port (default 8883)")
+    b.add_argument("--password-port", type=int, default=8884,
+                   help="TLS + user name/password listener port (default 8884)")
+    b.add_argument("--max-message-bytes", type=int, help="largest edgemole message (default 16 MiB); the broker "
+                   "refuses larger packets")
+    b.add_argument("--device-root", default="/etc/edgemole/{id}",
+                   help="where each device keeps its files, for client.env and device.json "
+                   "(default /etc/edgemole/{id})")
+    b.add_argument("--local-paths", action="store_true",
+                   help="client.env and device.json point at the files in DIR (a fleet on this machine)")
+    b.add_argument("--broker-root", help="where DIR/broker will be on the broker host (default: DIR/broker)")
+    b.add_argument("--force", action="store_true", help="replace an existing directory's CA and credentials")
+    for action, what in (("add-device", "credentials for one more device"),
+                         ("revoke-device", "revoke a device (CRL, passwd, acl); restart the broker afterwards")):
+        b = bsub.add_parser(action, help=what)
+        b.add_argument("dir", help="directory written by 'edgemole broker init'")
+        b.add_argument("device", help="device id")
 
     p = sub.add_parser("bench", help="compare methods over a grid of ranks, Dirichlet alphas and seeds (in memory)")
     g = p.add_argument_group("grid (also the [bench] section of --config)")
@@ -221,6 +283,8 @@ def _run_aggregator(a: argparse.Namespace) -> int:
         checkpoint_dir=a.checkpoint_dir,
         resume=a.resume,
         summary_path=a.json_out,
+        keep_checkpoints=a.keep_checkpoints,
+        credentials=_credentials(a),
     )
     summary = service.run()
     print(json.dumps({"run": summary["run"], "final_personalised_accuracy": summary["final_personalised_accuracy"],
@@ -247,7 +311,7 @@ def _run_client(a: argparse.Namespace) -> int:
         broker=a.broker, client_id=a.client_id, data=a.data, test_data=a.test_data, test_fraction=a.test_fraction,
         text_column=a.text_column, label_column=a.label_column, fleet=a.fleet, topic_prefix=a.topic_prefix,
         engine=a.engine, threads=a.threads, connect_timeout_s=a.connect_timeout, keep_serving=a.keep_serving,
-        upload_rank=a.upload_rank, artifact=Path(a.artifact) if a.artifact else None,
+        upload_rank=a.upload_rank, artifact=Path(a.artifact) if a.artifact else None, credentials=_credentials(a),
     ))
 
 
@@ -305,7 +369,35 @@ def _run_simulate(a: argparse.Namespace) -> int:
     if a.plot and not a.plot.lower().endswith(".png"):
         raise ConfigError(f"--plot file '{a.plot}' must end in .png")
     simulate(settings, broker=a.broker, json_out=a.json_out, plot_out=a.plot, work_dir=a.work_dir,
-             log_level=a.log_level)
+             log_level=a.log_level, credentials=_credentials(a), secure_dir=a.secure_dir)
+    return 0
+
+
+def _run_broker(a: argparse.Namespace) -> int:
+    from edgemole.errors import ConfigError
+    from edgemole.protocol import DEFAULT_MAX_MESSAGE_BYTES
+    from edgemole.security import add_device, init_broker_dir, revoke_device
+
+    if a.broker_command == "init":
+        if a.max_message_bytes is not None and not 1024 <= a.max_message_bytes <= 256 * 2**20:
+            raise ConfigError("--max-message-bytes must be in [1024, 268435456]")
+        if "{id}" not in a.device_root and not a.local_paths:
+            raise ConfigError("--device-root must contain {id}")
+        fd = init_broker_dir(a.dir, a.fleet, a.devices, host=a.host, server_names=a.server_names, bind=a.bind,
+                             port=a.port, password_port=a.password_port, prefix=a.topic_prefix,
+                             max_message_bytes=a.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+                             device_root=None if a.local_paths else a.device_root, broker_root=a.broker_root,
+                             force=a.force)
+        print(json.dumps({"dir": str(fd.path), "fleet": fd.meta["fleet"], "devices": fd.devices,
+                          "broker_config": str(fd.broker_dir / "mosquitto.conf"), "certificate_url": fd.url(),
+                          "password_url": fd.url(password=True)}))
+    elif a.broker_command == "add-device":
+        print(json.dumps({"device": a.device, "files": str(add_device(a.dir, a.device)),
+                          "next": "reload the broker: kill -HUP <mosquitto pid> (systemctl reload mosquitto)"}))
+    else:
+        revoke_device(a.dir, a.device)
+        print(json.dumps({"revoked": a.device,
+                          "next": "restart the broker (systemctl restart mosquitto): it reads the CRL at start"}))
     return 0
 
 
@@ -331,13 +423,13 @@ def _run_bench(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     a = parser.parse_args(argv)
-    a.log_level = a.log_level or ("WARNING" if a.command in ("simulate", "bench", "export") else "INFO")
+    a.log_level = a.log_level or ("WARNING" if a.command in ("simulate", "bench", "export", "broker") else "INFO")
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     for noisy in ("torchao", "torch.utils._pytree"):  # optional-kernel notices from executorch's torchao
         logging.getLogger(noisy).setLevel(logging.ERROR)
     runners = {"simulate": _run_simulate, "aggregator": _run_aggregator, "client": _run_client,
-               "bench": _run_bench, "export": _run_export}
+               "bench": _run_bench, "export": _run_export, "broker": _run_broker}
     try:
         code = runners[a.command](a)
     except EdgemoleError as exc:

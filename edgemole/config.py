@@ -81,8 +81,22 @@ class FleetConfig:
     wait_clients_s: float = 300.0
     seed: int = 0
     max_message_bytes: int = 16 * 1024 * 1024
+    max_update_value: float = 1e6
+    """Largest |value| an update's float tensor may hold; beyond it the update is rejected (aggregator/bounds.py)."""
+    update_norm_factor: float = 10.0
+    """An update tensor whose L2 norm exceeds this many times max(the norm sent, the round's lower median) is
+    rejected with its whole update."""
+    max_samples: int = 1_000_000
+    """Largest ``num_samples`` an update may claim (also never above the ``num_train`` of the device's status)."""
+    robust: str = "none"
+    """Aggregation of the plain-LoRA methods: none (weighted mean), clip (each update clipped to the round's median
+    norm), trimmed-mean:F (coordinate-wise, F of the values cut at each end) or median (coordinate-wise)."""
 
     def __post_init__(self) -> None:
+        _require(0 < self.max_update_value <= 1e30, "fleet.max_update_value must be in (0, 1e30]")
+        _require(self.update_norm_factor >= 1, "fleet.update_norm_factor must be >= 1")
+        _require(1 <= self.max_samples <= 10**9, "fleet.max_samples must be in [1, 1000000000]")
+        check_robust(self.robust)
         _require(1 <= self.rounds <= 100_000, "fleet.rounds must be in [1, 100000]")
         _require(self.min_clients >= 1, "fleet.min_clients must be >= 1")
         _require(0 < self.clients_per_round <= 1, "fleet.clients_per_round must be a fraction in (0, 1]")
@@ -162,6 +176,21 @@ class TaskSpec:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> TaskSpec:
         return from_dict(cls, body, "task")
+
+
+def check_robust(mode: str) -> tuple[str, float]:
+    """Parse ``fleet.robust``: the mode and, for ``trimmed-mean:F``, the fraction F in [0, 0.5) cut at each end."""
+    if mode in ("none", "clip", "median"):
+        return mode, 0.0
+    name, _, frac = mode.partition(":")
+    if name == "trimmed-mean":
+        try:
+            f = float(frac)
+        except ValueError:
+            f = -1.0
+        if 0 <= f < 0.5:
+            return name, f
+    raise ConfigError(f"fleet.robust must be none, clip, median or trimmed-mean:F with F in [0, 0.5), got {mode!r}")
 
 
 def _require(ok: bool, message: str) -> None:

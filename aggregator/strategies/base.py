@@ -63,6 +63,8 @@ class Strategy(ABC):
     """One federated method's server side. Subclasses set ``name`` and implement the abstract calls."""
 
     name: ClassVar[str]
+    #: ``fleet.robust``: how the plain-LoRA methods average (aggregator/robust.py); the expert methods ignore it
+    robust: str = "none"
 
     def __init__(self, initial_state: dict[str, torch.Tensor], roles: dict[str, str], task: TaskSpec) -> None:
         self.roles = dict(roles)
@@ -82,11 +84,16 @@ class Strategy(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything needed to resume, as named tensors (checkpointed with safetensors)."""
+        """The tensors needed to resume (checkpointed with safetensors); the rest is :meth:`extra_state`."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Non-tensor state the next round depends on (assignments, RNG state), JSON-serialisable: with
+        :meth:`state_dict` a resumed run continues exactly as the uninterrupted one would have."""
+        return {}
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+    def load_state_dict(self, state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> None:
+        """Restore what :meth:`state_dict` and :meth:`extra_state` returned; ValueError if they do not fit."""
 
     @property
     def min_clients(self) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, Strategy, weighted_average
+from aggregator.robust import robust_average
+from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, Strategy
 from edgemole.config import TaskSpec
 from edgemole.protocol import spec_of
 
@@ -27,7 +29,8 @@ class FedIT(Strategy):
     def aggregate(self, rnd: int, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         weights = [u.num_samples for u in updates]
         self.global_state = {
-            name: weighted_average([u.tensors[name] for u in updates], weights) for name in self.global_state
+            name: robust_average([u.tensors[name] for u in updates], weights, self.robust)
+            for name in self.global_state
         }
         return {}
 
@@ -37,7 +40,8 @@ class FedIT(Strategy):
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.global_state)
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> None:
+        # FFA-LoRA, FlexLoRA and LoRA-A2 keep nothing else: their phase and frozen factors follow from the round
         if set(state) != set(self.global_state):
             raise ValueError("checkpoint tensors do not match this model's adapters")
         self.global_state = {k: v.clone() for k, v in state.items()}

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, weighted_average
+from aggregator.robust import robust_average
+from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan
 from aggregator.strategies.fedit import FedIT
 from edgemole.protocol import spec_of
 
@@ -29,5 +30,5 @@ class FFALoRA(FedIT):
     def aggregate(self, rnd: int, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> dict:
         weights = [u.num_samples for u in updates]
         for name in updates[0].tensors:
-            self.global_state[name] = weighted_average([u.tensors[name] for u in updates], weights)
+            self.global_state[name] = robust_average([u.tensors[name] for u in updates], weights, self.robust)
         return {}

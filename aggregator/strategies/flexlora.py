@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, weighted_average
+from aggregator.robust import robust_average
+from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan
 from aggregator.strategies.fedit import FedIT
 from edgemole.adapters.lora.a2 import adapter_prefixes
 from edgemole.adapters.lora.flex import OWN_RANK, leading_rank_specs
@@ -44,11 +45,11 @@ class FlexLoRA(FedIT):
         for a_name in [n for n in self.global_state if self.roles.get(n) == "lora_A"]:
             b_name = a_name[: -len("lora_A")] + "lora_B"
             products = [scaling * u.tensors[b_name].double() @ u.tensors[a_name].double() for u in updates]
-            W = weighted_average(products, weights)
+            W = robust_average(products, weights, self.robust)
             B, A = svd_redistribute(W, self.task.lora.r, scaling)
             self.global_state[b_name], self.global_state[a_name] = B.float(), A.float()
         for name in [n for n in self.global_state if self.roles.get(n) not in ("lora_A", "lora_B")]:
-            self.global_state[name] = weighted_average([u.tensors[name] for u in updates], weights)
+            self.global_state[name] = robust_average([u.tensors[name] for u in updates], weights, self.robust)
         ranks = [min((t.shape[0] for n, t in u.tensors.items() if self.roles.get(n) == "lora_A"), default=0)
                  for u in updates]
         return {"client_rank_min": min(ranks, default=0), "client_rank_max": max(ranks, default=0)}

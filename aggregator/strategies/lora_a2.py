@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from aggregator.robust import robust_average, robust_slices
 from aggregator.strategies.base import Assignment, ClientUpdate, RoundPlan, weighted_average
 from aggregator.strategies.fedamole import FedAMoLE
 from aggregator.strategies.fedit import FedIT
@@ -66,10 +67,12 @@ class LoRAA2(FedIT):
         weighted = [(u.tensors, u.num_samples / total) for u in updates]
         for p in adapter_prefixes(self.global_state):
             name = f"{p}.{factor}"
-            self.global_state[name] = aggregate_slices(self.global_state[name], weighted, p, plan.phase)
+            self.global_state[name] = (aggregate_slices(self.global_state[name], weighted, p, plan.phase)
+                                       if self.robust == "none" else
+                                       robust_slices(self.global_state[name], weighted, p, factor, self.robust))
         for name in [n for n in self.global_state if self.roles.get(n) not in FACTOR_ROLES]:
-            self.global_state[name] = weighted_average([u.tensors[name] for u in updates],
-                                                       [u.num_samples for u in updates])
+            self.global_state[name] = robust_average([u.tensors[name] for u in updates],
+                                                     [u.num_samples for u in updates], self.robust)
         return upload_stats(updates)
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import struct
+import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -169,5 +170,8 @@ def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
 
 
 def finite_number(value: Any) -> bool:
-    """True for an int or float that is finite (bools excluded: they are not measurements)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """True for an int or float that is finite as a float (bools excluded: they are not measurements; an int beyond
+    the float range would overflow every later mean and JSON encoder)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return abs(value) <= sys.float_info.max if isinstance(value, int) else math.isfinite(value)
