@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ from edgemole.broker import embedded_broker
 from edgemole.config import Settings
 from edgemole.data import JSONL_KEYS, partition, split_train_test, write_jsonl
 from edgemole.data.source import default_partition, load_source
-from edgemole.errors import EdgemoleError, ProtocolError
-from edgemole.mqtt import MqttLink
+from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
+from edgemole.mqtt import BrokerCredentials, MqttLink
 from edgemole.native import find_native_binary
 from edgemole.protocol import Kind, Topics, decode
 from edgemole.report import plot_run
@@ -113,6 +114,8 @@ class _Display:
 
 def _spawn(args: list[str], log_path: Path, threads: int | None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if "--cert-file" in args or "--username" in args:  # an identity of its own: none inherited from this shell
+        env = {k: v for k, v in env.items() if not k.startswith("EDGEMOLE_MQTT_")}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "ab") as log:
@@ -121,7 +124,7 @@ def _spawn(args: list[str], log_path: Path, threads: int | None) -> subprocess.P
 
 
 def _spawn_native(binary: Path, settings: Settings, url: str, name: str, work: Path, artifact: Path | None,
-                  threads: int) -> subprocess.Popen:
+                  threads: int, identity: list[str]) -> subprocess.Popen:
     """A native client (``edgemole-device``) with the same data, fleet and budget as a Python one would get."""
     ranks = settings.simulate.upload_ranks
     index = int(name.rsplit("-", 1)[1])
@@ -129,7 +132,7 @@ def _spawn_native(binary: Path, settings: Settings, url: str, name: str, work: P
             "--topic-prefix", settings.fleet.topic_prefix, "--artifact", str(artifact),
             "--data", str(work / "data" / f"{name}.train.jsonl"),
             "--test-data", str(work / "data" / f"{name}.test.jsonl"), "--threads", str(threads),
-            *(["--upload-rank", str(ranks[index % len(ranks)])] if ranks else [])]
+            *(["--upload-rank", str(ranks[index % len(ranks)])] if ranks else []), *identity]
     with open(work / "logs" / f"{name}.log", "ab") as log:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -170,11 +173,45 @@ def _artifact(settings: Settings, work: Path, console: Console) -> Path | None:
     return out
 
 
+def credential_flags(creds: BrokerCredentials | None) -> list[str]:
+    """The command-line flags that give a role process these credentials (the password only as its file)."""
+    if creds is None:
+        return []
+    pairs = (("--ca-file", creds.ca_file), ("--cert-file", creds.cert_file), ("--key-file", creds.key_file),
+             ("--username", creds.username), ("--password-file", creds.password_file))
+    return [x for flag, value in pairs if value for x in (flag, value)]
+
+
+def _fleet_identities(settings: Settings, secure_dir: str | Path | None, credentials: BrokerCredentials | None,
+                      broker: str | None) -> tuple[str | None, Callable[[str], BrokerCredentials | None]]:
+    """The broker URL and each role's credentials: its own identity from a ``broker init`` directory, else the
+    same ``credentials`` for every role."""
+    if secure_dir is None:
+        if credentials is not None and broker is None:
+            raise ConfigError("broker credentials need --broker: the embedded broker is plain MQTT on loopback")
+        return broker, lambda name: credentials
+    from edgemole.security import FleetDir
+
+    fd = FleetDir.load(secure_dir)
+    if (fd.meta["fleet"], fd.meta["prefix"]) != (settings.fleet.fleet, settings.fleet.topic_prefix):
+        raise ConfigError(f"{secure_dir} is for fleet {fd.meta['fleet']!r} (prefix {fd.meta['prefix']!r}), not "
+                          f"{settings.fleet.fleet!r} ({settings.fleet.topic_prefix!r}): pass --fleet")
+    names = [f"client-{i}" for i in range(settings.simulate.clients)]
+    if missing := [n for n in names if n not in fd.meta["identities"]]:
+        raise ConfigError(f"{secure_dir} has no identity for {', '.join(missing)} (edgemole broker add-device)")
+    return broker or fd.url(), fd.credentials
+
+
 def simulate(settings: Settings, *, broker: str | None = None, json_out: str | None = None,
              plot_out: str | None = None, work_dir: str | None = None, log_level: str = "WARNING",
-             console: Console | None = None) -> dict[str, Any]:
-    """Run the emulated fleet to the end and return (and optionally write) its results."""
+             console: Console | None = None, credentials: BrokerCredentials | None = None,
+             secure_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run the emulated fleet to the end and return (and optionally write) its results.
+
+    ``secure_dir`` (a ``broker init`` directory) gives every role its own identity, as on a real TLS + ACL
+    broker; ``credentials`` are the same for every role (a broker without per-identity ACLs)."""
     started = time.monotonic()
+    broker, identity = _fleet_identities(settings, secure_dir, credentials, broker)
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and CI: wide enough for the round table
@@ -200,13 +237,15 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
             broker_kind = "amqtt (embedded)"
         else:
             url, broker_kind = broker, "external"
-        observer = MqttLink(url, topics.mqtt_client_id(f"observer:{os.getpid()}"), clean_session=True)
+        observer = MqttLink(url, topics.mqtt_client_id(f"observer:{os.getpid()}"), clean_session=True,
+                            credentials=identity("observer"))
         observer.connect(timeout_s=15)
         stack.callback(observer.close)
         observer.subscribe(topics.metrics, topics.all_status)
         common = ["--log-level", "INFO" if log_level != "DEBUG" else "DEBUG"]
         agg = _spawn([*common, "aggregator", "--broker", url, "--config", str(config_path), "--json-out",
-                      str(summary_path), "--checkpoint-dir", str(work / "checkpoints")],
+                      str(summary_path), "--checkpoint-dir", str(work / "checkpoints"),
+                      *credential_flags(identity("aggregator"))],
                      work / "logs" / "aggregator.log", threads)
         procs.append(agg)
         clients = []
@@ -214,7 +253,8 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
         for i in range(n):
             name = f"client-{i}"
             if native is not None and i >= n - settings.simulate.native_clients:
-                clients.append(_spawn_native(native, settings, url, name, work, artifact, threads))
+                clients.append(_spawn_native(native, settings, url, name, work, artifact, threads,
+                                             credential_flags(identity(name))))
                 continue
             clients.append(_spawn([
                 *common, "client", "--broker", url, "--client-id", name,
@@ -224,6 +264,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
                 "--engine", settings.simulate.engine, "--threads", str(threads),
                 *(["--artifact", str(artifact)] if settings.simulate.engine == "executorch" else []),
                 *(["--upload-rank", str(ranks[i % len(ranks)])] if (ranks := settings.simulate.upload_ranks) else []),
+                *credential_flags(identity(name)),
             ], work / "logs" / f"{name}.log", threads))
         procs.extend(clients)
         stack.callback(stop_processes, procs)

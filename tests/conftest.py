@@ -29,6 +29,36 @@ def mosquitto(tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+def _require_mosquitto() -> None:
+    if mosquitto_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("mosquitto is not installed but CI is set: broker tests must run in CI")
+        pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
+
+
+#: the devices of a :func:`secure_fleet`
+SECURE_DEVICES = ("c0", "c1", "c2")
+
+
+@pytest.fixture
+def secure_fleet(tmp_path: Path):  # noqa: ANN201
+    """Mosquitto with the TLS + ACL set-up of ``edgemole broker init`` (fleet ``t``, devices c0-c2, both listeners on
+    free loopback ports, persistence in tmp): a started :class:`edgemole.security.run.SecureMosquitto`, whose
+    ``fleet_dir`` gives URLs and each identity's credentials."""
+    from edgemole.broker import free_port
+    from edgemole.security import init_broker_dir
+    from edgemole.security.run import SecureMosquitto
+
+    _require_mosquitto()
+    fd = init_broker_dir(tmp_path / "secure", "t", SECURE_DEVICES, host="127.0.0.1", bind="127.0.0.1",
+                         port=free_port(), password_port=free_port(), device_root=None)
+    broker = SecureMosquitto(fd, tmp_path / "mosquitto.log").start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A randomly initialised 2-layer BERT saved as a local model folder, with MiniLM's tokenizer.

@@ -246,7 +246,10 @@ def _write_broker_files(fd: FleetDir) -> None:
     (broker / "acl").write_text(acl_text(fd.topics, [n for n, i in identities.items() if i["role"] == "device"]))
     write_crl(fd.path / "ca", fd.meta["revoked_serials"], broker / "crl.pem")
     bind = f" {fd.meta['bind']}" if fd.meta["bind"] else ""
-    tls = f"cafile {root}/ca.crt\ncertfile {root}/server.crt\nkeyfile {root}/server.key\n"
+    # per listener (a global one would open a default listener on 1883): the client id is the identity, so that a
+    # device cannot take over another's session, and %u = %c in the ACL
+    tls = (f"cafile {root}/ca.crt\ncertfile {root}/server.crt\nkeyfile {root}/server.key\n"
+           "use_username_as_clientid true\n")
     (broker / "mosquitto.conf").write_text(
         f"# Mosquitto 2 config of edgemole fleet {fd.meta['fleet']}, written by 'edgemole broker init'.\n"
         "# TLS only, every client authenticated, every topic under the ACL. After add-device: SIGHUP (reloads passwd\n"
@@ -255,8 +258,6 @@ def _write_broker_files(fd: FleetDir) -> None:
         "allow_anonymous false\n"
         f"password_file {root}/passwd\n"
         f"acl_file {root}/acl\n"
-        "# the client id is the identity: a device cannot take over another's session, and %u = %c in the ACL\n"
-        "use_username_as_clientid true\n"
         "persistence true\n"
         f"persistence_location {root}/data/\n"
         "autosave_interval 60\n"
