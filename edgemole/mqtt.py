@@ -38,6 +38,8 @@ PACKET_HEADROOM = 64 * 1024
 
 TLS_SCHEMES = ("mqtts", "ssl")
 PLAIN_SCHEMES = ("mqtt", "tcp")
+#: seconds an MQTT 5 CONNECT waits for its CONNACK before the link tries MQTT 3.1.1
+V5_CONNACK_S = 3.0
 URL_HINT = "expected mqtt://host:port or mqtts://host:port"
 
 
@@ -319,28 +321,39 @@ class MqttLink:
         while True:
             self._open(deadline, timeout_s)
             self._client.loop_start()
+            # amqtt neither answers nor closes a v5 CONNECT with properties: 3.1.1 is tried after V5_CONNACK_S
+            attempt_end = min(deadline, time.monotonic() + V5_CONNACK_S) if self.protocol == mqtt.MQTTv5 \
+                else deadline
             while not self._connected.wait(0.1):
-                if self._refused or self._early_drops >= 2 or time.monotonic() > deadline:
+                if self._refused or self._early_drops >= self._drops_to_give_up() or time.monotonic() > attempt_end:
                     break
             if self._connected.is_set():
                 return
             self._client.loop_stop()
             with contextlib.suppress(Exception):
                 self._client.disconnect()
-            if self._refused and "protocol version" in self._refused.lower() and self.protocol == mqtt.MQTTv5:
-                log.info("%s refused MQTT 5; using MQTT 3.1.1", self.address.url)
-                self.protocol, self._refused = mqtt.MQTTv311, None
+            # a broker without MQTT 5 refuses it (amqtt: "unsupported protocol version") or, given v5 properties,
+            # drops the connection: try again in 3.1.1, which also tells a real refusal from the protocol
+            if self.protocol == mqtt.MQTTv5 and time.monotonic() < deadline and (
+                    not self._refused or "protocol version" in self._refused.lower()):
+                log.info("%s refused MQTT 5; trying MQTT 3.1.1", self.address.url)
+                self.protocol, self._refused, self._early_drops = mqtt.MQTTv311, None, 0
                 self._client = self._make_client()
                 continue
             if self._refused:
                 raise BrokerError(f"MQTT broker at {self.address.url} refused the connection as "
                                   f"{self.client_id!r}: {self._refused}")
-            if self._early_drops >= 2:
+            if self._early_drops:
                 raise BrokerError(f"MQTT broker at {self.address.url} closed the connection before accepting it as "
                                   f"{self.client_id!r}" + (" (client certificate missing, revoked or not trusted?)"
                                                            if self.address.tls else ""))
             raise BrokerError(f"no CONNACK from MQTT broker at {self.address.url} within {timeout_s:.0f} s"
                               + (" (TLS or credentials refused?)" if self.address.tls or self.credentials else ""))
+
+    def _drops_to_give_up(self) -> int:
+        """Connections closed before a CONNACK that end an attempt: one in MQTT 5 (then 3.1.1 is tried), two in
+        3.1.1 (a TLS listener that refuses the client certificate closes every connection)."""
+        return 1 if self.protocol == mqtt.MQTTv5 else 2
 
     def _open(self, deadline: float, timeout_s: float) -> None:
         """Open the TCP (and TLS) connection, retrying while the broker is not there yet."""
