@@ -6,8 +6,10 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -16,6 +18,7 @@ import torch
 from conftest import TINY_AMOLE, spawn, write_client_data, write_config
 
 from aggregator.checkpoint import load_checkpoint
+from edgemole.broker import free_port, mosquitto_binary, wait_for_port
 from edgemole.native import DEFAULT_BUILD, REPO, SOURCE, NativeBuildError, build_native
 from edgemole.simulate import stop_processes
 
@@ -89,10 +92,12 @@ def native_build_aarch64(targets: tuple[str, ...] = (PROGRAM_PROBE,)) -> tuple[P
 
 def run_fleet(tmp: Path, broker: str, model: str, artifact: Path, method: str, native: set[str],
               device: list[str], sizes: tuple[int, ...] = (30, 36, 42, 48), rounds: int = 3,
-              timeout_s: float = 400) -> tuple[dict, dict[str, torch.Tensor]]:
+              timeout_s: float = 400, aggregator_args: Sequence[str] = (),
+              device_args: dict[str, list[str]] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """An aggregator and clients c0, c1, ... (those in ``native`` run as ``device``: the edgemole-device command,
     possibly under qemu; the others as Python ExecuTorch-engine clients) through ``broker``; the aggregator's
-    summary and its final state."""
+    summary and its final state. ``aggregator_args`` are added to the aggregator's command line, ``device_args``
+    [name] to a native client's (after ``--broker``, so that a ``--broker`` there wins)."""
     tmp.mkdir(parents=True, exist_ok=True)
     files, labels = write_client_data(tmp, list(sizes))
     config = write_config(tmp / "config.json", model, labels, {"dropout": False, "weight_decay": 0.01},
@@ -108,7 +113,8 @@ def run_fleet(tmp: Path, broker: str, model: str, artifact: Path, method: str, n
             with open(tmp / f"{name}.log", "ab") as log:
                 procs.append(subprocess.Popen(
                     [*device, "--broker", broker, "--client-id", name, "--fleet", "t", "--artifact", str(artifact),
-                     "--data", str(train), "--test-data", str(test), "--threads", "1"],
+                     "--data", str(train), "--test-data", str(test), "--threads", "1",
+                     *(device_args or {}).get(name, [])],
                     stdout=log, stderr=subprocess.STDOUT))
         else:
             procs.append(spawn(["client", "--broker", broker, "--client-id", name, "--data", str(train),
@@ -133,3 +139,50 @@ def run_fleet(tmp: Path, broker: str, model: str, artifact: Path, method: str, n
 
 def _logs(tmp: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(tmp.glob("*.log")))
+
+
+class OwnMosquitto:
+    """A Mosquitto that a test stops (or kills) and starts again on the same port, without persistence (as
+    edgemole/broker.py's), or with the config file ``conf`` (its ports given)."""
+
+    def __init__(self, directory: Path, anonymous: bool = True, conf: Path | None = None,
+                 ports: Sequence[int] = ()) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("mosquitto is not installed but CI is set: broker tests must run in CI")
+            pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
+        self.binary = binary
+        self.port = ports[0] if ports else free_port()
+        self.ports = list(ports) or [self.port]
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.conf = directory / f"mosquitto-{self.port}.conf"
+        if conf is not None:
+            # as root Mosquitto drops to the "mosquitto" user, who cannot read a test's 0600 keys and 0700 folders
+            self.conf.write_text(("user root\n" if os.geteuid() == 0 else "") + conf.read_text())
+        else:
+            lines = [f"listener {self.port} 127.0.0.1", "persistence false"]
+            if anonymous:
+                lines.append("allow_anonymous true")
+            self.conf.write_text("\n".join(lines) + "\n")
+        self.log = directory / f"mosquitto-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT)
+        for port in self.ports:
+            wait_for_port("127.0.0.1", port, 10, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+        self.proc = None
+
+    def kill(self) -> None:
+        """kill -9: no will messages, no clean shutdown; without persistence every session and message is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from native import native_build
+from native import OwnMosquitto, native_build
 
-from edgemole.broker import free_port, mosquitto_binary, wait_for_port
+from edgemole.broker import free_port
 from edgemole.mqtt import parse_broker_url
 
 pytestmark = pytest.mark.mosquitto
@@ -162,36 +162,6 @@ def run_tool(binary: Path, *args: str, timeout_s: float = 60.0) -> subprocess.Co
 def write(path: Path, payload: bytes) -> str:
     path.write_bytes(payload)
     return str(path)
-
-
-class OwnMosquitto:
-    """A Mosquitto that a test stops and starts again on the same port (configured as edgemole/broker.py's)."""
-
-    def __init__(self, directory: Path, anonymous: bool = True) -> None:
-        binary = mosquitto_binary()
-        if binary is None:
-            pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
-        self.binary = binary
-        self.port = free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.conf = directory / f"mosquitto-{self.port}.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "persistence false"]
-        if anonymous:
-            lines.append("allow_anonymous true")
-        self.conf.write_text("\n".join(lines) + "\n")
-        self.log = directory / f"mosquitto-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT)
-        wait_for_port("127.0.0.1", self.port, 10, self.proc)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
-        self.proc = None
 
 
 @pytest.fixture
@@ -385,6 +355,12 @@ def test_unusable_brokers_give_one_line_errors(tool: Path, tmp_path: Path) -> No
         denying.stop()
     assert _one_error_line(result) == f"error: MQTT broker at {denying.url} refused the connection: not authorized"
 
-    for url in ("http://127.0.0.1:1883", "mqtt://127.0.0.1:99999", "mqtt://host:1883/path", "mqtt://", "mqtts://h"):
+    for url in ("http://127.0.0.1:1883", "mqtt://127.0.0.1:99999", "mqtt://host:1883/path", "mqtt://", "ssl://@h"):
         result = run_tool(tool, "--broker", url, "--client-id", DEVICE_ID)
-        assert _one_error_line(result) == f"error: invalid broker URL '{url}' (expected mqtt://host:port)"
+        assert _one_error_line(result) == (f"error: invalid broker URL '{url}' "
+                                           "(expected mqtt://host:port or mqtts://host:port)")
+    # a password never goes into a URL (process listings, logs), and is never shown back
+    result = run_tool(tool, "--broker", "mqtt://pi-01:s3cret@127.0.0.1:1883", "--client-id", DEVICE_ID)
+    assert _one_error_line(result) == ("error: the broker URL must not hold a password "
+                                       "(use password_file or EDGEMOLE_MQTT_PASSWORD)")
+    assert "s3cret" not in result.stderr

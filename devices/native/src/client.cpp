@@ -30,6 +30,19 @@ std::string fixed3(double x) {
   return buffer;
 }
 
+// What of a round's results is NaN or infinite ("" when all are finite): such a round is never sent.
+std::string non_finite(const json& metrics, const TensorMap& tensors) {
+  for (const auto& item : metrics.items()) {
+    if (item.value().is_number_float() && !std::isfinite(item.value().get<double>())) {
+      return "non-finite " + item.key() + " (" + std::to_string(item.value().get<double>()) + ")";
+    }
+  }
+  for (const auto& item : tensors) {
+    if (!all_finite(item.second)) return "non-finite values in " + item.first;
+  }
+  return "";
+}
+
 }  // namespace
 
 LocalData read_local_data(const DeviceConfig& config) {
@@ -142,7 +155,9 @@ int DeviceClient::run(const std::atomic<bool>& stop) {
   start();
   try {
     while (!stop.load() && !done_) {
-      if (auto inbound = link_->receive(0.5)) handle(*inbound);
+      std::optional<Inbound> inbound = link_->receive(0.5);
+      after_reconnect();
+      if (inbound) handle(*inbound);
     }
   } catch (...) {
     finish();
@@ -154,6 +169,7 @@ int DeviceClient::run(const std::atomic<bool>& stop) {
 
 void DeviceClient::start() {
   link_->connect(config_.connect_timeout_s);
+  connected_ = true;
   link_->subscribe({topics_.task(), topics_.round(), topics_.assign(config_.client_id)});
   publish_status("online");
   log_info("client " + config_.client_id + " online: " + std::to_string(data_.num_train()) + " train / " +
@@ -162,7 +178,7 @@ void DeviceClient::start() {
 
 void DeviceClient::finish() {
   try {
-    publish_status("offline");
+    if (connected_) publish_status("offline");  // never connected (refused): nothing to announce, one error line
   } catch (const Error& exc) {
     log_warning("cannot announce offline: " + std::string(exc.what()));
   }
@@ -188,19 +204,15 @@ void DeviceClient::handle(const Inbound& inbound) {
     if (inbound.topic == task_topic && msg.kind == kind::kTask) {
       on_task(msg);
     } else if (inbound.topic == round_topic && msg.kind == kind::kRound) {
-      // A retained "done" ends our run only if we took part in it (a finished run's leftovers stay retained).
-      const json run = msg.body.value("run", json());
-      if (!run_id_.empty() && run == run_id_ && msg.phase == kPhaseDone && (last_round_ > 0 || !inbound.retained)) {
-        log_info("run " + run_id_ + " finished after round " + std::to_string(last_round_));
-        if (config_.keep_serving) {
-          run_id_.clear();
-          last_round_ = 0;
-          publish_status("online");
-        } else {
-          done_ = true;
-        }
-      }
+      on_round(msg, inbound.retained);
     } else if (inbound.topic == assign_topic && msg.kind == kind::kAssign) {
+      // The assignment of the round we answered, again (the aggregator or the broker restarted): our update may
+      // never have arrived. An older round stays stale and is rejected below.
+      if (kept_ && msg.round == kept_->round && msg.client == config_.client_id &&
+          msg.body.value("run", json()) == kept_->run && kept_->run == run_id_) {
+        resend_kept("the assignment of round " + std::to_string(msg.round) + " arrived again");
+        return;
+      }
       pending_ = msg;
       if (engine_) on_assignment(msg);
     } else {
@@ -210,6 +222,42 @@ void DeviceClient::handle(const Inbound& inbound) {
     publish_status("error", exc.what());
     throw;
   }
+}
+
+void DeviceClient::on_round(const Message& msg, bool retained) {
+  const json run = msg.body.value("run", json());
+  if (kept_ && run == kept_->run && msg.phase != kPhaseDone && msg.round > kept_->round) kept_.reset();
+  // A retained "done" ends our run only if we took part in it (a finished run's leftovers stay retained).
+  if (run_id_.empty() || run != run_id_ || msg.phase != kPhaseDone || (last_round_ == 0 && retained)) return;
+  kept_.reset();
+  const json failed = msg.body.value("failed", json());
+  const json reason = msg.body.value("reason", json());
+  if (failed == true || reason.is_string()) {
+    log_warning("run " + run_id_ + " failed after round " + std::to_string(last_round_) + ": " +
+                (reason.is_string() ? py_repr(reason) : std::string("no reason given")));
+  } else {
+    log_info("run " + run_id_ + " finished after round " + std::to_string(last_round_));
+  }
+  if (config_.keep_serving) {
+    run_id_.clear();
+    last_round_ = 0;
+    publish_status("online");
+  } else {
+    done_ = true;
+  }
+}
+
+void DeviceClient::after_reconnect() {
+  const std::uint64_t n = link_->reconnects();
+  if (n == seen_reconnects_) return;
+  seen_reconnects_ = n;
+  if (kept_ && kept_->run == run_id_) resend_kept("reconnected to the broker");
+}
+
+void DeviceClient::resend_kept(const std::string& why) {
+  link_->publish(topics_.update(config_.client_id), kept_->payload, false);
+  seen_reconnects_ = link_->reconnects();
+  log_info("round " + std::to_string(kept_->round) + ": sent the update again (" + why + ")");
 }
 
 void DeviceClient::on_task(const Message& msg) {
@@ -240,6 +288,7 @@ void DeviceClient::on_task(const Message& msg) {
   task_ = task;
   task_json_ = msg.body.value("task", json());
   run_id_ = run.get<std::string>();
+  kept_.reset();
   last_round_ = 0;
   publish_status("ready");
   if (pending_) on_assignment(*pending_);
@@ -314,11 +363,12 @@ void DeviceClient::on_assignment(const Message& msg) {
     }
     return;
   }
+  kept_.reset();  // a newer round opened: the last update is no longer needed
 
   // FlexLoRA: a device of rank r_c < r keeps and sends only its leading ranks.
   std::vector<std::string> own_prefixes;
   std::int64_t own_rank = 0;
-  if (msg.body.value(kOwnRank, false) == true && msg.phase == "train") {
+  if (msg.body.value(kOwnRank, json()) == true && msg.phase == "train") {
     const std::int64_t k = std::min(upload_rank(), task.lora.r);
     if (k < task.lora.r) {
       own_prefixes = adapter_prefixes(msg.tensors);
@@ -392,6 +442,13 @@ void DeviceClient::on_assignment(const Message& msg) {
     }
     num_samples = static_cast<std::int64_t>(data_.num_train());
   }
+  if (const std::string bad = non_finite(metrics, tensors); !bad.empty()) {
+    last_round_ = msg.round;  // answered, with an error: a redelivery is not trained again
+    const std::string error = "round " + std::to_string(msg.round) + ": " + bad + "; no update sent";
+    log_warning(error);
+    publish_status("error", error);
+    return;
+  }
   Message update;
   update.kind = kind::kUpdate;
   update.fleet = config_.fleet;
@@ -403,6 +460,8 @@ void DeviceClient::on_assignment(const Message& msg) {
   update.roles = std::move(roles);
   const std::vector<std::uint8_t> payload = encode(update);
   link_->publish(topics_.update(config_.client_id), payload, false);
+  kept_ = KeptUpdate{run_id_, msg.round, payload};
+  seen_reconnects_ = link_->reconnects();  // a reconnect during the publish: Paho sends it again itself
   last_round_ = msg.round;
   if (!config_.state_dir.empty()) {
     save_deployed(config_.state_dir, task_json_, msg.body, msg.round, run_id_, engine_->get_state(msg.body));

@@ -4,6 +4,11 @@
 // one round of local work (evaluate, train, evaluate, RSEA embeddings) and publishes the update. Every inbound
 // message is validated before it touches any state; a bad one is logged, counted and (for an assignment of a new
 // round) reported on the status topic, and the client keeps serving.
+//
+// Nothing is lost when the broker or the aggregator restarts: the last update is kept until the next round opens,
+// and sent again after a reconnect and when the assignment of that round arrives again (the aggregator drops the
+// duplicates). A round whose training gives a non-finite loss, metric or tensor is answered with an error status
+// and no update.
 #pragma once
 
 #include <atomic>
@@ -41,9 +46,13 @@ class Link {
   // The retained message re-published after every reconnect (the device's latest status, over its last will).
   virtual void set_birth(const std::string& topic, const std::vector<std::uint8_t>& payload) = 0;
   virtual void close() = 0;
+  // How often the connection came back after a loss (the client then re-sends its kept update).
+  virtual std::uint64_t reconnects() const { return 0; }
 };
 
-// The MQTT link of a device (Paho C): client id, clean session off, retained last will "offline".
+// The MQTT link of a device (Paho C): client id, clean session off, retained last will "offline". Loads the
+// credentials of the config and checks that the client id is their name (ConfigError); with a credential the MQTT
+// client id is that name, else "edgemole:<fleet>:device:<id>".
 std::unique_ptr<Link> make_mqtt_link(const DeviceConfig& config, const Topics& topics,
                                      const std::vector<std::uint8_t>& will);
 
@@ -88,7 +97,18 @@ class DeviceClient {
   std::vector<std::uint8_t> status_payload(const std::string& state, const std::string& error = "") const;
 
  private:
+  // What was last sent: kept until the next round of the run opens, re-sent when it may have been lost.
+  struct KeptUpdate {
+    std::string run;
+    std::int64_t round = 0;
+    std::vector<std::uint8_t> payload;
+  };
+
   void publish_status(const std::string& state, const std::string& error = "");
+  void on_round(const Message& msg, bool retained);
+  // After the link reconnected (its birth re-published the status): the kept update again.
+  void after_reconnect();
+  void resend_kept(const std::string& why);
   void reject(const std::string& what, const std::string& reason);
   void on_task(const Message& msg);
   void on_assignment(const Message& msg);
@@ -110,6 +130,9 @@ class DeviceClient {
   std::int64_t rejected_ = 0;
   bool done_ = false;
   std::vector<float> last_losses_;
+  std::optional<KeptUpdate> kept_;
+  std::uint64_t seen_reconnects_ = 0;
+  bool connected_ = false;  // start() connected once
 };
 
 }  // namespace edgemole

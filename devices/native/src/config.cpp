@@ -239,6 +239,14 @@ void read_device_fields(Fields& f, DeviceConfig& c) {
   f.boolean("eval_after_training", c.eval_after_training);
   f.string("log_level", c.log_level);
   f.string("state_dir", c.state_dir);
+  f.string("ca_file", c.ca_file);
+  f.string("cert_file", c.cert_file);
+  f.string("key_file", c.key_file);
+  f.string("username", c.username);
+  f.string("password_file", c.password_file);
+  if (f.has("password")) {
+    throw ConfigError("the password is never a config value or a flag: use password_file or EDGEMOLE_MQTT_PASSWORD");
+  }
 }
 
 }  // namespace
@@ -262,10 +270,13 @@ DeviceConfig read_device_config(const std::string& path) {
 }
 
 void set_device_option(DeviceConfig& config, const std::string& key, const std::string& value) {
+  if (key == "password") {  // never echo it, never accept it: command lines show in process listings
+    throw ConfigError("the password is never a config value or a flag: use password_file or EDGEMOLE_MQTT_PASSWORD");
+  }
   // Parse the value as JSON where the field is not a string, so that types are checked by the same code.
-  static const std::set<std::string> strings{"broker",       "client_id", "fleet",     "topic_prefix",
-                                             "artifact",     "data",      "test_data", "text_column",
-                                             "label_column", "log_level", "state_dir"};
+  static const std::set<std::string> strings{
+      "broker",       "client_id", "fleet",     "topic_prefix", "artifact",  "data",     "test_data", "text_column",
+      "label_column", "log_level", "state_dir", "ca_file",      "cert_file", "key_file", "username",  "password_file"};
   json object = json::object();
   if (strings.count(key)) {
     object[key] = value;

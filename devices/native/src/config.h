@@ -90,6 +90,9 @@ struct DeviceConfig {
   bool eval_after_training = true;
   std::string log_level = "info";
   std::string state_dir;  // where the deployed model is kept between rounds ("": not kept)
+  // The device's identity at the broker (credentials.h): PEM files for TLS, a user name and the file with its
+  // password (else EDGEMOLE_MQTT_PASSWORD). No key holds the password itself.
+  std::string ca_file, cert_file, key_file, username, password_file;
 };
 
 // Read a JSON config file (unknown keys are errors); ConfigError with one line.

@@ -79,7 +79,9 @@ std::string BrokerAddress::server_uri() const {
 }
 
 BrokerAddress parse_broker_url(const std::string& url) {
-  const auto invalid = [&url]() { return ConfigError("invalid broker URL '" + url + "' (expected mqtt://host:port)"); };
+  const auto invalid = [&url]() {
+    return ConfigError("invalid broker URL '" + url + "' (expected mqtt://host:port or mqtts://host:port)");
+  };
   std::string rest = url;
   std::string scheme = "mqtt";
   const auto sep = url.find("://");
@@ -89,12 +91,26 @@ BrokerAddress parse_broker_url(const std::string& url) {
                    [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
     rest = url.substr(sep + 3);
   }
-  // Schemes and how Paho reaches them; "mqtts" (TLS) joins here with tls = true once its options exist.
-  if (scheme != "mqtt" && scheme != "tcp") throw invalid();
+  // Schemes and how Paho reaches them: tcp:// plain, ssl:// TLS.
+  if (scheme != "mqtt" && scheme != "tcp" && scheme != "mqtts" && scheme != "ssl") throw invalid();
+  const bool tls = scheme == "mqtts" || scheme == "ssl";
+  std::string username;
+  if (const auto at = rest.rfind('@'); at != std::string::npos) {
+    username = rest.substr(0, at);
+    rest = rest.substr(at + 1);
+    if (username.find(':') != std::string::npos) {
+      throw ConfigError("the broker URL must not hold a password (use password_file or " + std::string(kPasswordEnv) +
+                        ")");
+    }
+    if (username.empty() || username.find_first_of("/?#@ \t\r\n") != std::string::npos) throw invalid();
+  }
   if (!rest.empty() && rest.back() == '/') rest.pop_back();  // "mqtt://host:1883/" is fine, any other path is not
   if (rest.empty() || rest.find_first_of("/?#@ \t\r\n") != std::string::npos) throw invalid();
 
   BrokerAddress address;
+  address.tls = tls;
+  address.port = tls ? 8883 : 1883;
+  address.username = username;
   std::string port;
   if (rest.front() == '[') {  // an IPv6 literal: [::1]:1883
     const auto close = rest.find(']');
@@ -115,7 +131,7 @@ BrokerAddress parse_broker_url(const std::string& url) {
     if (!all_digits(port) || port.size() > 5 || std::stoi(port) > 65535) throw invalid();
     address.port = std::stoi(port);
   }
-  if (address.port == 0) address.port = 1883;  // as Python's `parsed.port or 1883`
+  if (address.port == 0) address.port = tls ? 8883 : 1883;  // as Python's `parsed.port or 1883`
   return address;
 }
 
@@ -128,6 +144,21 @@ void MqttLink::ClientDeleter::operator()(void* client) const {
 
 MqttLink::MqttLink(const std::string& broker, std::string client_id, LinkOptions options)
     : address_(parse_broker_url(broker)), client_id_(std::move(client_id)), options_(std::move(options)) {
+  Credentials& credentials = options_.credentials;
+  if (!address_.username.empty()) {
+    if (!credentials.username.empty() && credentials.username != address_.username) {
+      throw ConfigError("the broker URL's user name '" + address_.username + "' differs from username '" +
+                        credentials.username + "'");
+    }
+    credentials.username = address_.username;
+  }
+  if (credentials.tls_files() && !address_.tls) {
+    throw ConfigError("ca_file, cert_file and key_file need a TLS broker URL (mqtts://host:port), not " +
+                      address_.url());
+  }
+  if (credentials.password && !address_.tls) {
+    warn("the password for " + address_.url() + " travels unencrypted (use mqtts:// outside loopback)");
+  }
   MQTTClient h = nullptr;
   const int rc =
       MQTTClient_create(&h, address_.server_uri().c_str(), client_id_.c_str(), MQTTCLIENT_PERSISTENCE_NONE, nullptr);
@@ -146,6 +177,25 @@ MqttLink::~MqttLink() {
 }
 
 bool MqttLink::connected() const { return client_ && MQTTClient_isConnected(client_.get()) != 0; }
+
+int MqttLink::on_tls_error(const char* text, std::size_t length, void* self) {
+  auto* link = static_cast<MqttLink*>(self);
+  if (link == nullptr || text == nullptr || !link->tls_error_.empty()) return 0;
+  // OpenSSL 3: "<thread>:error:0A000086:SSL routines:<function>:<reason>:<file>:<line>:"; keep the reason.
+  std::string line(text, length);
+  line = line.substr(0, line.find_first_of("\r\n"));
+  std::size_t start = line.find("error:");
+  for (int field = 0; field < 4 && start != std::string::npos; ++field) {
+    start = line.find(':', start);
+    if (start != std::string::npos) ++start;
+  }
+  if (start != std::string::npos) {
+    const std::string reason = line.substr(start, line.find(':', start) - start);
+    if (!reason.empty()) line = reason;
+  }
+  link->tls_error_ = line.empty() ? "handshake failed" : line;
+  return 0;
+}
 
 void MqttLink::warn(const std::string& line) const {
   if (options_.log) {
@@ -184,7 +234,22 @@ int MqttLink::attempt(double timeout_s) {
     will.retained = 1;
     opts.will = &will;
   }
-  // TLS goes here: opts.ssl = &ssl_options when address_.tls.
+  const Credentials& credentials = options_.credentials;
+  if (!credentials.username.empty()) opts.username = credentials.username.c_str();
+  if (credentials.password) opts.password = credentials.password->c_str();
+  MQTTClient_SSLOptions ssl = MQTTClient_SSLOptions_initializer;
+  if (address_.tls) {
+    // No CA file: the system's trust store. The broker's certificate and its host name are always verified.
+    ssl.trustStore = credentials.ca_file.empty() ? nullptr : credentials.ca_file.c_str();
+    ssl.keyStore = credentials.cert_file.empty() ? nullptr : credentials.cert_file.c_str();
+    ssl.privateKey = credentials.key_file.empty() ? nullptr : credentials.key_file.c_str();
+    ssl.enableServerCertAuth = 1;
+    ssl.verify = 1;
+    ssl.ssl_error_cb = &MqttLink::on_tls_error;
+    ssl.ssl_error_context = this;
+    opts.ssl = &ssl;
+  }
+  tls_error_.clear();
   const int rc = MQTTClient_connect(client_.get(), &opts);
   if (rc != MQTTCLIENT_SUCCESS) return rc;
   was_connected_ = true;
@@ -222,12 +287,21 @@ void MqttLink::connect(double timeout_s) {
     if (rc >= 1 && rc <= 5) {
       throw BrokerError("MQTT broker at " + address_.url() + " refused the connection: " + refusal(rc));
     }
+    if (!tls_error_.empty()) {  // a certificate problem: retrying cannot help
+      throw BrokerError("TLS with MQTT broker at " + address_.url() + " failed: " + tls_error_);
+    }
     if (rc != MQTTCLIENT_FAILURE && rc != MQTTCLIENT_DISCONNECTED) {  // bad options: retrying cannot help
       throw BrokerError("cannot connect to MQTT broker at " + address_.url() + ": " + describe(rc));
     }
     if (now_s() + delay > deadline) {
+      // A TLS listener that wants a client certificate closes the connection after the handshake, with no reason
+      // that Paho hands on; say so when we have none.
+      const bool no_certificate = address_.tls && options_.credentials.cert_file.empty();
       throw BrokerError("cannot reach MQTT broker at " + address_.url() + " after " + std::to_string(attempts) +
-                        " attempts: " + describe(rc));
+                        " attempts: " + describe(rc) +
+                        (no_certificate ? "; a listener that requires a client certificate (cert_file) refuses "
+                                          "this client too"
+                                        : ""));
     }
     sleep_s(delay);
     delay = std::min(delay * 2, kMaxDelayS);
@@ -253,6 +327,7 @@ bool MqttLink::reconnect_until(double deadline) {
         warn("reconnected to " + address_.url());
         return true;
       }
+      if (!tls_error_.empty()) warn("TLS with " + address_.url() + " failed: " + tls_error_);
       next_attempt_ = now_s() + delay_s_;
       delay_s_ = std::min(delay_s_ * 2, kMaxDelayS);
     }

@@ -17,21 +17,25 @@
 #include <string>
 #include <vector>
 
+#include "credentials.h"
+
 namespace edgemole {
 
-// A parsed broker URL: mqtt://host:port, tcp://host:port or host:port (port 1883 when absent).
+// A parsed broker URL: mqtt://host:port, tcp://host:port or host:port (port 1883 when absent), or with TLS
+// mqtts://host:port or ssl://host:port (port 8883 when absent). A user name may precede the host (mqtt://pi-01@host);
+// a password may not (it would show in process listings and logs).
 struct BrokerAddress {
   std::string host;  // without the brackets of an IPv6 literal
   int port = 1883;
-  // TLS (mqtts://) is not supported yet; when it is, this says so and MqttLink passes Paho its SSL options.
-  bool tls = false;
+  bool tls = false;      // MqttLink passes Paho its SSL options (server certificate and host name verified)
+  std::string username;  // from the URL's user@ part; "" when none
 
-  std::string url() const;         // mqtt://host:port, as messages show it
-  std::string server_uri() const;  // what Paho connects to: tcp://host:port
+  std::string url() const;         // mqtt://host:port or mqtts://host:port, as messages show it (no user name)
+  std::string server_uri() const;  // what Paho connects to: tcp://host:port or ssl://host:port
 };
 
-// Throws ConfigError("invalid broker URL '<url>' (expected mqtt://host:port)") for anything else (another scheme,
-// a path, credentials, a port that is not 0..65535).
+// Throws ConfigError("invalid broker URL '<url>' (expected mqtt://host:port or mqtts://host:port)") for anything
+// else (another scheme, a path, a port that is not 0..65535), and a ConfigError that says why for a password in it.
 BrokerAddress parse_broker_url(const std::string& url);
 
 // A message as received (named apart from client.h's transport-neutral Inbound, which the adapter fills from it).
@@ -52,6 +56,9 @@ struct LinkOptions {
   bool clean_session = false;
   std::optional<RetainedMessage> will;  // published by the broker (QoS 1, retained) when the link vanishes
   int keepalive_s = 30;
+  // CA, client certificate and key (TLS URLs only), user name and password. The caller checks them first
+  // (load_credentials); the password is never logged.
+  Credentials credentials;
   // Warnings (lost connection, reconnected, a publish not acknowledged in time); log_warning() when empty.
   std::function<void(const std::string&)> log;
 };
@@ -66,7 +73,9 @@ class MqttLink {
 
   // Connects, retrying with exponential back-off (0.25 s doubling to 5 s) while the broker cannot be reached.
   // BrokerError, one line: "cannot reach MQTT broker at <url> after <n> attempts: <why>" when time runs out,
-  // "MQTT broker at <url> refused the connection: <reason>" at once when the broker answers with a refusal.
+  // "MQTT broker at <url> refused the connection: <reason>" at once when the broker answers with a refusal,
+  // "TLS with MQTT broker at <url> failed: <OpenSSL's reason>" at once when the handshake fails (a certificate that
+  // does not verify against ca_file, a client certificate the broker refuses).
   void connect(double timeout_s = 30.0);
 
   // Subscribes at QoS 1 now (when connected) and again after every reconnect.
@@ -121,6 +130,8 @@ class MqttLink {
   bool pump(unsigned long timeout_ms);
   void lost();
   void warn(const std::string& line) const;
+  // Paho's ssl_error_cb: keeps OpenSSL's first reason of the current attempt (Paho would print it to stderr).
+  static int on_tls_error(const char* text, std::size_t length, void* self);
   int start_publish(const std::string& topic, const std::vector<std::uint8_t>& payload, bool retain, int* token);
 
   BrokerAddress address_;
@@ -129,6 +140,7 @@ class MqttLink {
   std::unique_ptr<void, ClientDeleter> client_;
   std::vector<std::string> subscriptions_;
   std::optional<RetainedMessage> birth_;
+  std::string tls_error_;  // OpenSSL's reason for the last failed attempt, "" when none
   std::deque<MqttMessage> inbox_;
   std::deque<Outgoing> outbox_;  // published while disconnected: sent after the next reconnect
   bool was_connected_ = false;   // connected at least once and not closed: a drop means "reconnect"

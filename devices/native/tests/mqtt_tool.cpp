@@ -4,7 +4,8 @@
 //   edgemole-mqtt-tool --broker URL --client-id ID [--clean-session] [--keepalive S] [--connect-timeout S]
 //       [--will-topic T --will-file F] [--birth-topic T --birth-file F] [--subscribe T]...
 //       [--publish T=FILE]... [--retain] [--busy S [--poll-ms MS]] [--publish-after T=FILE]... [--receive N]
-//       [--timeout S] [--out DIR] [--hold]
+//       [--timeout S] [--out DIR] [--hold] [--ca-file F] [--cert-file F] [--key-file F] [--username U]
+//       [--password-file F]
 //
 // Steps: connect; set and publish the birth status (retained); subscribe; publish the --publish files (QoS 1,
 // waiting for the acknowledgement); "train" for --busy seconds calling only poll() every --poll-ms; publish the
@@ -26,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "credentials.h"
 #include "errors.h"
 #include "mqtt_link.h"
 
@@ -41,6 +43,7 @@ struct Args {
   std::vector<std::string> subscribe;
   std::vector<std::pair<std::string, std::string>> publish, publish_after;  // topic, file
   long receive = 0;
+  edgemole::CredentialConfig credentials;
 };
 
 struct UsageError {
@@ -116,6 +119,16 @@ Args parse(int argc, char** argv) {
       args.out_dir = value();
     } else if (flag == "--hold") {
       args.hold = true;
+    } else if (flag == "--ca-file") {
+      args.credentials.ca_file = value();
+    } else if (flag == "--cert-file") {
+      args.credentials.cert_file = value();
+    } else if (flag == "--key-file") {
+      args.credentials.key_file = value();
+    } else if (flag == "--username") {
+      args.credentials.username = value();
+    } else if (flag == "--password-file") {
+      args.credentials.password_file = value();
     } else {
       throw UsageError{"unknown option " + flag};
     }
@@ -133,6 +146,7 @@ int run(const Args& args) {
   edgemole::LinkOptions options;
   options.clean_session = args.clean_session;
   options.keepalive_s = args.keepalive_s;
+  options.credentials = edgemole::load_credentials(args.credentials);
   if (!args.will_topic.empty()) options.will = edgemole::RetainedMessage{args.will_topic, read_file(args.will_file)};
   edgemole::MqttLink link(args.broker, args.client_id, options);
   link.connect(args.connect_timeout_s);
