@@ -286,8 +286,9 @@ class EdgeClient:
                 raise ProtocolError(f"local_steps must be an integer in [1, {MAX_LOCAL_STEPS}], got {steps!r}")
             roles = msg.body.get("train_roles")
             known = {spec.role for spec in expected.values()}
-            if roles is not None and (not isinstance(roles, list) or not roles or not set(roles) <= known
-                                      or not all(isinstance(r, str) for r in roles)):
+            if roles is not None and (not isinstance(roles, list) or not roles  # strings first: a list in the
+                                      or not all(isinstance(r, str) for r in roles)  # list is unhashable (fuzzing)
+                                      or not set(roles) <= known):
                 raise ProtocolError(f"train_roles must be a non-empty list of roles among {sorted(known)}")
             if msg.phase in (TRAIN_A, TRAIN_B):
                 factor = active_factor(msg.phase)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import tomllib
 import types
 import typing
@@ -198,6 +199,12 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _brief(value: Any) -> str:
+    """repr of a value from a file or the network, cut so that an error stays one short line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -209,25 +216,27 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, next(a for a in args if a is not type(None)), where)
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {_brief(value)}")
         (item,) = typing.get_args(tp)[:1]
         items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {_brief(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {_brief(value)}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        # an int beyond the float range (JSON allows 4300 digits) would overflow math.isfinite and float()
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                abs(value) > sys.float_info.max if isinstance(value, int) else not math.isfinite(value)):
+            raise ConfigError(f"{where} must be a finite number, got {_brief(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {_brief(value)}")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {where}")
 
