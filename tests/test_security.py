@@ -218,3 +218,10 @@ def test_tls_fleet_completes_two_rounds(secure_fleet: SecureMosquitto, tmp_path:
     finally:
         stop_processes([agg, *clients], 30)
         observer.close()
+
+
+def test_the_raspberry_pi_guides_mosquitto_example_is_what_broker_init_writes(tmp_path: Path) -> None:
+    init_broker_dir(tmp_path / "x", "lab", ["pi-01"], broker_root="/etc/mosquitto/edgemole")
+    settings = lambda text: [ln for ln in text.splitlines() if ln and not ln.startswith("#")]  # noqa: E731
+    example = (REPO / "devices/raspberry-pi/mosquitto.conf.example").read_text()
+    assert settings(example) == settings((tmp_path / "x/broker/mosquitto.conf").read_text())

@@ -30,6 +30,7 @@ TORCH_INDEX="https://download.pytorch.org/whl/cpu"
 FIND_LINKS=""
 CLIENT_ID=""
 SOURCE=""
+CREDENTIALS=""
 
 usage() {
     cat <<EOF
@@ -40,7 +41,8 @@ Set up this board (Raspberry Pi OS 64-bit, run as root) as the edgemole edge cli
   2. install python3-venv (apt) if missing and create a virtual environment in ${VENV}
   3. install edgemole from SOURCE into it, with the CPU build of torch
   4. install the systemd unit edgemole-client@.service into ${UNIT_DIR}
-  5. write ${CONF_DIR}/CLIENT_ID.env from client.env.example if it does not exist yet
+  5. write ${CONF_DIR}/CLIENT_ID.env from client.env.example if it does not exist yet, and install the
+     device's broker credentials (--credentials) into ${CONF_DIR}/CLIENT_ID/
   6. enable edgemole-client@CLIENT_ID and (re)start it when its data file is in place
 
 Arguments:
@@ -50,7 +52,10 @@ Arguments:
                        (e.g. 'edgemole==0.1.0'). Default: the checkout this script is part of.
 
 Options (the ones marked * only apply when the env file is created; edit it afterwards otherwise):
-  --broker URL         * MQTT broker, e.g. mqtt://aggregator.local:1883
+  --credentials DIR    this device's folder of 'edgemole broker init' (DIR/devices/CLIENT_ID: ca.crt, client.crt,
+                       client.key, password, client.env): installed into ${CONF_DIR}/CLIENT_ID/; * the env file
+                       takes the broker URL and EDGEMOLE_MQTT_* settings from its client.env
+  --broker URL         * MQTT broker, e.g. mqtts://aggregator.local:8883 (default with --credentials: its URL)
   --fleet NAME         * fleet name (must match the aggregator's --fleet)
   --threads N          * torch threads for this client (default 4)
   --data FILE          copy FILE (.csv, .jsonl or .json) to ${STATE_DIR}/CLIENT_ID/train.<ext>
@@ -63,7 +68,7 @@ Options (the ones marked * only apply when the env file is created; edit it afte
   -h, --help           show this help
 
 Example:
-  sudo ${PROG} --broker mqtt://192.168.1.10:1883 --data ./pi-01.jsonl pi-01 ~/edgemole
+  sudo ${PROG} --credentials ./pi-01 --data ./pi-01.jsonl pi-01 ~/edgemole
 EOF
 }
 
@@ -142,13 +147,14 @@ parse_args() {
             --dry-run) DRY_RUN=1 ;;
             --no-start) START=0 ;;
             --broker) BROKER="$(need_value "$@")"; shift ;;
+            --credentials) CREDENTIALS="$(need_value "$@")"; shift ;;
             --fleet) FLEET="$(need_value "$@")"; shift ;;
             --threads) THREADS="$(need_value "$@")"; shift ;;
             --data) DATA_FILE="$(need_value "$@")"; shift ;;
             --test-data) TEST_DATA_FILE="$(need_value "$@")"; shift ;;
             --torch-index) TORCH_INDEX="$(need_value "$@")"; shift ;;
             --find-links) FIND_LINKS="$(need_value "$@")"; shift ;;
-            --broker=* | --fleet=* | --threads=* | --data=* | --test-data=* | --torch-index=* | --find-links=*)
+            --broker=* | --credentials=* | --fleet=* | --threads=* | --data=* | --test-data=* | --torch-index=* | --find-links=*)
                 parse_args_value "${1%%=*}" "${1#*=}"
                 ;;
             --)
@@ -170,6 +176,7 @@ parse_args() {
 parse_args_value() {
     case "$1" in
         --broker) BROKER="$2" ;;
+        --credentials) CREDENTIALS="$2" ;;
         --fleet) FLEET="$2" ;;
         --threads) THREADS="$2" ;;
         --data) DATA_FILE="$2" ;;
@@ -201,6 +208,14 @@ check_args() {
         [[ -f "${f}" && -r "${f}" ]] || die "data file '${f}' does not exist or is not readable"
         data_ext "${f}" >/dev/null
     done
+    if [[ -n "${CREDENTIALS}" ]]; then
+        local cf
+        for cf in ca.crt client.crt client.key password client.env; do
+            [[ -r "${CREDENTIALS}/${cf}" ]] || die "--credentials: ${CREDENTIALS}/${cf} is missing (use DIR/devices/${CLIENT_ID} of 'edgemole broker init')"
+        done
+        grep -q "CERT_FILE=.*/${CLIENT_ID}/client.crt" "${CREDENTIALS}/client.env" ||
+            warn "${CREDENTIALS}/client.env does not look like the credentials of ${CLIENT_ID}"
+    fi
     if [[ -n "${FIND_LINKS}" && ! -d "${FIND_LINKS}" ]]; then
         die "--find-links: '${FIND_LINKS}' is not a directory"
     fi
@@ -316,6 +331,17 @@ new_env_file() {
     if [[ -n "${FLEET}" ]]; then
         sed_args+=(-e "s|^#?EDGEMOLE_FLEET=.*|EDGEMOLE_FLEET=${FLEET}|")
     fi
+    if [[ -n "${CREDENTIALS}" ]]; then  # the broker, fleet and TLS settings of 'edgemole broker init'
+        local var value
+        for var in EDGEMOLE_BROKER EDGEMOLE_FLEET EDGEMOLE_TOPIC_PREFIX EDGEMOLE_MQTT_CA_FILE EDGEMOLE_MQTT_CERT_FILE \
+            EDGEMOLE_MQTT_KEY_FILE; do
+            value="$(env_value "${CREDENTIALS}/client.env" "${var}")"
+            if [[ -n "${value}" && ! ( "${var}" == EDGEMOLE_BROKER && -n "${BROKER}" ) && \
+                  ! ( "${var}" == EDGEMOLE_FLEET && -n "${FLEET}" ) ]]; then
+                sed_args+=(-e "s|^#?${var}=.*|${var}=$(sed_repl "${value}")|")
+            fi
+        done
+    fi
     if [[ -n "${THREADS}" ]]; then
         sed_args+=(-e "s|^#?EDGEMOLE_THREADS=.*|EDGEMOLE_THREADS=${THREADS}|")
     fi
@@ -354,8 +380,21 @@ install_config_and_data() {
         fi
     else
         DATA_PATH="${data_dst:-${STATE_DIR}/${CLIENT_ID}/train.jsonl}"
-        [[ -n "${BROKER}" ]] || warn "no --broker given: ${env_file} gets a placeholder broker; edit it"
+        [[ -n "${BROKER}${CREDENTIALS}" ]] || warn "no --broker or --credentials given: ${env_file} gets a placeholder broker; edit it"
         new_env_file "${DATA_PATH}" "${test_dst}" | write_file "${env_file}" 0640 root "${SERVICE_USER}"
+    fi
+
+    if [[ -n "${CREDENTIALS}" ]]; then
+        local cred_dir="${CONF_DIR}/${CLIENT_ID}"
+        note "broker credentials ${cred_dir}"
+        run install -d -o root -g "${SERVICE_USER}" -m 0750 "${cred_dir}"
+        local cf
+        for cf in ca.crt client.crt client.key password; do
+            run install -o root -g "${SERVICE_USER}" -m 0640 "${CREDENTIALS}/${cf}" "${cred_dir}/${cf}"
+        done
+        if [[ -e "${env_file}" ]] && ! grep -q '^EDGEMOLE_MQTT_CERT_FILE=' "${env_file}" && ((!DRY_RUN)); then
+            warn "${env_file} has no EDGEMOLE_MQTT_* settings; copy them from ${CREDENTIALS}/client.env"
+        fi
     fi
 
     DATA_DST="${data_dst}"
