@@ -160,16 +160,76 @@ def test_checkpoints_are_atomic_and_stale_temporaries_are_removed(tmp_path: Path
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_failed_run_announces_done_with_its_reason(tmp_path: Path, tiny_model: str) -> None:
-    settings, task, _ = _settings(tmp_path, tiny_model, "fedit", wait_clients_s=0.2)
+def test_failed_run_announces_done_with_its_reason_and_devices_go_idle(tmp_path: Path, tiny_model: str) -> None:
+    settings, task, files = _settings(tmp_path, tiny_model, "fedit", wait_clients_s=0.5)
     broker = MemoryBroker()
-    watch = MemoryLink(broker, "watch")
-    watch.connect()
-    watch.subscribe(Topics("t").round)
+    topics = Topics("t")
     service = AggregatorService(settings.fleet, task, link=MemoryLink(broker, "aggregator"))
-    with pytest.raises(EdgemoleError, match="only 0 of the required 4 clients"):
+    devices = []
+    for k, keep_serving in enumerate((False, True)):  # a one-shot device and a device service
+        opts = ClientOptions(broker="memory", client_id=f"c{k}", data=str(files[k][0]), test_data=str(files[k][1]),
+                             fleet="t", threads=1, keep_serving=keep_serving)
+        link = MemoryLink(broker, topics.device_mqtt_id(f"c{k}"))
+        client = EdgeClient(opts, link=link, engine_factory=SharedEngine("eager", 1))
+        client.start()
+        link.serve(client.handle)
+        devices.append((client, link))
+    with pytest.raises(EdgemoleError, match="only 2 of the required 4 clients"):
         service.run()
-    done = decode(broker.retained[Topics("t").round])
-    assert done.kind == Kind.ROUND and done.phase == DONE
-    assert done.body["failed"] is True and "only 0 of the required 4" in done.body["reason"]
-    assert done.body["run"] == service.run_id
+    done = decode(broker.retained[topics.round])
+    assert done.kind == Kind.ROUND and done.phase == DONE and done.body["run"] == service.run_id
+    assert done.body["failed"] is True and "only 2 of the required 4" in done.body["reason"]
+    for client, link in devices:  # the devices read the announcement
+        while link.inbox:
+            client.handle(link.inbox.popleft())
+    (once, _), (service_device, _) = devices
+    assert once._stop and not service_device._stop
+    assert service_device.run_id is None
+    assert decode(broker.retained[topics.status("c1")]).body["state"] == "online"
+
+
+def test_device_keeps_its_update_and_sends_it_again_when_asked_or_reconnected(tmp_path: Path,
+                                                                              tiny_model: str) -> None:
+    from edgemole.mqtt import RECONNECTED, Inbound
+    from edgemole.protocol import Message, encode
+
+    settings, task, files = _settings(tmp_path, tiny_model, "fedit")
+    broker, topics = MemoryBroker(), Topics("t")
+    service = AggregatorService(settings.fleet, task, link=MemoryLink(broker, "aggregator"))
+    strategy, _ = service._build_strategy()
+    agg = service.link
+    agg.connect()
+    agg.subscribe(topics.all_updates)
+    agg.publish(topics.task, encode(Message(Kind.TASK, "t", body={"run": service.run_id, "task": task.to_body()})),
+                retain=True)
+    opts = ClientOptions(broker="memory", client_id="c0", data=str(files[0][0]), test_data=str(files[0][1]),
+                         fleet="t", threads=1)
+    link = MemoryLink(broker, topics.device_mqtt_id("c0"))
+    client = EdgeClient(opts, link=link, engine_factory=SharedEngine("eager", 1))
+    client.start()
+    link.serve(client.handle)
+
+    def assign(rnd: int) -> None:
+        plan = strategy.configure_train(rnd, ["c0"])
+        service._announce(rnd, plan.phase, ["c0"], 60.0, {})
+        a = plan.assignments["c0"]
+        agg.publish(topics.assign("c0"), encode(Message(Kind.ASSIGN, "t", rnd, plan.phase, "c0",
+                                                        {"run": service.run_id, **a.body}, a.tensors,
+                                                        {k: strategy.roles[k] for k in a.tensors})))
+
+    def updates() -> list[bytes]:
+        got = []
+        while (inbound := agg.receive(0.0)) is not None:
+            got.append(inbound.payload)
+        return got
+
+    assign(1)
+    first = updates()
+    assert len(first) == 1 and decode(first[0]).round == 1
+    assign(1)  # the same round's assignment again (a re-send): the kept update, not a rejection or new training
+    assert updates() == first and client.rejected == 0
+    link.deliver(Inbound(RECONNECTED, b"", False))  # the connection came back while round 1 is open
+    assert updates() == first
+    service._announce(2, "train", ["c0"], 60.0, {})  # round 1 closed: nothing to re-send any more
+    link.deliver(Inbound(RECONNECTED, b"", False))
+    assert updates() == []
