@@ -21,10 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[str]:
     """A fresh Mosquitto on 127.0.0.1:<free port>; its URL. Fails (not skips) under CI when missing."""
-    if mosquitto_binary() is None:
-        if os.environ.get("CI"):
-            pytest.fail("mosquitto is not installed but CI is set: broker tests must run in CI")
-        pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
+    _require_mosquitto()
     with mosquitto_broker(str(tmp_path / "mosquitto.log")) as url:
         yield url
 
