@@ -108,9 +108,12 @@ def _add_credential_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _credentials(a: argparse.Namespace):  # noqa: ANN202
-    """The role's broker credentials from its flags and EDGEMOLE_MQTT_* (None: an open broker)."""
-    from edgemole.mqtt import BrokerCredentials
+    """The role's broker credentials from its flags and EDGEMOLE_MQTT_* (None: an open broker); checks the broker
+    URL too, so that both fail before any data or model is loaded."""
+    from edgemole.mqtt import BrokerCredentials, parse_broker_url
 
+    if getattr(a, "broker", None):
+        parse_broker_url(a.broker)
     return BrokerCredentials.resolve(a.ca_file, a.cert_file, a.key_file, a.username, a.password_file)
 
 
@@ -272,6 +275,7 @@ def _run_aggregator(a: argparse.Namespace) -> int:
     from edgemole.config import load_settings
     from edgemole.data.source import task_labels
 
+    credentials = _credentials(a)
     settings = load_settings(a.config, _overrides(a))
     if a.wait_clients is not None:
         settings.fleet.wait_clients_s = a.wait_clients
@@ -284,7 +288,7 @@ def _run_aggregator(a: argparse.Namespace) -> int:
         resume=a.resume,
         summary_path=a.json_out,
         keep_checkpoints=a.keep_checkpoints,
-        credentials=_credentials(a),
+        credentials=credentials,
     )
     summary = service.run()
     print(json.dumps({"run": summary["run"], "final_personalised_accuracy": summary["final_personalised_accuracy"],
@@ -297,6 +301,7 @@ def _run_client(a: argparse.Namespace) -> int:
     from edge_client.engines import ENGINES
     from edgemole.errors import ConfigError
 
+    credentials = _credentials(a)
     if a.engine not in ENGINES:
         raise ConfigError(f"unknown engine {a.engine!r} (available: {', '.join(ENGINES)})")
     if not 0 <= a.test_fraction < 1:
@@ -311,7 +316,7 @@ def _run_client(a: argparse.Namespace) -> int:
         broker=a.broker, client_id=a.client_id, data=a.data, test_data=a.test_data, test_fraction=a.test_fraction,
         text_column=a.text_column, label_column=a.label_column, fleet=a.fleet, topic_prefix=a.topic_prefix,
         engine=a.engine, threads=a.threads, connect_timeout_s=a.connect_timeout, keep_serving=a.keep_serving,
-        upload_rank=a.upload_rank, artifact=Path(a.artifact) if a.artifact else None, credentials=_credentials(a),
+        upload_rank=a.upload_rank, artifact=Path(a.artifact) if a.artifact else None, credentials=credentials,
     ))
 
 
@@ -352,6 +357,13 @@ def _run_simulate(a: argparse.Namespace) -> int:
     from edgemole.errors import ConfigError
     from edgemole.simulate import simulate
 
+    if a.secure_dir:  # the fleet and prefix the directory's ACL was written for, unless given
+        from edgemole.security import FleetDir
+
+        meta = FleetDir.load(a.secure_dir).meta
+        a.fleet = a.fleet or meta["fleet"]
+        a.topic_prefix = a.topic_prefix or meta["prefix"]
+    credentials = _credentials(a)
     settings = load_settings(a.config, _overrides(a))
     strategy_class(settings.fleet.method)
     if settings.fleet.method in EXPERT_METHODS:
@@ -369,7 +381,7 @@ def _run_simulate(a: argparse.Namespace) -> int:
     if a.plot and not a.plot.lower().endswith(".png"):
         raise ConfigError(f"--plot file '{a.plot}' must end in .png")
     simulate(settings, broker=a.broker, json_out=a.json_out, plot_out=a.plot, work_dir=a.work_dir,
-             log_level=a.log_level, credentials=_credentials(a), secure_dir=a.secure_dir)
+             log_level=a.log_level, credentials=credentials, secure_dir=a.secure_dir)
     return 0
 
 

@@ -225,3 +225,40 @@ def test_the_raspberry_pi_guides_mosquitto_example_is_what_broker_init_writes(tm
     settings = lambda text: [ln for ln in text.splitlines() if ln and not ln.startswith("#")]  # noqa: E731
     example = (REPO / "devices/raspberry-pi/mosquitto.conf.example").read_text()
     assert settings(example) == settings((tmp_path / "x/broker/mosquitto.conf").read_text())
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["client", "--broker", "mqtts://u:pw@127.0.0.1:1", "--client-id", "x", "--data", "x.csv"],
+         "a password in the broker URL"),
+        (["client", "--broker", "mqtts://127.0.0.1:1", "--client-id", "x", "--data", "x.csv", "--username", "x",
+          "--password-file", "/nonexistent/pw"], "cannot read the MQTT password file /nonexistent/pw"),
+        (["aggregator", "--broker", "mqtts://127.0.0.1:1", "--labels", "a,b", "--cert-file", "/etc/hostname"],
+         "needs its key"),
+        (["simulate", "--ca-file", "/etc/hostname"], "need --broker"),
+        (["broker", "init", "{tmp}/d", "--fleet", "f", "--devices", "pi-01,aggregator"], "reserved"),
+        (["broker", "init", "{tmp}/d", "--fleet", "f", "--devices", "bad/id"], "invalid device id"),
+        (["broker", "init", "{tmp}/d", "--fleet", "f", "--port", "8883", "--password-port", "8883"], "must differ"),
+        (["broker", "add-device", "{tmp}/nothing", "pi-09"], "not a directory written by 'edgemole broker init'"),
+    ],
+)
+def test_credential_and_broker_mistakes_give_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                      argv: list[str], needle: str) -> None:
+    from edgemole.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.count("\n") == 0 and err.startswith("error: ") and needle in err, err
+    assert "pw@" not in err
+
+
+def test_simulate_secure_dir_needs_an_identity_per_client(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from edgemole.cli import main
+
+    init_broker_dir(tmp_path / "d", "lab", ["client-0"])
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--secure-dir", str(tmp_path / "d"), "--clients", "2"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "no identity for client-1" in err and err.count("\n") == 0, err
