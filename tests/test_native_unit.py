@@ -11,7 +11,7 @@ from native import native_build
 
 from edgemole.native import DEFAULT_BUILD, NativeBuildError, build_native
 
-UNIT_TESTS = ("test_wire", "test_tokenizer", "test_data", "test_model")
+UNIT_TESTS = ("test_wire", "test_tokenizer", "test_data", "test_model", "test_net", "test_fuzz")
 
 
 def _ctest(build_dir) -> None:  # noqa: ANN001

@@ -255,8 +255,8 @@ void DeviceClient::after_reconnect() {
 }
 
 void DeviceClient::resend_kept(const std::string& why) {
-  link_->publish(topics_.update(config_.client_id), kept_->payload, false);
   seen_reconnects_ = link_->reconnects();
+  link_->publish(topics_.update(config_.client_id), kept_->payload, false);
   log_info("round " + std::to_string(kept_->round) + ": sent the update again (" + why + ")");
 }
 
@@ -459,9 +459,10 @@ void DeviceClient::on_assignment(const Message& msg) {
   update.tensors = std::move(tensors);
   update.roles = std::move(roles);
   const std::vector<std::uint8_t> payload = encode(update);
+  // A reconnect during the publish (after the broker took it, say) counts: the update is sent again after it.
+  seen_reconnects_ = link_->reconnects();
   link_->publish(topics_.update(config_.client_id), payload, false);
   kept_ = KeptUpdate{run_id_, msg.round, payload};
-  seen_reconnects_ = link_->reconnects();  // a reconnect during the publish: Paho sends it again itself
   last_round_ = msg.round;
   if (!config_.state_dir.empty()) {
     save_deployed(config_.state_dir, task_json_, msg.body, msg.round, run_id_, engine_->get_state(msg.body));

@@ -18,7 +18,7 @@ const std::vector<std::string> kMethods{"fedit", "ffa-lora", "flexlora", "lora-a
 namespace {
 
 std::string show(const json& value) {
-  std::string text = value.dump();
+  std::string text = value.dump(-1, ' ', false, json::error_handler_t::replace);
   return text.size() > 80 ? text.substr(0, 80) + "..." : text;
 }
 
@@ -259,7 +259,7 @@ DeviceConfig read_device_config(const std::string& path) {
   json value;
   try {
     value = json::parse(buffer.str());
-  } catch (const json::parse_error& exc) {
+  } catch (const json::exception& exc) {  // parse_error, and out_of_range for a number such as 1e999
     throw ConfigError("config file '" + path + "' is not valid JSON: " + exc.what());
   }
   DeviceConfig config;
@@ -283,7 +283,7 @@ void set_device_option(DeviceConfig& config, const std::string& key, const std::
   } else {
     try {
       object[key] = json::parse(value);
-    } catch (const json::parse_error&) {
+    } catch (const json::exception&) {  // parse_error, and out_of_range for a number such as 1e999
       throw ConfigError("--" + key + " has an invalid value '" + value + "'");
     }
   }

@@ -83,7 +83,8 @@ ExpertSets WireState::expert_sets(const json& body) const {
     }
     if (!ok) {
       std::string text = "experts of " + m + " must be 1 to " + std::to_string(slots_) + " distinct ids in [0, " +
-                         std::to_string(num_experts_) + "), got " + ids.dump();
+                         std::to_string(num_experts_) + "), got " +
+                         ids.dump(-1, ' ', false, json::error_handler_t::replace);
       throw ProtocolError(text.substr(0, 300));
     }
     std::sort(out.begin(), out.end());
