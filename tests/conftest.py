@@ -34,12 +34,12 @@ def _require_mosquitto() -> None:
 
 
 #: the devices of a :func:`secure_fleet`
-SECURE_DEVICES = ("c0", "c1", "c2")
+SECURE_DEVICES = ("c0", "c1", "c2", "c3")
 
 
 @pytest.fixture
 def secure_fleet(tmp_path: Path):  # noqa: ANN201
-    """Mosquitto with the TLS + ACL set-up of ``edgemole broker init`` (fleet ``t``, devices c0-c2, both listeners on
+    """Mosquitto with the TLS + ACL set-up of ``edgemole broker init`` (fleet ``t``, devices c0-c3, both listeners on
     free loopback ports, persistence in tmp): a started :class:`edgemole.security.run.SecureMosquitto`, whose
     ``fleet_dir`` gives URLs and each identity's credentials."""
     from edgemole.broker import free_port

@@ -186,13 +186,18 @@ def test_a_role_whose_id_differs_from_its_credential_exits_2(secure_fleet: Secur
         AggregatorService(FleetConfig(fleet="t"), task, fd.url(), credentials=fd.credentials("c2"))
 
 
-def test_tls_fleet_completes_two_rounds(secure_fleet: SecureMosquitto, tmp_path: Path, tiny_model: str) -> None:
-    """Aggregator and c0, c1 on the certificate listener, c2 on the password listener; the observer watches."""
+def test_tls_fleet_completes_two_rounds_while_a_device_forges(secure_fleet: SecureMosquitto, tmp_path: Path,
+                                                               tiny_model: str) -> None:
+    """Aggregator and c0, c1 on the certificate listener, c2 on the password listener; device c3 (valid credential,
+    not in the run) forges updates, status, task, round, done and assignments once round 1 is assigned: none reaches
+    anyone, and the run completes with every honest update."""
     fd = secure_fleet.fleet_dir
+    topics = fd.topics
     files, labels = write_client_data(tmp_path, [20, 30, 25])
     config = write_config(tmp_path / "config.json", tiny_model, labels, rounds=2, min_clients=3)
     observer = _link(fd, "observer")
-    observer.subscribe(f"{fd.topics.base}/#")
+    observer.subscribe(f"{topics.base}/#")
+    mallory = _link(fd, "c3")
     summary_path = tmp_path / "summary.json"
     agg = spawn(["aggregator", "--broker", fd.url(), "--config", str(config), "--json-out", str(summary_path),
                  *credential_flags(fd.credentials("aggregator"))], tmp_path / "aggregator.log")
@@ -202,22 +207,44 @@ def test_tls_fleet_completes_two_rounds(secure_fleet: SecureMosquitto, tmp_path:
         clients.append(spawn(["client", "--broker", fd.url(password=password), "--client-id", name, "--data",
                               str(train), "--test-data", str(test), "--fleet", "t", "--threads", "1",
                               *credential_flags(fd.credentials(name, password=password))], tmp_path / f"{name}.log"))
+    seen: list[tuple[str, Message]] = []
+    forged = False
     try:
-        code = agg.wait(180)
+        deadline = time.monotonic() + 180
+        while agg.poll() is None and time.monotonic() < deadline:
+            m = observer.receive(0.2)
+            if m is None or not m.payload:
+                continue
+            msg = decode(m.payload, 64 * 2**20)
+            seen.append((m.topic, msg))
+            if msg.kind == Kind.ASSIGN and msg.round == 1 and not forged:
+                forged = True
+                run = msg.body["run"]
+                update = encode(Message(Kind.UPDATE, "t", 1, msg.phase, "c0", {"run": run, "num_samples": 10**6},
+                                        msg.tensors, msg.roles))
+                for topic, payload in ((topics.update("c0"), update),
+                                       (topics.status("c1"), encode(Message(Kind.STATUS, "t", 1, client="c1",
+                                                                            body={"state": "offline"}))),
+                                       (topics.round, encode(Message(Kind.ROUND, "t", 1, "done", body={"run": run}))),
+                                       (topics.task, encode(Message(Kind.TASK, "t", 0, body={"run": "f" * 12}))),
+                                       (topics.assign("c1"), m.payload)):
+                    mallory.publish(topic, payload, retain=topic in (topics.round, topics.task))
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(tmp_path.glob("*.log")))
-        assert code == 0, logs
+        assert agg.poll() == 0, logs
         summary = json.loads(summary_path.read_text())
+        assert forged
         assert [r["answered"] for r in summary["rounds"]] == [["c0", "c1", "c2"]] * 2
         assert summary["final"]["answered"] == ["c0", "c1", "c2"]
-        kinds = set()
-        for _, payload, _ in _drain(observer, 0.5):
-            if payload:
-                kinds.add(decode(payload, 64 * 2**20).kind)
-        assert {Kind.TASK, Kind.ROUND, Kind.ASSIGN, Kind.UPDATE, Kind.STATUS, Kind.METRICS} <= kinds
+        assert summary["rejected"] == {}  # nothing forged reached the aggregator, so it had nothing to reject
+        assert not any(msg.body.get("num_samples") == 10**6 or msg.body.get("run") == "f" * 12 for _, msg in seen)
+        assert [msg.phase for _, msg in seen if msg.kind == Kind.ROUND].count("done") == 1  # the aggregator's own
+        assert {msg.kind for _, msg in seen} >= {Kind.TASK, Kind.ROUND, Kind.ASSIGN, Kind.UPDATE, Kind.STATUS,
+                                                 Kind.METRICS}
         assert (fd.path / "devices/c2/password").read_text().strip() not in logs  # never logged
     finally:
         stop_processes([agg, *clients], 30)
         observer.close()
+        mallory.close()
 
 
 def test_the_raspberry_pi_guides_mosquitto_example_is_what_broker_init_writes(tmp_path: Path) -> None:
