@@ -297,7 +297,10 @@ class EdgeClient:
                     raise ProtocolError(f"a {msg.phase} round must train {factor} and not {frozen}")
         except ProtocolError as exc:
             self._reject(f"assignment for round {msg.round}", str(exc))
-            if msg.round > self.last_round:  # a QoS 1 redelivery of an answered round is no failure to report
+            # Only a newer round of our run addressed to us is a failure to report (the error status takes this device
+            # out of the run): not a QoS 1 redelivery of an answered round, nor a stray or forged message of another
+            # run or for another device, which would otherwise let anyone knock devices out.
+            if msg.round > self.last_round and msg.body.get("run") == self.run_id and msg.client == self.opts.client_id:
                 self._publish_status("error", f"round {msg.round}: {exc}")
             return None
         return steps, roles
