@@ -233,6 +233,9 @@ class MqttLink:
         if credentials is not None and credentials.tls_material and not self.address.tls:
             raise ConfigError(f"a CA file or client certificate needs an mqtts:// broker URL, not "
                               f"{self.address.url}")
+        if credentials is not None and credentials.password is not None and not self.address.tls:
+            log.warning("sending the MQTT password to %s without TLS: anyone on the path can read it (use mqtts://)",
+                        self.address.url)
         self.client_id = name or client_id
         self.clean_session = clean_session
         self.max_packet_bytes = max_packet_bytes
