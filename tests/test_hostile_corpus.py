@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import TINY_AMOLE, spawn, tiny_task, write_client_data, write_config
-from hostile.corpus import BUILDERS, Context, build, manifest
+from hostile.corpus import BUILDERS, Context, build, manifest, topic
 
 from aggregator.checkpoint import LATEST, read_checkpoint
 from aggregator.service import AggregatorService
@@ -102,8 +102,8 @@ def _run(tmp: Path, broker: str, model: str, method: str, fleet: str, attack: bo
                 sent.update({payload: entry["name"] for entry, _, payload, _ in built
                              if entry["topic"].startswith(("update:", "status:"))})
                 sent.setdefault(b"", "")  # marks the attack as done even if nothing reached the aggregator
-                for _, topic, payload, retain in built:
-                    attacker.publish(topic, payload, retain=retain, wait_s=None)
+                for _, where, payload, retain in built:
+                    attacker.publish(where, payload, retain=retain, wait_s=None)
         stop_processes(clients, timeout_s=30)
         logs = {p.stem: p.read_text() for p in tmp.glob("*.log")}
         assert aggregator.returncode == 0, logs["aggregator"][-3000:]
@@ -185,3 +185,28 @@ def test_out_of_bounds_message_types_cover_the_issue() -> None:
                    "task-new-run", "round-garbage", "assign-wrong-run", "done-this-run"):
         assert needed in names
 
+
+
+def test_acl_only_entries_are_not_delivered_by_the_secured_broker(secure_fleet: Any) -> None:
+    """The entries an anonymous broker delivers (``acl-only``), published by an enrolled device on their topics
+    through the ``edgemole broker init`` broker: nobody receives them, not even the observer that reads everything
+    (tests/test_security.py checks the ACL itself in more detail)."""
+    from test_security import _drain, _link
+
+    fd = secure_fleet.fleet_dir
+    topics = fd.topics
+    observer = _link(fd, "observer")
+    observer.subscribe(f"{topics.base}/#")
+    mallory = _link(fd, "c3")
+    time.sleep(0.5)
+    aimed = [e for e in manifest() if e["expected"] == "acl-only"]
+    assert aimed
+    ctx = Context(topics, "fedit", "r" * 12, 2, "train", "c0", "c1", None, b"", b"", 30, MAX_MESSAGE_BYTES,
+                  None)  # type: ignore[arg-type]  # topics only: the broker never looks at the payload
+    for entry in aimed:
+        mallory.publish(topic(ctx, entry), f"forged {entry['name']}".encode(), retain=bool(entry.get("retain")))
+    assert _drain(observer, 1.5) == []
+    mallory.publish(topics.update("c3"), b"own update")  # what the ACL allows still arrives
+    assert [(t, p) for t, p, _ in _drain(observer, 1.5)] == [(topics.update("c3"), b"own update")]
+    observer.close()
+    mallory.close()
