@@ -117,6 +117,7 @@ class FaultFleet:
         procs = [aggregator, *clients]
         victim = len(clients) - 1
         seen_assign: set[str] = set()
+        announced = False
         updates_before = 0
         fault_at: float | None = None
         recover_s: float | None = None
@@ -135,6 +136,8 @@ class FaultFleet:
                     msg = decode(inbound.payload, 64 * 2**20)
                 except Exception:  # noqa: BLE001 - a status cleared or half-written: not ours to judge
                     continue
+                if msg.round == FAULT_ROUND and msg.kind == Kind.ROUND:
+                    announced = True
                 if msg.round == FAULT_ROUND and msg.kind == Kind.ASSIGN:
                     seen_assign.add(msg.client)
                 if msg.round == FAULT_ROUND and msg.kind == Kind.UPDATE and fault_at is None:
@@ -156,7 +159,8 @@ class FaultFleet:
                     broker.kill()
                     fault_at = time.monotonic()
                     broker.start()
-                elif fault == "client" and f"c{victim}" in seen_assign:
+                elif fault == "client" and announced:
+                    # the round is announced, its assignments are on their way: the device cannot have answered
                     clients[victim].send_signal(signal.SIGKILL)
                     clients[victim].wait(10)
                     fault_at = time.monotonic()
