@@ -136,6 +136,7 @@ def main() -> None:
         "model": {"name": args.model} if args.model else {}, "data": {"samples_per_domain": 60},
     }
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "tls": []}
+    load_before = os.getloadavg()
     for i in range(args.repeats):
         for mode in ("plain", "tls") if i % 2 == 0 else ("tls", "plain"):
             runs[mode].append(run_once(mode, fd, overrides, work))
@@ -152,11 +153,15 @@ def main() -> None:
                   "repeats": args.repeats, "cpus": os.cpu_count(),
                   "tcp_bytes": "counted by a TCP relay in front of the broker (both modes), all connections of "
                   "the run (roles and the simulator's observer), both directions",
-                  "command": "python benchmarks/tls_cost.py " + " ".join(sys.argv[1:])},
+                  "command": "python benchmarks/tls_cost.py " + " ".join(sys.argv[1:]),
+                  # other work on the machine spreads the round times: compare them with this in mind
+                  "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]]},
     }
     for mode in ("plain", "tls"):
         summary[mode] = {
             "round_wall_s_median": statistics.median(s for r in runs[mode] for s in r["round_wall_s"]),
+            "round_wall_s_min": min(s for r in runs[mode] for s in r["round_wall_s"]),
+            "round_wall_s_max": max(s for r in runs[mode] for s in r["round_wall_s"]),
             "rounds_s_median": med(mode, "rounds_s"), "run_wall_s_median": med(mode, "wall_s"),
             "payload_bytes_median": med(mode, "payload_bytes_up") + med(mode, "payload_bytes_down"),
             "tcp_bytes_median": statistics.median(r["tcp_bytes_to_broker"] + r["tcp_bytes_from_broker"]
