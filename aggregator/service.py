@@ -28,6 +28,7 @@ from edgemole.errors import EdgemoleError, ProtocolError
 from edgemole.model import WireState, build_classifier
 from edgemole.mqtt import RECONNECTED, BrokerCredentials, Inbound, Link, MqttLink, packet_limit
 from edgemole.protocol import DONE, Kind, Message, Topics, decode, encode, validate_update
+from edgemole.protocol.messages import json_safe
 
 log = logging.getLogger("edgemole.aggregator")
 
@@ -51,18 +52,6 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None: a round record mixes figures computed from device
-    metrics (finite one by one, but sums may overflow) and must always encode (``allow_nan=False``)."""
-    if isinstance(value, float):
-        return _finite(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 class AggregatorService:

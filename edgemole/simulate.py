@@ -39,6 +39,7 @@ from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
 from edgemole.mqtt import BrokerCredentials, MqttLink
 from edgemole.native import find_native_binary
 from edgemole.protocol import Kind, Topics, decode
+from edgemole.protocol.messages import json_safe
 from edgemole.report import plot_run
 
 
@@ -297,7 +298,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
     summary = json.loads(summary_path.read_text())
     wall = time.monotonic() - started
     rounds_s = summary["rounds_wall_s_total"]
-    compute = sum(r["client_compute_s_max"] for r in summary["rounds"] + [summary["final"]])
+    compute = sum(r["client_compute_s_max"] or 0.0 for r in summary["rounds"] + [summary["final"]])  # None: overflow
     aggregate = summary["aggregate_s_total"]
     result = {
         **summary,
@@ -329,7 +330,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
         f"{wall:.0f} s on {broker_kind}"
     )
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2))
+        Path(json_out).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))  # figures from devices
         console.print(f"results written to {json_out}")
     if plot_out:
         console.print(f"plot written to {plot_run(result, plot_out)}")

@@ -16,7 +16,7 @@ import aggregator.service as service_module
 import edge_client.client as client_module
 from aggregator.bounds import norm_ratios, norm_violations, samples_violation, value_violation
 from aggregator.robust import robust_average, robust_slices
-from aggregator.service import AggregatorService, json_safe
+from aggregator.service import AggregatorService
 from aggregator.strategies import FedIT, weighted_average
 from edge_client.client import ClientOptions, EdgeClient
 from edgemole.adapters.lora.a2 import aggregate_slices
@@ -27,6 +27,7 @@ from edgemole.memory_link import MemoryBroker, MemoryLink, RecordingLink
 from edgemole.model import WireState, build_classifier
 from edgemole.mqtt import Inbound
 from edgemole.protocol import Kind, Message, Topics, decode, encode
+from edgemole.protocol.messages import json_safe
 
 METHODS = ["fedit", "ffa-lora", "flexlora", "lora-a2", "fedamole", "fedamole-a2"]
 

@@ -175,3 +175,16 @@ def finite_number(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     return abs(value) <= sys.float_info.max if isinstance(value, int) else math.isfinite(value)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None. Round records and run summaries mix figures computed
+    from device metrics (finite one by one, but their sums may overflow) and must always encode: the message body
+    with ``allow_nan=False``, JSON files as valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
