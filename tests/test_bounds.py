@@ -217,10 +217,17 @@ def test_a_scaled_update_is_refused_by_the_norm_bound(tmp_path: Path, tiny_model
 
 
 @pytest.mark.slow
-def test_robust_median_fleet_runs(tmp_path: Path, tiny_model: str) -> None:
-    service = _fleet(tmp_path, tiny_model, "lora-a2", rounds=2, robust="median", upload_ranks={"c0": 1})
-    assert service.strategy is not None and service.strategy.robust == "median"
-    assert all(torch.isfinite(t).all() for t in service.strategy.state_dict().values())
+@pytest.mark.parametrize(("method", "robust"), [("fedit", "clip"), ("ffa-lora", "median"),
+                                                ("flexlora", "trimmed-mean:0.25"), ("lora-a2", "median")])
+def test_robust_aggregation_runs_for_the_plain_lora_methods(tmp_path: Path, tiny_model: str, method: str,
+                                                            robust: str) -> None:
+    service = _fleet(tmp_path, tiny_model, method, rounds=2, robust=robust, upload_ranks={"c0": 1})
+    assert service.strategy is not None and service.strategy.robust == robust
+    state = service.strategy.state_dict()
+    assert all(torch.isfinite(t).all() for t in state.values())
+    reference = _fleet(tmp_path / "mean", tiny_model, method, rounds=2, upload_ranks={"c0": 1})
+    assert reference.strategy is not None
+    assert any(not torch.equal(t, reference.strategy.state_dict()[n]) for n, t in state.items())  # it did act
 
 
 # -- clients never crash on what they compute ------------------------------------------------------------------------
