@@ -94,7 +94,7 @@ class FleetConfig:
     norm), trimmed-mean:F (coordinate-wise, F of the values cut at each end) or median (coordinate-wise)."""
 
     def __post_init__(self) -> None:
-        _require(0 < self.max_update_value <= 1e30, "fleet.max_update_value must be in (0, 1e30]")
+        _require(0 < self.max_update_value < math.inf, "fleet.max_update_value must be a positive finite number")
         _require(self.update_norm_factor >= 1, "fleet.update_norm_factor must be >= 1")
         _require(1 <= self.max_samples <= 10**9, "fleet.max_samples must be in [1, 1000000000]")
         check_robust(self.robust)

@@ -80,8 +80,8 @@ def test_num_samples_must_not_exceed_the_status_or_the_cap() -> None:
 
 
 def test_fleet_config_validates_the_bounds() -> None:
-    for bad in ({"max_update_value": 0.0}, {"update_norm_factor": 0.5}, {"max_samples": 0},
-                {"robust": "trimmed-mean:0.5"}, {"robust": "trimmed-mean:x"}, {"robust": "mean"}):
+    for bad in ({"max_update_value": 0.0}, {"max_update_value": float("inf")}, {"update_norm_factor": 0.5},
+                {"max_samples": 0}, {"robust": "trimmed-mean:0.5"}, {"robust": "trimmed-mean:x"}, {"robust": "mean"}):
         with pytest.raises(ConfigError):
             FleetConfig(**bad)  # type: ignore[arg-type]
     assert check_robust("trimmed-mean:0.2") == ("trimmed-mean", 0.2)
@@ -273,3 +273,39 @@ def test_a_model_of_1e30_values_is_an_error_status_not_a_crash(tmp_path: Path, t
     honest = Message(**{**assign.__dict__, "round": 2})
     client.handle(Inbound(topics.assign("c0"), encode(honest), False))
     assert [t.rsplit("/", 1)[1] for t, _ in link.published] == ["update"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fedit", "fedamole-a2"])
+def test_without_bounds_the_1e30_model_reaches_every_device_which_reports_instead_of_crashing(
+        tmp_path: Path, tiny_model: str, method: str) -> None:
+    """The issue's run, with the bounds opened up (value cap and norm factor 1e38): c3's 1e30 update is accepted and
+    aggregated, the model goes back to every device, and every device computes non-finite results. They report an
+    error status for the round and send nothing (before: ValueError while encoding, every client crashed); the
+    aggregator, left without answers, fails the round cleanly."""
+    published: list[tuple[str, bytes]] = []
+    original = MemoryLink.publish
+
+    def record(self: MemoryLink, topic: str, payload: bytes, *, retain: bool = False,
+               wait_s: float | None = 30.0) -> int:
+        published.append((topic, payload))
+        return original(self, topic, payload, retain=retain)
+
+    def huge(msg: Message) -> list[Message]:
+        return [Message(**{**msg.__dict__, "tensors": {k: torch.full_like(v, 1e30) if v.is_floating_point() else v
+                                                       for k, v in msg.tensors.items()}})]
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(MemoryLink, "publish", record)
+        with pytest.raises(service_module.RoundFailed, match="round 2"):
+            _fleet(tmp_path, tiny_model, method, rounds=2, tamper=huge, max_update_value=1e38,
+                   update_norm_factor=1e38, round_deadline_s=1.0)
+    errors = {}
+    for topic, payload in published:
+        if topic.endswith("/status"):
+            msg = decode(payload)
+            if msg.body["state"] == "error":
+                errors[msg.client] = msg.body["error"]
+    assert sorted(errors) == ["c0", "c1", "c2", "c3"]
+    assert all(e.startswith("round 2: non-finite") for e in errors.values()), errors
+    assert not any(t.endswith("/update") and decode(p).round == 2 for t, p in published)
