@@ -104,7 +104,7 @@ def run_fleet(tmp: Path, broker: str, model: str, artifact: Path, method: str, n
                           TINY_AMOLE, method=method, rounds=rounds, min_clients=len(sizes), round_deadline_s=300.0,
                           wait_clients_s=300.0)
     aggregator = spawn(["aggregator", "--broker", broker, "--config", str(config), "--json-out",
-                        str(tmp / "summary.json"), "--checkpoint-dir", str(tmp / "checkpoints")],
+                        str(tmp / "summary.json"), "--checkpoint-dir", str(tmp / "checkpoints"), *aggregator_args],
                        tmp / "aggregator.log")
     procs = [aggregator]
     for k, (train, test) in enumerate(files):

@@ -40,7 +40,9 @@ const char* kUsage =
     "       edgemole-device --version\n"
     "Keys of the JSON config file (and --key-with-dashes flags): broker, client_id, fleet, topic_prefix, artifact,\n"
     "data, test_data, test_fraction, text_column, label_column, upload_rank, threads, max_message_bytes,\n"
-    "connect_timeout_s, keep_serving, eval_after_training, state_dir, log_level. See devices/native/README.md.\n";
+    "connect_timeout_s, keep_serving, eval_after_training, state_dir, log_level, ca_file, cert_file, key_file,\n"
+    "username, password_file (the password: that file or EDGEMOLE_MQTT_PASSWORD, never a flag).\n"
+    "See devices/native/README.md.\n";
 
 std::vector<std::uint8_t> read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
