@@ -189,7 +189,8 @@ def revoke_device(directory: str | Path, device_id: str) -> None:
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(exist_ok=True)
-    fd.identity_dir(device_id).rename(target)
+    if fd.identity_dir(device_id).exists():
+        fd.identity_dir(device_id).rename(target)
     _write_broker_files(fd)
     fd.save()
 
