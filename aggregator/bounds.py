@@ -18,15 +18,16 @@ Integer tensors (LoRA-A2's ``.ranks``) are index lists, bounded by the validator
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
 #: default of ``fleet.max_update_value``: LoRA factors, heads and RSEA embeddings of real runs stay below ~10; a
 #: value of 1e6 already makes a float32 product of two such factors (1e12 per element, summed) lose all precision
 DEFAULT_MAX_UPDATE_VALUE = 1e6
-#: default of ``fleet.update_norm_factor``: honest updates of one round differ in norm by well under 3x (measured in
-#: tests/test_bounds.py for every method), so 10x leaves a wide margin and still stops a scaled-up update
+#: default of ``fleet.update_norm_factor``: honest adapter and head tensors of a round stay within 1.9x of their
+#: reference (tests/test_bounds.py, every method; MiniLM: 1.6x), so 10x leaves a wide margin and still stops a
+#: scaled-up update
 DEFAULT_NORM_FACTOR = 10.0
 
 
@@ -50,10 +51,8 @@ def norm_ratios(updates: Mapping[str, Mapping[str, torch.Tensor]], sent: Mapping
                 pools: Mapping[str, str] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
     """``{client: {name: (norm, reference)}}`` for every float tensor of every update (client -> tensors received):
     the reference is the larger of the norm of what ``sent[client][name]`` was (if anything) and the lower median of
-    the round's norms of the tensors in ``name``'s pool: ``pools[name]``, by default the name alone. FedAMoLE's RSEA
-    embeddings share one pool: an expert's embedding is the mean of its projections over the tokens routed to it,
-    so two holders' norms of one expert can differ 7x (measured), while all embeddings of a round stay within 3x of
-    their common median."""
+    the round's norms of the tensors in ``name``'s pool: ``pools[name]``, by default the name alone (the service pools
+    the RSEA embeddings of one module)."""
     pools = pools or {}
     norms = {c: {n: _norm(t) for n, t in tensors.items() if t.is_floating_point()} for c, tensors in updates.items()}
     by_pool: dict[str, list[float]] = {}
@@ -70,18 +69,36 @@ def norm_ratios(updates: Mapping[str, Mapping[str, torch.Tensor]], sent: Mapping
 
 
 def norm_violations(updates: Mapping[str, Mapping[str, torch.Tensor]], sent: Mapping[str, Mapping[str, torch.Tensor]],
-                    factor: float, pools: Mapping[str, str] | None = None) -> dict[str, str]:
+                    factor: float, pools: Mapping[str, str] | None = None,
+                    clipped: Collection[str] = ()) -> dict[str, str]:
     """``{client: reason}`` for every update with a float tensor whose norm exceeds ``factor`` times its reference
     (:func:`norm_ratios`). A reference of zero (most senders left the tensor at zero) bounds nothing: the value cap
-    still applies."""
+    still applies. Names in ``clipped`` are never a reason: :func:`clip_to_bound` scales them instead."""
     rejected: dict[str, str] = {}
     for c, per_name in norm_ratios(updates, sent, pools).items():
         for n, (norm, reference) in per_name.items():
-            if reference > 0 and norm > factor * reference:
+            if n not in clipped and reference > 0 and norm > factor * reference:
                 rejected[c] = (f"tensor {n!r} has norm {norm:.3g} > {factor:g} x reference {reference:.3g} "
                                "(max of the sent tensor's and the round's lower median)")
                 break
     return rejected
+
+
+def clip_to_bound(updates: Mapping[str, Mapping[str, torch.Tensor]], sent: Mapping[str, Mapping[str, torch.Tensor]],
+                  factor: float, pools: Mapping[str, str] | None,
+                  names: Collection[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{client: {name: tensor}}``: the tensors of ``names`` whose norm exceeds ``factor`` times their reference,
+    scaled down to exactly that bound (same dtype). For the RSEA embeddings, whose honest spread is data-dependent
+    (an expert's embedding averages the projections of the tokens routed to it: two holders' norms of one expert
+    differ up to 7x, 4.7x from the median of their module's embeddings on MiniLM): clipping keeps a device's update
+    and its direction, and bounds what one device does to an expert's embedding, hence to the assignment."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for c, per_name in norm_ratios(updates, sent, pools).items():
+        for n, (norm, reference) in per_name.items():
+            if n in names and reference > 0 and norm > factor * reference:
+                t = updates[c][n]
+                out.setdefault(c, {})[n] = (t.to(torch.float64) * (factor * reference / norm)).to(t.dtype)
+    return out
 
 
 def samples_violation(num_samples: int, phase: str, status: Mapping[str, object] | None, cap: int) -> str | None:

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from aggregator.bounds import norm_violations, samples_violation, value_violation
+from aggregator.bounds import clip_to_bound, norm_violations, samples_violation, value_violation
 from aggregator.checkpoint import DEFAULT_KEEP, load_for_resume, remove_stale_temporaries, save_checkpoint, task_hash
 from aggregator.strategies import ClientUpdate, RoundPlan, Strategy, strategy_class
 from edgemole.adapters.amole.model import EMBEDDING_ROLE
@@ -321,16 +321,25 @@ class AggregatorService:
 
     def _within_norm_bounds(self, rnd: int, plan: RoundPlan, updates: list[ClientUpdate]) -> list[ClientUpdate]:
         """The updates whose tensor norms are within ``fleet.update_norm_factor`` of their references; the others
-        are rejected (counted, logged, recorded under ``refused`` in the round record)."""
-        pools = {n: EMBEDDING_ROLE for a in plan.assignments.values() for n, spec in a.expect.items()
-                 if spec.role == EMBEDDING_ROLE}
-        refused = norm_violations({u.client: u.tensors for u in updates},
-                                  {c: a.tensors for c, a in plan.assignments.items()}, self.fleet.update_norm_factor,
-                                  pools)
+        are rejected (counted, logged, recorded under ``refused`` in the round record). RSEA embeddings share their
+        module's median and are clipped to the bound instead (aggregator/bounds.py :func:`clip_to_bound`)."""
+        pools = {n: n.rsplit(".embed.", 1)[0] + ".embed" for a in plan.assignments.values()
+                 for n, spec in a.expect.items() if spec.role == EMBEDDING_ROLE}
+        received = {u.client: u.tensors for u in updates}
+        sent = {c: a.tensors for c, a in plan.assignments.items()}
+        factor = self.fleet.update_norm_factor
+        refused = norm_violations(received, sent, factor, pools, clipped=pools)
         for client, why in refused.items():
             self._reject("bounds", f"from {client} in round {rnd}: {why}")
             self._out_of_bounds[client] = why
-        return [u for u in updates if u.client not in refused]
+        kept = [u for u in updates if u.client not in refused]
+        for client, tensors in clip_to_bound(received, sent, factor, pools, pools).items():
+            if client not in refused:
+                log.warning("round %d: clipped %d RSEA embedding(s) of %s to %g x their module's median norm", rnd,
+                            len(tensors), client, factor)
+                update = next(u for u in kept if u.client == client)
+                update.tensors = {**update.tensors, **tensors}
+        return kept
 
     def _record(self, rnd: int, phase: str, selected: list[str], updates: list[ClientUpdate],
                 down: tuple[int, int], aggregate_s: float, wall_s: float, extra: dict[str, Any]) -> dict[str, Any]:

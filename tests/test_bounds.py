@@ -14,7 +14,7 @@ from conftest import TINY_AMOLE, tiny_task, write_client_data, write_config
 
 import aggregator.service as service_module
 import edge_client.client as client_module
-from aggregator.bounds import norm_ratios, norm_violations, samples_violation, value_violation
+from aggregator.bounds import clip_to_bound, norm_ratios, norm_violations, samples_violation, value_violation
 from aggregator.robust import robust_average, robust_slices
 from aggregator.service import AggregatorService
 from aggregator.strategies import FedIT, weighted_average
@@ -54,6 +54,19 @@ def test_norm_bound_uses_the_larger_of_sent_norm_and_lower_median() -> None:
     # float64 norms: values near the float32 limit do not overflow to Inf
     ((norm, _),) = norm_ratios({"c0": {"w": torch.full((4,), 3e38)}}, {})["c0"].values()
     assert norm == pytest.approx(6e38)
+
+
+def test_embeddings_are_clipped_not_refused() -> None:
+    """RSEA embeddings share their module's median and are scaled to the bound: the update itself stays."""
+    pools = {"m.embed.token": "m.embed", "m.embed.expert.0": "m.embed"}
+    updates = {c: {"m.embed.token": torch.ones(4), "m.embed.expert.0": torch.ones(4), "w": torch.ones(3)}
+               for c in ("c0", "c1", "c2")}
+    updates["c2"]["m.embed.expert.0"] = torch.full((4,), 100.0)  # norm 200, module median 2
+    assert norm_violations(updates, {}, 10.0, pools, clipped=pools) == {}
+    clipped = clip_to_bound(updates, {}, 10.0, pools, pools)
+    assert list(clipped) == ["c2"] and list(clipped["c2"]) == ["m.embed.expert.0"]
+    assert float(clipped["c2"]["m.embed.expert.0"].norm()) == pytest.approx(20.0)
+    assert set(norm_violations(updates, {}, 10.0, pools)) == {"c2"}  # not clipped: refused
 
 
 def test_norm_check_is_deterministic_whatever_the_arrival_order() -> None:
@@ -168,20 +181,27 @@ def test_honest_updates_are_never_refused(tmp_path: Path, tiny_model: str, metho
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Every method, non-IID devices, mixed upload ranks, DP noise on RSEA embeddings: nothing is refused, and the
     largest norm / reference ratio seen stays far below the default factor of 10."""
-    ratios: list[float] = []
+    ratios: dict[bool, list[float]] = {True: [], False: []}  # RSEA embedding or not -> norm / reference
     original = service_module.norm_violations
 
-    def watch(updates: Any, sent: Any, factor: float, pools: Any = None) -> dict[str, str]:
-        ratios.extend(n / r for per in norm_ratios(updates, sent, pools).values() for n, r in per.values() if r > 0)
-        return original(updates, sent, factor, pools)
+    def watch(updates: Any, sent: Any, factor: float, pools: Any = None, clipped: Any = ()) -> dict[str, str]:
+        for per in norm_ratios(updates, sent, pools).values():
+            for name, (norm, reference) in per.items():
+                if reference > 0:
+                    ratios[".embed." in name].append(norm / reference)
+        return original(updates, sent, factor, pools, clipped)
 
     monkeypatch.setattr(service_module, "norm_violations", watch)
     amole = {"dp_eta": 5.0} if method == "fedamole-a2" else None
     service = _fleet(tmp_path, tiny_model, method, amole=amole, upload_ranks={"c0": 1, "c1": 2})
     assert dict(service.rejected) == {}
     assert all(not r["refused"] for r in service.records if r["phase"] != "eval")
-    assert ratios and max(ratios) < 3.0, f"{method}: largest norm / reference {max(ratios):.2f}"
-    print(f"{method}: {len(ratios)} tensor norms, largest / reference {max(ratios):.3f}")
+    largest = max(ratios[False])
+    assert largest < 3.0, f"{method}: largest norm / reference {largest:.2f}"
+    embed = max(ratios[True], default=0.0)  # clipped (not refused) above 10: none clipped either
+    assert embed < 5.0, f"{method}: largest RSEA embedding norm / module median {embed:.2f}"
+    print(f"{method}: {len(ratios[False])} tensor norms, largest / reference {largest:.3f}; "
+          f"{len(ratios[True])} embeddings, largest / module median {embed:.3f}")
 
 
 @pytest.mark.slow
