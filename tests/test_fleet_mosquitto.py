@@ -168,7 +168,8 @@ def test_hostile_updates_are_rejected_and_the_round_completes(tmp_path: Path, mo
     finally:
         attacker.close()
     assert len(sent) == 9
-    assert summary["rejected"].get("update", 0) >= 8
+    # the oversized one never reaches the aggregator: its MQTT 5 Maximum Packet Size makes the broker drop it
+    assert summary["rejected"].get("update", 0) >= 7
     assert summary["rejected"].get("status", 0) >= 1
     # every honest client was still accepted in both rounds, and the average is untouched by the attack
     assert [r["answered"] for r in summary["rounds"]] == [["c0", "c1", "c2"]] * 2
