@@ -2,7 +2,8 @@
 
 Messages are handed from paho's network thread to the owner's thread through a queue, so that all
 state changes happen in one thread and training never blocks keep-alives. Byte counters measure
-exactly the payloads that crossed the wire in each direction.
+exactly the payloads that crossed the wire in each direction. The transport (``mqtts://``, CA, client
+certificate, password) and the identity rule live here too, so every role gets them the same way.
 """
 
 from __future__ import annotations
