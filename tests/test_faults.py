@@ -11,7 +11,7 @@ from fault_fleet import FAULTS, FaultFleet, FaultRun, lost_updates, max_differen
 
 from edgemole.broker import mosquitto_binary
 
-pytestmark = pytest.mark.mosquitto
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 
 _REFERENCES: dict[str, FaultRun] = {}
 
