@@ -233,3 +233,44 @@ def test_device_keeps_its_update_and_sends_it_again_when_asked_or_reconnected(tm
     service._announce(2, "train", ["c0"], 60.0, {})  # round 1 closed: nothing to re-send any more
     link.deliver(Inbound(RECONNECTED, b"", False))
     assert updates() == []
+
+
+def test_aggregator_resends_on_ready_and_on_reconnect_and_drops_duplicates(tmp_path: Path, tiny_model: str) -> None:
+    from edgemole.mqtt import RECONNECTED, Inbound
+
+    settings, task, files = _settings(tmp_path, tiny_model, "fedit")
+    settings.fleet.rounds, settings.fleet.min_clients, settings.fleet.clients_per_round = 1, 1, 1.0
+    broker, topics = MemoryBroker(), Topics("t")
+    agg = MemoryLink(broker, "aggregator")
+    service = AggregatorService(settings.fleet, task, link=agg)
+    opts = ClientOptions(broker="memory", client_id="c0", data=str(files[0][0]), test_data=str(files[0][1]),
+                         fleet="t", threads=1)
+    link = MemoryLink(broker, topics.device_mqtt_id("c0"))
+    client = EdgeClient(opts, link=link, engine_factory=SharedEngine("eager", 1))
+    client.start()
+    seen: list[tuple[str, int]] = []
+    watch = MemoryLink(broker, "watch")
+    watch.connect()
+    watch.subscribe(topics.task, topics.round)
+    watch.serve(lambda inbound: seen.append((inbound.topic, decode(inbound.payload).round)))
+    assigns: list[int] = []
+
+    def device(inbound: Inbound) -> None:
+        if inbound.topic != topics.assign("c0"):
+            client.handle(inbound)
+            return
+        assigns.append(decode(inbound.payload).round)
+        if len(assigns) == 1:  # lost in a restart: the device comes back and says it is ready
+            link.publish(topics.status("c0"), client._status_payload("ready"), retain=True)
+        elif len(assigns) == 2:  # lost again: the aggregator's connection drops and comes back
+            agg.deliver(Inbound(RECONNECTED, b"", False))
+        else:  # answered, and the answer sent twice (a re-send after a reconnect)
+            client.handle(inbound)
+            assert client.kept is not None
+            link.publish(topics.update("c0"), client.kept[2])
+
+    link.serve(device)
+    summary = service.run()
+    assert assigns[:3] == [1, 1, 1] and summary["rounds"][0]["answered"] == ["c0"]
+    assert seen.count((topics.task, 0)) == 2 and seen.count((topics.round, 1)) == 2  # re-published on reconnect
+    assert summary["duplicates"] == 2 and summary["rejected"] == {}  # the round's and the evaluation's
