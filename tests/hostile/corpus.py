@@ -107,6 +107,31 @@ def _poke(value: float) -> Callable[[dict[str, torch.Tensor], dict[str, str]], N
     return change
 
 
+def _every_float(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict[str, torch.Tensor],
+                                                                              dict[str, str]], None]:
+    def apply(tensors: dict[str, torch.Tensor], roles: dict[str, str]) -> None:
+        for name in [n for n, v in tensors.items() if v.is_floating_point()]:
+            tensors[name] = change(tensors[name])
+    return apply
+
+
+def _first(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict[str, torch.Tensor], dict[str, str]],
+                                                                        None]:
+    def apply(tensors: dict[str, torch.Tensor], roles: dict[str, str]) -> None:
+        name = _first_float(tensors)
+        tensors[name] = change(tensors[name])
+    return apply
+
+
+def _extra(tensors: dict[str, torch.Tensor], roles: dict[str, str]) -> None:
+    tensors["backdoor.weight"] = torch.zeros(2)
+
+
+def _wrong_role(tensors: dict[str, torch.Tensor], roles: dict[str, str]) -> None:
+    name = _first_float(tensors)
+    roles[name] = "head" if roles[name] != "head" else "lora_A"
+
+
 def _drop_first(tensors: dict[str, torch.Tensor], roles: dict[str, str]) -> None:
     name = _first_float(tensors)
     del tensors[name], roles[name]
@@ -187,12 +212,11 @@ BUILDERS: dict[str, Build] = {
     "roles-for-missing-tensor": lambda ctx: _raw(_meta(ctx, roles='{"ghost": "lora_A"}')),
     "nan-tensor": lambda ctx: _with(ctx, _poke(float("nan"))),
     "inf-tensor": lambda ctx: _with(ctx, _poke(float("inf"))),
-    "wrong-shape": lambda ctx: _with(ctx, lambda t, r: t.update({_first_float(t): torch.zeros(3, 3)})),
-    "wrong-dtype": lambda ctx: _with(ctx, lambda t, r: t.update({_first_float(t): t[_first_float(t)].half()})),
+    "wrong-shape": lambda ctx: _with(ctx, _first(lambda v: torch.zeros(3, 3))),
+    "wrong-dtype": lambda ctx: _with(ctx, _first(lambda v: v.half())),
     "missing-tensor": lambda ctx: _with(ctx, _drop_first),
-    "extra-tensor": lambda ctx: _with(ctx, lambda t, r: t.update({"backdoor.weight": torch.zeros(2)})),
-    "wrong-role": lambda ctx: _with(ctx, lambda t, r: r.update({_first_float(t): "head" if r[_first_float(t)] !=
-                                                                "head" else "lora_A"})),
+    "extra-tensor": lambda ctx: _with(ctx, _extra),
+    "wrong-role": lambda ctx: _with(ctx, _wrong_role),
     "bad-rank-indices": lambda ctx: _with(ctx, _bad_ranks),
     "stale-round": lambda ctx: _update(ctx, round=ctx.round - 1),
     "future-round": lambda ctx: _update(ctx, round=ctx.round + 1),
@@ -213,13 +237,11 @@ BUILDERS: dict[str, Build] = {
     "status-unknown-state": lambda ctx: _status(ctx, ctx.victim, state="pwned"),
     "status-client-mismatch": lambda ctx: _status(ctx, ctx.other),
     # new: bounds
-    "huge-finite-values": lambda ctx: _with(ctx, lambda t, r: [t.update({n: torch.full_like(v, 1e30)}) for n, v in
-                                                                list(t.items()) if v.is_floating_point()]),
+    "huge-finite-values": lambda ctx: _with(ctx, _every_float(lambda v: torch.full_like(v, 1e30))),
     "one-huge-value": lambda ctx: _with(ctx, _poke(3e38)),
     "huge-num-samples": lambda ctx: _update(ctx, num_samples=10**9),
     "num-samples-above-status": lambda ctx: _update(ctx, num_samples=ctx.num_train + 1),
-    "scaled-update-within-cap": lambda ctx: _with(ctx, lambda t, r: [t.update({n: v * 1e4}) for n, v in
-                                                                      list(t.items()) if v.is_floating_point()]),
+    "scaled-update-within-cap": lambda ctx: _with(ctx, _every_float(lambda v: v * 1e4)),
     # new: identity
     "impersonation-huge-values": lambda ctx: BUILDERS["huge-finite-values"](ctx),
     "impersonation-plausible": lambda ctx: _update(ctx),
