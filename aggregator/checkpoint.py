@@ -1,9 +1,10 @@
 """Aggregator checkpoints: everything the next round needs, after each round, written so that a crash never loses
 or corrupts one.
 
-A checkpoint is one safetensors file: the strategy's tensors, and in the metadata (strings) the method, run id,
-round, the identity of what it belongs to (task hash, fleet, model) and the non-tensor state as JSON (the
-strategy's, e.g. FedAMoLE's expert sets and numpy RNG; the service's selection RNG and round records). Files are
+A checkpoint is one safetensors file: the strategy's tensors; in the metadata (strings) the method, run id,
+round and the identity of what it belongs to (task hash, fleet, model); and the non-tensor state as JSON in two
+byte tensors (the strategy's, e.g. FedAMoLE's expert sets and numpy RNG; the service's selection RNG and round
+records, which grow with the run and would outgrow safetensors' 100 MB header limit in the metadata). Files are
 written to a temporary file in the same folder, fsynced, renamed, and the folder fsynced: after a power cut either
 the old or the new file is there, whole. ``round-NNNNNN.safetensors`` keeps the last K rounds; ``latest.safetensors``
 is the newest.
@@ -36,6 +37,9 @@ TMP_SUFFIX = ".tmp"
 ROUND_FILE = re.compile(r"^round-(\d{6,})\.safetensors$")
 FORMAT = "2"
 DEFAULT_KEEP = 3
+#: names of the byte tensors that hold the JSON state (not strategy tensors)
+STRATEGY_JSON = "__edgemole__.strategy"
+SERVICE_JSON = "__edgemole__.service"
 
 
 def task_hash(task_body: dict[str, Any]) -> str:
@@ -111,8 +115,9 @@ def save_checkpoint(directory: str | Path, state: dict[str, torch.Tensor], *, me
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    meta = {"format": FORMAT, "method": method, "run": run, "round": str(round_), **(identity or {}),
-            "strategy": json.dumps(strategy_extra or {}), "service": json.dumps(service or {})}
+    for name, value in ((STRATEGY_JSON, strategy_extra), (SERVICE_JSON, service)):
+        tensors[name] = torch.frombuffer(bytearray(json.dumps(value or {}).encode()), dtype=torch.uint8)
+    meta = {"format": FORMAT, "method": method, "run": run, "round": str(round_), **(identity or {})}
     data = save_bytes(tensors, metadata=meta)
     numbered = round_path(d, round_)
     _atomic_write(numbered, data)
@@ -137,9 +142,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not round_text.isdigit():
         raise EdgemoleError(f"checkpoint '{path}' has no valid round number")
     try:
-        strategy_extra = json.loads(meta.get("strategy", "{}"))
-        service = json.loads(meta.get("service", "{}"))
-    except json.JSONDecodeError:
+        strategy_extra, service = (json.loads(bytes(state.pop(k).numpy()).decode()) if k in state else {}
+                                   for k in (STRATEGY_JSON, SERVICE_JSON))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise EdgemoleError(f"checkpoint '{path}' has corrupt metadata") from None
     identity = {k: meta[k] for k in ("task", "fleet", "model") if k in meta}
     return Checkpoint(state, meta.get("method", ""), meta.get("run", ""), int(round_text), path, identity,
