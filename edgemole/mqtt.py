@@ -41,6 +41,9 @@ TLS_SCHEMES = ("mqtts", "ssl")
 PLAIN_SCHEMES = ("mqtt", "tcp")
 #: seconds an MQTT 5 CONNECT waits for its CONNACK before the link tries MQTT 3.1.1
 V5_CONNACK_S = 3.0
+#: ``EDGEMOLE_MQTT_VERSION=3.1.1`` skips the MQTT 5 attempt (``edgemole simulate`` sets it for its embedded amqtt
+#: broker, which would cost every role V5_CONNACK_S at connect); unset or ``5``: MQTT 5, falling back to 3.1.1
+MQTT_VERSION_ENV = "EDGEMOLE_MQTT_VERSION"
 URL_HINT = "expected mqtt://host:port or mqtts://host:port"
 
 
@@ -252,8 +255,11 @@ class MqttLink:
         self._refused: str | None = None
         self._ever_connected = False
         self._early_drops = 0  # connections closed before any CONNACK: TLS or the client certificate refused
-        #: the protocol spoken: MQTT 5 unless the broker refused it
-        self.protocol = mqtt.MQTTv5
+        #: the protocol spoken: MQTT 5 unless the broker refused it (or the environment asks for 3.1.1)
+        version = os.environ.get(MQTT_VERSION_ENV, "5")
+        if version not in ("5", "3.1.1"):
+            raise ConfigError(f"{MQTT_VERSION_ENV} must be 5 or 3.1.1, got {version!r}")
+        self.protocol = mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311
         self._client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from edgemole.config import Settings
 from edgemole.data import JSONL_KEYS, partition, split_train_test, write_jsonl
 from edgemole.data.source import default_partition, load_source
 from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
-from edgemole.mqtt import BrokerCredentials, MqttLink
+from edgemole.mqtt import MQTT_VERSION_ENV, BrokerCredentials, MqttLink
 from edgemole.native import find_native_binary
 from edgemole.protocol import Kind, Topics, decode
 from edgemole.protocol.messages import json_safe
@@ -113,10 +113,24 @@ class _Display:
         self.progress.advance(self.rounds)
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """Set one environment variable (seen by the child processes started meanwhile), then restore it."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def _spawn(args: list[str], log_path: Path, threads: int | None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     if "--cert-file" in args or "--username" in args:  # an identity of its own: none inherited from this shell
-        env = {k: v for k, v in env.items() if not k.startswith("EDGEMOLE_MQTT_")}
+        env = {k: v for k, v in env.items() if not k.startswith("EDGEMOLE_MQTT_") or k == MQTT_VERSION_ENV}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "ab") as log:
@@ -236,6 +250,9 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
         if broker is None:
             url = stack.enter_context(embedded_broker(str(work / "logs" / "broker.log")))
             broker_kind = "amqtt (embedded)"
+            # amqtt speaks MQTT 3.1.1 only: the roles (this process's observer and the children) skip the MQTT 5
+            # attempt, which amqtt would let time out
+            stack.enter_context(_environment(MQTT_VERSION_ENV, "3.1.1"))
         else:
             url, broker_kind = broker, "external"
         observer = MqttLink(url, topics.mqtt_client_id(f"observer:{os.getpid()}"), clean_session=True,
