@@ -1,7 +1,8 @@
 """The native client's reliability against a scripted aggregator (edgemole.mqtt.MqttLink) through a real Mosquitto:
 its update survives a kill -9 and restart of a broker without persistence (re-sent after its reconnect, and again
 for the repeated assignment of the open round), an older round's assignment stays stale, a run that ends in failure
-ends the device's run, and a round whose training diverges is answered with an error status and no update."""
+ends the device's run (a device service goes back online), and a round whose training diverges is answered with an
+error status and no update."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_the_update_survives_a_broker_restart_and_a_failed_run_ends_the_device(
             device = subprocess.Popen(
                 [str(native_build() / "edgemole-device"), "--broker", broker.url, "--client-id", CLIENT, "--fleet",
                  FLEET, "--artifact", str(tiny_artifacts["lora"]), "--data", str(train), "--test-data", str(test),
-                 "--threads", "1"], stdout=out, stderr=subprocess.STDOUT)
+                 "--threads", "1", "--keep-serving"], stdout=out, stderr=subprocess.STDOUT)
 
         def update_of(rnd: int) -> Callable[[Inbound], bool]:
             return lambda m: m.topic == topics.update(CLIENT) and decode(m.payload).round == rnd
@@ -100,13 +101,16 @@ def test_the_update_survives_a_broker_restart_and_a_failed_run_ends_the_device(
         agg.publish(topics.assign(CLIENT), _assign(state, 1))
         _wait_log(log, "rejected assignment for round 1: stale assignment for round 1 (already past round 2)")
 
-        # the run fails: its done says why, and the device's run ends as with a normal done
+        # the run fails: its done says why, and the device's run ends as with a normal done (a service: back online)
         done = Message(Kind.ROUND, FLEET, 2, "done", body={"run": RUN, "failed": True,
                                                            "reason": "only 1 of 2 clients answered"})
         agg.publish(topics.round, encode(done), retain=True)
+        online = _wait(agg, lambda m: m.topic == topics.status(CLIENT) and decode(m.payload).body["state"] == "online",
+                       "online status after the failed run")
+        assert "run" not in decode(online.payload).body
+        assert "run run-r1 failed after round 2: 'only 1 of 2 clients answered'" in log.read_text()
+        device.terminate()
         assert device.wait(30) == 0, log.read_text()
-        text = log.read_text()
-        assert "run run-r1 failed after round 2: 'only 1 of 2 clients answered'" in text
     finally:
         if device is not None and device.poll() is None:
             device.kill()
