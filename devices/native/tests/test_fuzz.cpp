@@ -21,50 +21,19 @@
 #include "errors.h"
 #include "message.h"
 #include "mqtt_link.h"
+#include "protocol_vectors.h"
 #include "safetensors.h"
 #include "validate.h"
 #include "wire_state.h"
 
 using namespace edgemole;
-using Bytes = std::vector<std::uint8_t>;
+using edgemole::testing::Bytes;
+using edgemole::testing::protocol_vectors;
 using nlohmann::json;
 
 namespace {
 
 constexpr std::uint64_t kSeed = 22;
-
-Bytes from_hex(const std::string& hex) {
-  Bytes out;
-  for (std::size_t i = 0; i + 1 < hex.size(); i += 2) {
-    out.push_back(static_cast<std::uint8_t>(std::stoi(hex.substr(i, 2), nullptr, 16)));
-  }
-  return out;
-}
-
-// The ```hex name=... blocks of docs/protocol.md (the protocol's test vectors), by name.
-std::map<std::string, Bytes> protocol_vectors() {
-  std::ifstream file(EDGEMOLE_REPO_ROOT "/docs/protocol.md");
-  REQUIRE_MESSAGE(file.good(), "cannot read docs/protocol.md");
-  std::map<std::string, Bytes> out;
-  std::string line, name, hex;
-  bool inside = false;
-  const std::string opening = "```hex name=";
-  while (std::getline(file, line)) {
-    if (!inside && line.rfind(opening, 0) == 0) {
-      inside = true;
-      name = line.substr(opening.size());
-      hex.clear();
-    } else if (inside && line.rfind("```", 0) == 0) {
-      inside = false;
-      out[name] = from_hex(hex);
-    } else if (inside) {
-      for (const char c : line) {
-        if (std::isxdigit(static_cast<unsigned char>(c))) hex += c;
-      }
-    }
-  }
-  return out;
-}
 
 // Runs `target`; only `Allowed` may escape it. Counts what was rejected.
 struct Outcome {

@@ -15,13 +15,14 @@
 
 #include "errors.h"
 #include "message.h"
+#include "protocol_vectors.h"
 #include "pyfmt.h"
 #include "safetensors.h"
 #include "topics.h"
 #include "validate.h"
 
 using namespace edgemole;
-using Bytes = std::vector<std::uint8_t>;
+using edgemole::testing::Bytes;
 
 namespace {
 
@@ -29,39 +30,9 @@ const std::string kA = "backbone.encoder.layer.0.attention.self.query.lora_A";
 const std::string kB = "backbone.encoder.layer.0.attention.self.query.lora_B";
 const std::string kRun = "5f3a9c0e12ab";
 
-Bytes from_hex(const std::string& hex) {
-  Bytes out;
-  for (std::size_t i = 0; i + 1 < hex.size(); i += 2) {
-    out.push_back(static_cast<std::uint8_t>(std::stoi(hex.substr(i, 2), nullptr, 16)));
-  }
-  return out;
-}
-
-// The ```hex name=... blocks of docs/protocol.md, by name.
+// The protocol's test vectors, read once.
 const std::map<std::string, Bytes>& vectors() {
-  static const std::map<std::string, Bytes> blocks = [] {
-    std::ifstream file(EDGEMOLE_REPO_ROOT "/docs/protocol.md");
-    REQUIRE_MESSAGE(file.good(), "cannot read docs/protocol.md");
-    std::map<std::string, Bytes> out;
-    std::string line, name, hex;
-    bool inside = false;
-    const std::string opening = "```hex name=";
-    while (std::getline(file, line)) {
-      if (!inside && line.rfind(opening, 0) == 0) {
-        inside = true;
-        name = line.substr(opening.size());
-        hex.clear();
-      } else if (inside && line.rfind("```", 0) == 0) {
-        inside = false;
-        out[name] = from_hex(hex);
-      } else if (inside) {
-        for (const char c : line) {
-          if (std::isxdigit(static_cast<unsigned char>(c))) hex += c;
-        }
-      }
-    }
-    return out;
-  }();
+  static const std::map<std::string, Bytes> blocks = edgemole::testing::protocol_vectors();
   return blocks;
 }
 
