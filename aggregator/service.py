@@ -15,6 +15,7 @@ import statistics
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -200,15 +201,16 @@ class AggregatorService:
         self._updates[client].metrics["params_up"] = sum(t.numel() for t in msg.tensors.values())
         self._bytes_up += len(payload)
 
-    def _pump(self, timeout_s: float) -> None:
-        """Handle inbound messages for up to ``timeout_s`` seconds."""
+    def _pump(self, timeout_s: float, until: Callable[[], bool] | None = None) -> None:
+        """Handle inbound messages for up to ``timeout_s`` seconds, or until ``until()`` holds after one (so that a
+        round closes as soon as its last update arrived, not at the end of a polling interval)."""
         end = time.monotonic() + timeout_s
         while True:
             inbound = self.link.receive(max(0.0, end - time.monotonic()))
             if inbound is None:
                 return
             self._handle(inbound)
-            if time.monotonic() >= end:
+            if time.monotonic() >= end or (until is not None and until()):
                 return
 
     def ready_clients(self) -> list[str]:
@@ -303,7 +305,8 @@ class AggregatorService:
                 self._open = None
                 raise RoundFailed(f"round {rnd} failed: {answered} of {len(selected)} selected clients "
                                   f"answered by the deadline (quorum {quorum})")
-            self._pump(min(0.5, max(0.01, (deadline if answered >= quorum else hard_deadline) - now)))
+            self._pump(min(0.5, max(0.01, (deadline if answered >= quorum else hard_deadline) - now)),
+                       until=lambda: all(c in self._updates for c in selected))
         self._open, self._assign_payloads = None, {}
         updates = [self._updates[c] for c in selected if c in self._updates]
         t0 = time.perf_counter()
