@@ -13,8 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from edge_client.alternating import train_alternating
 from edge_client.engines import Batch, TrainingEngine, make_engine
 from edge_client.local_data import LocalData
@@ -36,7 +34,7 @@ from edgemole.protocol import (
     encode,
     validate_assignment,
 )
-from edgemole.protocol.messages import finite_number
+from edgemole.protocol.messages import finite_number, finite_tensor
 from edgemole.rng import SplitMix64
 
 log = logging.getLogger("edgemole.client")
@@ -228,8 +226,7 @@ class EdgeClient:
         """The broker connection came back: if our last update is of the round still open, send it again (a
         restarted broker without persistence forgot it; the aggregator drops it if it already had it)."""
         if self.kept is not None and self.open_round == self.kept[:2]:
-            log.info("reconnected: re-sending the update of round %d", self.kept[1])
-            self.link.publish(self.topics.update(self.opts.client_id), self.kept[2])
+            self._publish_kept("reconnected")
 
     def _resend_kept(self, msg: Message) -> bool:
         """An assignment of the round this device already answered in this run (the aggregator re-sent it after a
@@ -237,9 +234,13 @@ class EdgeClient:
         if self.kept is None or msg.body.get("run") != self.run_id or (self.kept[0], self.kept[1]) != (
                 self.run_id, msg.round):
             return False
-        log.info("round %d: assignment received again: re-sending the kept update", msg.round)
-        self.link.publish(self.topics.update(self.opts.client_id), self.kept[2])
+        self._publish_kept("assignment received again")
         return True
+
+    def _publish_kept(self, why: str) -> None:
+        assert self.kept is not None
+        log.info("%s: re-sending the update of round %d", why, self.kept[1])
+        self.link.publish(self.topics.update(self.opts.client_id), self.kept[2])
 
     def _on_task(self, msg: Message) -> None:
         run = msg.body.get("run")
@@ -403,7 +404,7 @@ def non_finite(metrics: dict, tensors: dict) -> str | None:
     bad = sorted(k for k, v in metrics.items() if not finite_number(v))
     if bad:
         return f"non-finite metric(s) {', '.join(bad[:5])}"
-    bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    bad = sorted(n for n, t in tensors.items() if not finite_tensor(t))
     if bad:
         return f"non-finite values in {len(bad)} tensor(s), e.g. {bad[0]!r}"
     return None

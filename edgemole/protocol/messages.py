@@ -169,6 +169,11 @@ def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
     )
 
 
+def finite_tensor(t: torch.Tensor) -> bool:
+    """True unless a floating-point tensor holds NaN or Inf (integer tensors always are finite)."""
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
 def finite_number(value: Any) -> bool:
     """True for an int or float that is finite as a float (bools excluded: they are not measurements; an int beyond
     the float range would overflow every later mean and JSON encoder)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from edgemole.errors import ProtocolError
-from edgemole.protocol.messages import PHASES, Kind, Message, finite_number
+from edgemole.protocol.messages import PHASES, Kind, Message, finite_number, finite_tensor
 
 MAX_SAMPLES = 10**9
 
@@ -60,7 +60,7 @@ def check_tensors(msg: Message, expected: Mapping[str, TensorSpec]) -> None:
             raise ProtocolError(f"tensor {name!r} has dtype {t.dtype}, expected {spec.dtype}")
         if spec.role and msg.roles.get(name, "") != spec.role:
             raise ProtocolError(f"tensor {name!r} has role {msg.roles.get(name)!r}, expected {spec.role!r}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not finite_tensor(t):
             raise ProtocolError(f"tensor {name!r} contains NaN or Inf")
     check_rank_slices(msg.tensors, expected)
 
