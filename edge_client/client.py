@@ -68,6 +68,8 @@ class ClientOptions:
     eval_after_training: bool = True
     #: CA, client certificate, user name and password for the broker (None: an open broker)
     credentials: BrokerCredentials | None = None
+    #: share of the training rows held out (never trained on) to choose the deployed model (docs/deployed-model.md)
+    val_fraction: float = 0.1
 
 
 def batch_seed(task_seed: int, client_id: str, round_: int) -> int:
@@ -93,6 +95,7 @@ class EdgeClient:
             text_column=opts.text_column,
             label_column=opts.label_column,
             seed=zlib.crc32(opts.client_id.encode()),
+            val_fraction=opts.val_fraction,
         )
         self.engine: TrainingEngine | None = None
         self.task: TaskSpec | None = None
@@ -105,6 +108,9 @@ class EdgeClient:
         #: (run, round) of the latest round announcement: the round the aggregator is collecting
         self.open_round: tuple[str, int] | None = None
         self.rejected = 0
+        #: the model this device last trained (its weights and the assignment body they belong to), kept for
+        #: the choice of the deployed model; None before the first training round of a run
+        self.trained: tuple[dict, dict] | None = None
         self._stop = False
         self._engine_factory = engine_factory or (lambda task: make_engine(opts.engine, task, threads=opts.threads,
                                                                           artifact=opts.artifact))
@@ -215,7 +221,7 @@ class EdgeClient:
                         str(msg.body.get("reason", "no reason given"))[:500])
         else:
             log.info("run %s finished after round %d", self.run_id, self.last_round)
-        self.kept = None
+        self.kept, self.trained = None, None
         if self.opts.keep_serving:
             self.run_id, self.last_round = None, 0
             self._publish_status("online")
@@ -262,7 +268,7 @@ class EdgeClient:
                 return
             self.engine = engine
             self.data.prepare(task.labels, self.engine.tokenizer, task.model.max_length)
-        self.task, self.run_id, self.last_round = task, run, 0
+        self.task, self.run_id, self.last_round, self.trained = task, run, 0, None
         self._publish_status("ready")
         if self.pending is not None:
             self._on_assignment(self.pending)
@@ -316,11 +322,13 @@ class EdgeClient:
         steps, train_roles = checked
         assert self.engine is not None and self.task is not None
         own_rank = self._own_rank(msg)
-        self.engine.set_state(msg.tensors if own_rank is None else truncate_ranks(msg.tensors, *own_rank), msg.body)
+        received = msg.tensors if own_rank is None else truncate_ranks(msg.tensors, *own_rank)
         train = self.task.train
+        metrics = self._deployment_metrics(received, msg.body)
         before = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
-        metrics = {"acc_before": before.accuracy, "loss_before": before.loss, "eval_s": before.seconds,
-                   "num_test": before.samples}
+        metrics.update(acc_before=before.accuracy, loss_before=before.loss, num_test=before.samples)
+        metrics["eval_s"] = metrics["eval_s"] + before.seconds
+        metrics["acc_deployed"] = metrics["acc_trained"] if metrics.get("deployed_trained") else before.accuracy
         tensors: dict = {}
         roles: dict = {}
         num_samples = max(before.samples, 1)
@@ -340,9 +348,11 @@ class EdgeClient:
                 stats, tensors, roles = a2.stats, a2.tensors, a2.roles
                 metrics.update(probe_s=a2.probe_s, ranks_uploaded=a2.ranks)
             metrics.update(train_loss=stats.loss, train_s=stats.seconds, steps=stats.steps)
+            self.trained = (self.engine.get_state(msg.body)[0], msg.body)
             if self.opts.eval_after_training:
                 after = self.engine.evaluate(self.data.test_batches(train.eval_batch_size))
-                metrics.update(acc_after=after.accuracy, loss_after=after.loss, eval_s=before.seconds + after.seconds)
+                metrics.update(acc_after=after.accuracy, loss_after=after.loss,
+                               eval_s=metrics["eval_s"] + after.seconds)
             embeddings = self._embeddings(msg)
             tensors.update(embeddings)
             roles.update(dict.fromkeys(embeddings, EMBEDDING_ROLE))
@@ -362,6 +372,29 @@ class EdgeClient:
         self.last_round = msg.round
         log.info("round %d %s: acc %.3f -> %s, sent %d bytes", msg.round, msg.phase, before.accuracy,
                  f"{metrics['acc_after']:.3f}" if "acc_after" in metrics else "-", len(payload))
+
+    def _deployment_metrics(self, received: dict, body: dict) -> dict:
+        """Test accuracy of the model this device kept from its last training (``acc_trained``) and of the model
+        it deploys (``acc_deployed``): of the received and the kept one, the one more accurate on the validation
+        split (the received one on a tie, or when there is no kept model or no validation split). Leaves the
+        received model loaded, which is what the round trains from."""
+        assert self.engine is not None and self.task is not None
+        size = self.task.train.eval_batch_size
+        metrics: dict = {"eval_s": 0.0}
+        if self.trained is None or self.data.num_val == 0:
+            self.engine.set_state(received, body)
+            return metrics
+        trained_state, trained_body = self.trained
+        self.engine.set_state(trained_state, trained_body)
+        val_trained = self.engine.evaluate(self.data.val_batches(size))
+        kept = self.engine.evaluate(self.data.test_batches(size))
+        self.engine.set_state(received, body)
+        val_received = self.engine.evaluate(self.data.val_batches(size))
+        use_trained = val_trained.accuracy > val_received.accuracy
+        metrics.update(acc_trained=kept.accuracy, val_acc_trained=val_trained.accuracy,
+                       val_acc_received=val_received.accuracy, deployed_trained=float(use_trained),
+                       eval_s=val_trained.seconds + kept.seconds + val_received.seconds)
+        return metrics
 
     def _batches(self, round_: int) -> Iterator[Batch]:
         assert self.task is not None

@@ -33,7 +33,10 @@ class LocalData:
         text_column: str | None = None,
         label_column: str | None = None,
         seed: int = 0,
+        val_fraction: float = 0.0,
     ) -> None:
+        """``val_fraction`` of the training rows (stratified, seeded with ``seed + 1``) are held out as a validation
+        split that no round trains on: what a device uses to choose which model it deploys."""
         self.source = str(data_path)
         data = load_table(data_path, text_column, label_column)
         if test_path is not None:
@@ -41,16 +44,23 @@ class LocalData:
         else:
             tr, te = split_train_test(list(range(len(data))), data.labels, test_fraction, seed)
             self.train_text, self.test_text = data.subset(tr), data.subset(te)
+        self.val_text = self.train_text.subset([])
+        if val_fraction > 0 and len(self.train_text) >= 10:
+            tr, va = split_train_test(list(range(len(self.train_text))), self.train_text.labels, val_fraction,
+                                      seed + 1)
+            self.train_text, self.val_text = self.train_text.subset(tr), self.train_text.subset(va)
         if len(self.train_text) == 0:
             raise DataError(f"data file '{data_path}' leaves no training examples")
         self.train: Batch | None = None
         self.test: Batch | None = None
+        self.val: Batch | None = None
 
     def prepare(self, labels: list[str], tokenizer, max_length: int) -> None:  # noqa: ANN001
         """Tokenise both splits for the fleet's label order; unknown labels are an error, not a skip."""
         label_ids = {name: i for i, name in enumerate(labels)}
         self.train = self._encode(self.train_text, label_ids, tokenizer, max_length)
         self.test = self._encode(self.test_text, label_ids, tokenizer, max_length)
+        self.val = self._encode(self.val_text, label_ids, tokenizer, max_length) if self.num_val else None
 
     def _encode(self, data: TextDataset, label_ids: dict[str, int], tokenizer, max_length: int) -> Batch:  # noqa: ANN001
         unknown = sorted({lab for lab in data.labels if lab not in label_ids})
@@ -107,7 +117,19 @@ class LocalData:
         for start in range(0, len(order), batch_size):
             yield _take(self.train, order[start : start + batch_size])
 
+    @property
+    def num_val(self) -> int:
+        return len(self.val_text)
+
     def test_batches(self, batch_size: int) -> Iterator[Batch]:
         assert self.test is not None, "prepare() first"
-        for start in range(0, self.num_test, batch_size):
-            yield _take(self.test, torch.arange(start, min(start + batch_size, self.num_test)))
+        return _in_order(self.test, self.num_test, batch_size)
+
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The validation split in order (nothing when the device holds none)."""
+        return _in_order(self.val, self.num_val, batch_size) if self.val is not None else iter(())
+
+
+def _in_order(full: Batch, n: int, batch_size: int) -> Iterator[Batch]:
+    for start in range(0, n, batch_size):
+        yield _take(full, torch.arange(start, min(start + batch_size, n)))

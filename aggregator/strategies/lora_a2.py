@@ -31,14 +31,16 @@ FACTOR_ROLES = ("lora_A", "lora_B")
 
 
 def a2_expectation(tensors: dict[str, torch.Tensor], roles: dict[str, str],
-                   phase: str) -> tuple[dict[str, TensorSpec], list[str]]:
+                   phase: str, router_every_round: bool = False) -> tuple[dict[str, TensorSpec], list[str]]:
     """What a device sends back in an alternating round, and the roles it trains: rank slices of the active
     factor of every adapter it received, plus every other trainable tensor in full: the head always, AMoLE routers
-    only in A rounds. A router W_t projects x like the experts' A (routing compares A_i x with W_t x), so it is
-    frozen with them in B rounds: routing stays fixed while B trains, and B rounds upload no router."""
+    in A rounds (every round with ``router_every_round``). A router W_t projects x like the experts' A (routing
+    compares A_i x with W_t x), so by default it is frozen with them in B rounds: routing stays fixed while B
+    trains, and B rounds upload no router."""
     full = spec_of(tensors, roles)
+    frozen_router = active_factor(phase) == "lora_B" and not router_every_round
     others = {n: s for n, s in full.items() if s.role not in FACTOR_ROLES
-              and not (s.role == ROUTER_ROLE and active_factor(phase) == "lora_B")}
+              and not (s.role == ROUTER_ROLE and frozen_router)}
     expect = {**slice_specs(full, adapter_prefixes(tensors), phase), **others}
     return expect, [active_factor(phase), *sorted({s.role for s in others.values()})]
 
@@ -56,12 +58,16 @@ class LoRAA2(FedIT):
     name = "lora-a2"
 
     def configure_train(self, rnd: int, clients: Sequence[str]) -> RoundPlan:
-        phase = phase_for_round(rnd)
+        phase = phase_for_round(rnd, self.task.a2.warm_start)
+        if phase == "train":  # warm start: one FedIT round
+            return super().configure_train(rnd, clients)
         expect, train_roles = a2_expectation(self.global_state, self.roles, phase)
         return RoundPlan(phase, {c: Assignment(self.global_state, expect, {"train_roles": train_roles})
                                  for c in clients})
 
     def aggregate(self, rnd: int, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
+        if plan.phase == "train":
+            return super().aggregate(rnd, plan, updates)
         factor = active_factor(plan.phase)
         total = float(sum(u.num_samples for u in updates))
         weighted = [(u.tensors, u.num_samples / total) for u in updates]
@@ -83,18 +89,23 @@ class FedAMoLEA2(FedAMoLE):
     name = "fedamole-a2"
 
     def configure_train(self, rnd: int, clients: Sequence[str]) -> RoundPlan:
-        return self._plan(phase_for_round(rnd), rnd, clients)
+        return self._plan(phase_for_round(rnd, self.task.a2.warm_start), rnd, clients)
 
     def expected_tensors(self, phase: str, tensors: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
-        return a2_expectation(tensors, self.roles, phase)[0]
+        if phase == "train":  # warm start: one FedAMoLE round
+            return super().expected_tensors(phase, tensors)
+        return a2_expectation(tensors, self.roles, phase, self.task.a2.router_every_round)[0]
 
     def assignment_body(self, phase: str) -> dict[str, Any]:
-        if phase == "eval":
+        if phase in ("eval", "train"):
             return {}
-        roles = a2_expectation({n: self.state[n] for n in self.common}, self.roles, phase)[1]
+        roles = a2_expectation({n: self.state[n] for n in self.common}, self.roles, phase,
+                               self.task.a2.router_every_round)[1]
         return {"train_roles": roles}
 
     def aggregate(self, rnd: int, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
+        if plan.phase == "train":
+            return super().aggregate(rnd, plan, updates)
         factor = active_factor(plan.phase)
         for p in adapter_prefixes(self.state):
             # an expert's holders this round (everyone for the shared expert), by what they were sent

@@ -16,10 +16,13 @@ from edgemole.protocol import RANKS_ROLE, TensorSpec
 TRAIN_B, TRAIN_A = "train-B", "train-A"
 
 
-def phase_for_round(rnd: int) -> str:
-    """Odd rounds train B with A frozen, even rounds train A with B frozen (B starts at zero, so B first)."""
+def phase_for_round(rnd: int, warm_start: bool = False) -> str:
+    """Odd rounds train B with A frozen, even rounds train A with B frozen (B starts at zero, so B first); with
+    ``warm_start`` round 1 trains both factors (phase ``train``) and the alternation starts in round 2."""
     if rnd < 1:
         raise ValueError("rounds are numbered from 1")
+    if warm_start:
+        return "train" if rnd == 1 else phase_for_round(rnd - 1)
     return TRAIN_B if rnd % 2 == 1 else TRAIN_A
 
 

@@ -50,6 +50,12 @@ class A2Config:
     """Learning rate of B as a multiple of A's (LoRA+ style); applied in B rounds."""
     probe_steps: int = 0
     """Steps of the rank-scoring probe from the global weights; 0 means the round's local steps."""
+    warm_start: bool = False
+    """Round 1 trains and uploads both factors of every adapter in full (a FedIT/FedAMoLE round), so that the first
+    B round does not train against a random A; alternation (B first) starts in round 2."""
+    router_every_round: bool = False
+    """fedamole-a2: train and upload the AMoLE routers in B rounds too (by default they are frozen with A, which they
+    resemble, and travel in A rounds only)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.upload_rank <= 4096:
