@@ -352,6 +352,10 @@ class AggregatorService:
 
         acc_before, acc_before_std = stat("acc_before")
         acc_after, acc_after_std = stat("acc_after")
+        acc_trained, acc_trained_std = stat("acc_trained")
+        # a device that does not choose (the native client, or one without a kept model) deploys what it received
+        acc_deployed, acc_deployed_std = _mean_std([u.metrics.get("acc_deployed", u.metrics["acc_before"])
+                                                    for u in updates if "acc_before" in u.metrics])
         loss, _ = stat("train_loss")
         return json_safe({  # device metrics are finite one by one; their sums may not be
             "round": rnd,
@@ -362,6 +366,10 @@ class AggregatorService:
             "accuracy_before_std": acc_before_std,
             "accuracy_after_local": acc_after,
             "accuracy_after_local_std": acc_after_std,
+            "accuracy_trained": acc_trained,
+            "accuracy_trained_std": acc_trained_std,
+            "accuracy_deployed": acc_deployed,
+            "accuracy_deployed_std": acc_deployed_std,
             "train_loss": loss,
             "bytes_up": self._bytes_up,
             "params_up": sum(u.metrics.get("params_up", 0) for u in updates),
@@ -477,9 +485,16 @@ class AggregatorService:
             "task": {**self.task.to_body(), "labels": len(self.task.labels)},
             "rounds": train_rounds,
             "final": final,
-            "final_personalised_accuracy": final["accuracy_before"],
-            "final_personalised_accuracy_std": final["accuracy_before_std"],
-            "accuracy_curve": [r["accuracy_before"] for r in train_rounds] + [final["accuracy_before"]],
+            # personalised accuracy is the deployed model's (docs/deployed-model.md); the received and the
+            # last-trained models' are the secondary figures
+            "final_personalised_accuracy": final["accuracy_deployed"],
+            "final_personalised_accuracy_std": final["accuracy_deployed_std"],
+            "final_received_accuracy": final["accuracy_before"],
+            "final_received_accuracy_std": final["accuracy_before_std"],
+            "final_trained_accuracy": final["accuracy_trained"],
+            "final_trained_accuracy_std": final["accuracy_trained_std"],
+            "accuracy_curve": [r["accuracy_deployed"] for r in train_rounds] + [final["accuracy_deployed"]],
+            "accuracy_curve_received": [r["accuracy_before"] for r in train_rounds] + [final["accuracy_before"]],
             "bytes_up_total": sum(r["bytes_up"] for r in self.records),
             "bytes_down_total": sum(r["bytes_down"] for r in self.records),
             "params_up_total": sum(r["params_up"] for r in self.records),
