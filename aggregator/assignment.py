@@ -52,9 +52,12 @@ _CANDIDATES_PER_ROW = 32
 def feasible_holders(num_experts: int, num_clients: int, holders: int, min_experts: int, max_experts: int) -> int:
     """C as configured, or the nearest C that lets ``num_clients`` devices hold between k and M experts each
     (k*N <= E*C <= M*N, C <= N): a fleet larger or smaller than the configuration was sized for still runs.
+    ``holders`` 0 ("auto") is the smallest such C, ceil(k*N / E): each device holds as few experts as it may.
     Raises :class:`ConfigError` when no C works (e.g. fewer than E/M devices)."""
-    low = -(-min_experts * num_clients // num_experts)
+    low = max(1, -(-min_experts * num_clients // num_experts))
     high = min((max_experts * num_clients) // num_experts, num_clients)
+    if holders == 0:
+        holders = low
     if low > high or holders < 1:
         raise ConfigError(f"expert assignment infeasible: no number of holders C lets {num_clients} device(s) hold "
                           f"{num_experts} experts with {min_experts} to {max_experts} each (need N >= E/M = "

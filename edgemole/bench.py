@@ -1,12 +1,15 @@
 """``edgemole bench``: federated methods side by side on one dataset, over a grid of methods x ranks x Dirichlet
-alphas x seeds, each run an in-memory fleet in this process (or in one of ``jobs`` worker processes).
+alphas x seeds, each run an in-memory fleet in this process (or in one of ``jobs`` worker processes). The alpha axis
+is for Dirichlet label skew (the default); any other partition ``simulate`` takes (``iid``, ``quantity:ALPHA``,
+``column:NAME``), given as ``[data] partition`` or ``--partition``, is one point of the grid instead.
 
 A run is the fleet's own code (``EdgeClient``, ``AggregatorService``, the strategies, ``edgemole.protocol``) over
 :mod:`edgemole.memory_link`, so accuracy and the bytes on the wire are what an MQTT fleet would see; what it saves is
 the processes, the broker and the waiting, which lets a grid fit the time budget of DESIGN.md 7a. The clients of a
 run share one engine (one model in memory), and skip the evaluation after local training, which no figure here uses
 (personalised accuracy is the received model's, measured at the start of the next round), so their updates carry two
-metrics fewer. Every method of an (alpha, seed) cell sees the same partitions.
+metrics fewer. Every method of a (partition, seed) cell sees the same partitions. Each method runs with its own
+defaults (:mod:`edgemole.defaults`) for what the config does not set.
 
 Results are keyed by their whole configuration, so rerunning with a larger grid into the same folder only runs what
 is missing, then rewrites the tables and plots from all runs (:mod:`edgemole.bench_report`).
@@ -23,6 +26,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import tempfile
 import threading
 import time
@@ -43,14 +47,25 @@ from edge_client.client import ClientOptions, EdgeClient
 from edge_client.engines import ENGINES, TrainingEngine, make_engine
 from edge_client.local_data import LocalData
 from edgemole import __version__
-from edgemole.config import A2_METHODS, EXPERT_METHODS, Settings, TaskSpec, from_dict, read_config_file
+from edgemole.adapters.lora.a2 import adapter_prefixes
+from edgemole.config import (
+    A2_METHODS,
+    EXPERT_METHODS,
+    Settings,
+    TaskSpec,
+    from_dict,
+    merge_overrides,
+    read_config_file,
+)
 from edgemole.data import JSONL_KEYS, TextDataset, load_table, write_jsonl
+from edgemole.data.partition import parse_partition
 from edgemole.data.source import load_source
+from edgemole.defaults import METHOD_DEFAULTS, AppliedDefaults, apply_method_defaults, explicit_keys
 from edgemole.errors import ConfigError, EdgemoleError
 from edgemole.memory_link import MemoryBroker, MemoryLink
 from edgemole.mqtt import Inbound
 from edgemole.protocol import Topics, decode
-from edgemole.simulate import _fmt_bytes, _fmt_pct, prepare_partitions
+from edgemole.simulate import _fmt_bytes, _fmt_pct, prepare_partitions, rejected_text
 
 RESULTS_FILE = "results.json"
 RESULTS_VERSION = 1
@@ -59,6 +74,8 @@ RESULTS_VERSION = 1
 IN_MEMORY_DEADLINE_S = 7 * 24 * 3600.0
 #: the fixed seed of the global test subsample, so that every run of a dataset is measured on the same examples
 GLOBAL_TEST_SEED = 0
+#: the Dirichlet alphas of a grid whose config gives neither alphas nor a partition
+DEFAULT_ALPHAS = [0.5]
 
 OnRound = Callable[[int, float | None], None]
 
@@ -70,7 +87,8 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: ["fedit", "fedamole"])
     #: the LoRA rank r, or for lora-a2 / fedamole-a2 the device upload rank budget r_c (r is ``lora.r``)
     ranks: list[int] = field(default_factory=lambda: [8])
-    alphas: list[float] = field(default_factory=lambda: [0.5])
+    #: Dirichlet alphas (the partition axis); None: [0.5], or the alpha of a ``dirichlet:ALPHA`` data.partition
+    alphas: list[float] | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     out: str = "bench-results"
     #: examples of the dataset's test split for global accuracy (fixed subsample; 0: all)
@@ -78,10 +96,15 @@ class BenchConfig:
     jobs: int = 1
     #: torch threads per process (a run, or a worker)
     threads: int = 1
+    #: ``section.name`` of every setting the config file or a flag gave (filled by :func:`load_bench_settings`):
+    #: those win over the method defaults of each run
+    explicit: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("methods", "ranks", "alphas", "seeds"):
             values = getattr(self, name)
+            if values is None:
+                continue
             if not values:
                 raise ConfigError(f"bench.{name} must not be empty")
             setattr(self, name, list(dict.fromkeys(values)))
@@ -89,7 +112,7 @@ class BenchConfig:
             strategy_class(method)
         if not all(1 <= r <= 256 for r in self.ranks):
             raise ConfigError(f"bench.ranks must be in [1, 256], got {self.ranks}")
-        if not all(math.isfinite(a) and a > 0 for a in self.alphas):
+        if not all(math.isfinite(a) and a > 0 for a in self.alphas or DEFAULT_ALPHAS):
             raise ConfigError(f"bench.alphas must be positive Dirichlet concentrations, got {self.alphas}")
         if not all(s >= 0 for s in self.seeds):
             raise ConfigError(f"bench.seeds must be >= 0, got {self.seeds}")
@@ -119,11 +142,9 @@ def load_bench_settings(path: str | Path | None, overrides: dict[str, dict[str, 
                         bench_overrides: dict[str, Any]) -> tuple[Settings, BenchConfig]:
     """Settings and the bench grid from an optional config file, with flags (non-None values) on top."""
     data = read_config_file(path, ("bench",)) if path else {}
-    for section, values in {**overrides, "bench": bench_overrides}.items():
-        if not isinstance(data.setdefault(section, {}), dict):
-            raise ConfigError(f"config section '{section}' must be a table")
-        data[section].update({k: v for k, v in values.items() if v is not None})
+    merge_overrides(data, {**overrides, "bench": bench_overrides})
     bench = from_dict(BenchConfig, data.pop("bench"), "bench")
+    bench.explicit = explicit_keys(data)
     return from_dict(Settings, data, ""), bench
 
 
@@ -134,21 +155,25 @@ class RunSpec:
 
     method: str
     rank: int
-    alpha: float
+    #: the Dirichlet alpha; None for a partition of another kind
+    alpha: float | None
     seed: int
     settings: dict[str, Any]
     key: str
     setup: str
     global_test_size: int
     threads: int
-    #: filled once the run's (alpha, seed) cell is prepared
+    partition: str = ""
+    #: ``section.name`` -> value of the method defaults this run took
+    method_defaults: dict[str, Any] = field(default_factory=dict)
+    #: filled once the run's (partition, seed) cell is prepared
     labels: list[str] = field(default_factory=list)
     data_dir: str = ""
     data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        return f"{self.method} r{self.rank} a{self.alpha:g} s{self.seed}"
+        return f"{self.method} r{self.rank} {partition_label(self.partition)} s{self.seed}"
 
     def build(self) -> Settings:
         return from_dict(Settings, self.settings, "")
@@ -158,29 +183,82 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_settings(base: Settings, method: str, rank: int, alpha: float, seed: int) -> Settings:
-    """``base`` with the grid's point applied; the grid rank is ``a2.upload_rank`` for LoRA-A2 methods, else
-    ``lora.r``. Built through :func:`from_dict` so that every value is validated again."""
+def partition_label(partition: str) -> str:
+    """Short form of a run's partition for progress lines: ``a0.5`` for Dirichlet, else the partition itself."""
+    return f"a{partition.split(':', 1)[1]}" if partition.startswith("dirichlet:") else partition
+
+
+def grid_partitions(base: Settings, bench: BenchConfig) -> list[tuple[str, float | None]]:
+    """The grid's partitions as (``data.partition`` value, Dirichlet alpha or None).
+
+    ``bench.alphas`` varies a Dirichlet label skew: it applies when ``data.partition`` is unset or Dirichlet (whose
+    alpha must then agree); any other partition is the grid's only one, and ``bench.alphas`` with it is an error."""
+    given = base.data.partition.strip()
+    if not given:
+        return [(f"dirichlet:{a:g}", a) for a in bench.alphas or DEFAULT_ALPHAS]
+    spec = parse_partition(given)
+    if spec.kind == "dirichlet":
+        assert spec.alpha is not None
+        if bench.alphas is not None and bench.alphas != [spec.alpha]:
+            raise ConfigError(f"data.partition {spec} and bench.alphas {','.join(f'{a:g}' for a in bench.alphas)} "
+                              "disagree: give the Dirichlet alphas in one of them")
+        return [(str(spec), spec.alpha)]
+    if bench.alphas is not None:
+        raise ConfigError(f"bench.alphas varies a Dirichlet partition, but data.partition is {spec}: drop one")
+    return [(str(spec), None)]
+
+
+def run_settings(base: Settings, method: str, rank: int, partition: str, seed: int,
+                 explicit: set[str] | None = None) -> tuple[Settings, AppliedDefaults]:
+    """``base`` with the grid's point applied, and ``method``'s defaults where ``explicit`` (the settings the config
+    file or flags gave) has no value; the grid rank is ``a2.upload_rank`` for LoRA-A2 methods, else ``lora.r``.
+    Built through :func:`from_dict` so that every value is validated again."""
     d = base.to_dict()
+    applied = apply_method_defaults(d, method, explicit if explicit is not None else set())
     d["fleet"].update(method=method, seed=seed, min_clients=d["simulate"]["clients"],
                       round_deadline_s=IN_MEMORY_DEADLINE_S, wait_clients_s=IN_MEMORY_DEADLINE_S)
-    d["data"]["partition"] = f"dirichlet:{alpha:g}"
+    d["data"]["partition"] = partition
     if method in A2_METHODS:
         d["a2"]["upload_rank"] = rank
     else:
         d["lora"]["r"] = rank
-    return from_dict(Settings, d, "")
+    return from_dict(Settings, d, ""), applied
 
 
 #: settings added after results were first recorded: left out of a run's key while they hold their default, so
 #: that runs recorded before them keep their keys (and are not run again)
-KEY_STABLE_DEFAULTS: dict[tuple[str, str], Any] = {("train", "dropout"): True, ("train", "optimizer"): "adamw",
-                                                   ("amole", "reassign_every"): 1}
+KEY_STABLE_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("train", "dropout"): True, ("train", "optimizer"): "adamw", ("amole", "reassign_every"): 1,
+    ("fleet", "update_norm_factor"): 10.0, ("fleet", "robust"): "none", ("fleet", "max_samples"): 1_000_000,
+    ("fleet", "max_update_value"): 1e6, ("simulate", "native_clients"): 0, ("a2", "router_every_round"): False,
+    ("a2", "warm_start"): False,
+}
+#: ``amole.holders`` before "auto" (0) became its default; see :func:`_legacy_holders`
+LEGACY_HOLDERS = 2
 
 
-def _identity(settings: dict[str, Any], global_test_size: int) -> tuple[str, str]:
+def _legacy_holders(config: dict[str, Any]) -> None:
+    """Key an automatic C (``amole.holders = 0``) as the old default C = 2 wherever that ran the same fleet: every
+    plain-LoRA method (which has no experts) and expert fleets where C = 2 resolved to the same C as "auto" does,
+    so that runs recorded before the change keep their keys."""
+    a, n = config["amole"], config["simulate"]["clients"]
+    if a.get("holders") != 0:
+        return
+    if config["fleet"]["method"] in EXPERT_METHODS:
+        try:
+            same = (feasible_holders(a["experts"], n, 0, a["top_k"], a["slots"])
+                    == feasible_holders(a["experts"], n, LEGACY_HOLDERS, a["top_k"], a["slots"]))
+        except ConfigError:
+            same = False
+        if not same:
+            return
+    a["holders"] = LEGACY_HOLDERS
+
+
+def _identity(settings: dict[str, Any], global_test_size: int, per_method: set[str] | None = None) -> tuple[str, str]:
     """(key of the run, key of its setup): the run's whole config; the setup is that config without the grid's
-    axes, so that the runs of one grid share a setup and summaries never mix runs of different setups."""
+    axes and the settings that ``per_method`` names (``section.name`` the methods' defaults decide), so that the
+    runs of one grid share a setup and summaries never mix runs of different setups."""
     config = json.loads(json.dumps(settings))
     config["simulate"].pop("threads", None)  # how fast, not what
     config["simulate"].pop("artifact", None)
@@ -188,35 +266,53 @@ def _identity(settings: dict[str, Any], global_test_size: int) -> tuple[str, str
         if config[section].get(name) == default:
             config[section].pop(name)
     config["global_test_size"] = global_test_size
-    setup = json.loads(json.dumps(config))
+    setup = json.loads(json.dumps(config))  # "auto" C for every method: one setup for the grid
+    _legacy_holders(config)
     for section, name in (("fleet", "method"), ("fleet", "seed"), ("data", "partition"), ("lora", "r"),
                           ("a2", "upload_rank")):
+        setup[section].pop(name, None)
+    for dotted in per_method or ():
+        section, name = dotted.split(".", 1)
         setup[section].pop(name, None)
     return _digest(config), _digest(setup)
 
 
 def plan_runs(base: Settings, bench: BenchConfig) -> list[RunSpec]:
-    """Every run of the grid, cells (alpha, seed) outermost so that a cell's partitions are made once."""
+    """Every run of the grid, cells (partition, seed) outermost so that a cell's partitions are made once."""
     if base.simulate.engine not in ENGINES:
         raise ConfigError(f"unknown engine {base.simulate.engine!r} (available: {', '.join(ENGINES)})")
-    for method in bench.methods:
-        if method in EXPERT_METHODS:
-            am = base.amole
-            feasible_holders(am.experts, base.simulate.clients, am.holders, am.top_k, am.slots)
+    partitions = grid_partitions(base, bench)
+    # every setting some method has a default for, unless the config sets it: the same for every grid, so that the
+    # setups of grids of other methods (run into the same folder) agree
+    per_method = {k for defaults in METHOD_DEFAULTS.values() for k in defaults} - bench.explicit
     specs = []
-    for alpha in bench.alphas:
+    for partition, alpha in partitions:
         for seed in bench.seeds:
             for method in bench.methods:
                 for rank in bench.ranks:
-                    settings = run_settings(base, method, rank, alpha, seed).to_dict()
-                    key, setup = _identity(settings, bench.global_test_size)
+                    built, applied = run_settings(base, method, rank, partition, seed, bench.explicit)
+                    if method in EXPERT_METHODS:
+                        am = built.amole
+                        feasible_holders(am.experts, built.simulate.clients, am.holders, am.top_k, am.slots)
+                    settings = built.to_dict()
+                    key, setup = _identity(settings, bench.global_test_size, per_method)
                     specs.append(RunSpec(method, rank, alpha, seed, settings, key, setup, bench.global_test_size,
-                                         bench.threads))
+                                         bench.threads, partition, dict(applied.applied)))
     return specs
 
 
+def defaults_lines(base: Settings, bench: BenchConfig) -> list[str]:
+    """One line per method of the grid saying which of its defaults apply (and which the config sets)."""
+    lines = []
+    for method in bench.methods:
+        line = run_settings(base, method, bench.ranks[0], "iid", 0, bench.explicit)[1].line()
+        if line:
+            lines.append(line)
+    return lines
+
+
 def prepare_cell(settings: Settings, directory: Path, global_test_size: int) -> dict[str, Any]:
-    """Partitions of one (alpha, seed) cell and its global test set (the dataset's test split, or the union of the
+    """Partitions of one (partition, seed) cell and its global test set (the dataset's test split, or the union of the
     clients' test splits when it has none), subsampled with a fixed seed; returns the data report."""
     directory.mkdir(parents=True, exist_ok=True)
     report = prepare_partitions(settings, directory)
@@ -234,14 +330,15 @@ def prepare_cell(settings: Settings, directory: Path, global_test_size: int) -> 
 
 
 def prepare_cells(specs: list[RunSpec], work: Path) -> list[RunSpec]:
-    """``specs`` with their data: each (alpha, seed) cell is partitioned once, into a folder under ``work``."""
-    cells: dict[tuple[float, int], dict[str, Any]] = {}
+    """``specs`` with their data: each (partition, seed) cell is partitioned once, into a folder under ``work``."""
+    cells: dict[tuple[str, int], dict[str, Any]] = {}
     ready = []
     for spec in specs:
-        directory = work / f"alpha{spec.alpha:g}-seed{spec.seed}"
-        if (spec.alpha, spec.seed) not in cells:
-            cells[spec.alpha, spec.seed] = prepare_cell(spec.build(), directory, spec.global_test_size)
-        cell = cells[spec.alpha, spec.seed]
+        name = f"alpha{spec.alpha:g}" if spec.alpha is not None else re.sub(r"[^A-Za-z0-9_.-]", "_", spec.partition)
+        directory = work / f"{name}-seed{spec.seed}"
+        if (spec.partition, spec.seed) not in cells:
+            cells[spec.partition, spec.seed] = prepare_cell(spec.build(), directory, spec.global_test_size)
+        cell = cells[spec.partition, spec.seed]
         ready.append(dataclasses.replace(spec, labels=cell["labels"], data_dir=str(directory), data=cell))
     return ready
 
@@ -282,6 +379,24 @@ def _global_accuracy(engine: TrainingEngine, strategy: Strategy, final: dict[str
     mean = sum(accuracies) / len(accuracies)
     std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / len(accuracies)) if uses_experts else None
     return mean, std, time.perf_counter() - started
+
+
+def rank_budget(settings: Settings, strategy: Strategy, rounds: list[dict[str, Any]]) -> dict[str, float | None]:
+    """A rank-selective method's budget as used: ranks a device uploaded per update, and the ranks it held (the
+    LoRA rank times its adapters: every module's LoRA, or for fedamole-a2 each held expert and the shared expert
+    of every module), means over devices and training rounds; None for the other methods."""
+    method = settings.fleet.method
+    uploaded = [r["ranks_uploaded_mean"] for r in rounds if r.get("ranks_uploaded_mean") is not None]
+    if method not in A2_METHODS or not uploaded:
+        return {"ranks_uploaded_mean": None, "ranks_held_mean": None}
+    if method in EXPERT_METHODS:
+        held = [sum(len(ids) + 1 for ids in per_module.values())
+                for r in rounds for c, per_module in r.get("experts", {}).items() if c in r["answered"]]
+        adapters = sum(held) / len(held) if held else None
+    else:
+        adapters = float(len(adapter_prefixes(getattr(strategy, "global_state", {}))))
+    return {"ranks_uploaded_mean": sum(uploaded) / len(uploaded),
+            "ranks_held_mean": None if adapters is None else adapters * settings.lora.r}
 
 
 def run_one(spec: RunSpec, on_round: OnRound | None = None) -> dict[str, Any]:
@@ -335,13 +450,22 @@ def run_one(spec: RunSpec, on_round: OnRound | None = None) -> dict[str, Any]:
         "rank": spec.rank,
         "lora_r": settings.lora.r,
         "alpha": spec.alpha,
+        "partition": spec.partition,
         "seed": spec.seed,
         "dataset": settings.data.dataset,
         "clients": settings.simulate.clients,
         "rounds": settings.fleet.rounds,
         "local_steps": settings.train.local_steps,
+        "method_defaults": spec.method_defaults,
         "personalised_accuracy": summary["final_personalised_accuracy"],
         "personalised_accuracy_std": summary["final_personalised_accuracy_std"],
+        # the received (aggregated) and the locally trained model, beside the deployed (personalised) one
+        "received_accuracy": summary.get("final_received_accuracy"),
+        "received_accuracy_std": summary.get("final_received_accuracy_std"),
+        "trained_accuracy": summary.get("final_trained_accuracy"),
+        "trained_accuracy_std": summary.get("final_trained_accuracy_std"),
+        **rank_budget(settings, service.strategy, summary["rounds"]),
+        "rejected": sum(summary.get("rejected", {}).values()),
         "global_accuracy": global_acc,
         "global_accuracy_std": global_std,
         "accuracy_curve": summary["accuracy_curve"],
@@ -483,6 +607,21 @@ def save_results(out: Path, runs: list[dict[str, Any]]) -> None:
     tmp.replace(out / RESULTS_FILE)
 
 
+def relabel_setups(out: Path, setups: dict[str, str]) -> list[dict[str, Any]]:
+    """Give the runs of ``out`` whose key is in ``setups`` that setup label (under the lock of :func:`add_result`);
+    returns every run."""
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        runs = load_results(out)
+        for r in runs:
+            r["setup"] = setups.get(r["key"], r["setup"])
+        save_results(out, runs)
+    finally:
+        os.close(folder)
+    return runs
+
+
 def add_result(out: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
     """Add one finished run to ``results.json`` and return every run in it.
 
@@ -508,14 +647,22 @@ def bench(settings: Settings, cfg: BenchConfig, *, console: Console | None = Non
         console = Console()
         if not console.is_terminal:  # logs and CI: wide enough for the summary table
             console = Console(width=140)
+    specs = plan_runs(settings, cfg)  # bad input fails before anything is written
     out = prepare_out(cfg.out)
     runs = load_results(out)
+    setups = {s.key: s.setup for s in specs}
+    if any(r["key"] in setups and r["setup"] != setups[r["key"]] for r in runs):
+        # a run recorded by an earlier grid is the same run (same key), but its setup label may be of another
+        # grid's per-method settings: relabel it, so that this grid's summary shows it with the new runs
+        runs = relabel_setups(out, setups)
     done = {r["key"] for r in runs}
-    specs = plan_runs(settings, cfg)
     pending = [s for s in specs if s.key not in done]
+    partitions = ", ".join(dict.fromkeys(s.partition for s in specs))
     console.print(f"{len(specs)} runs in the grid: {len(specs) - len(pending)} already in {out / RESULTS_FILE}, "
                   f"{len(pending)} to run ({settings.simulate.clients} clients, {settings.fleet.rounds} rounds, "
-                  f"{settings.train.local_steps} local steps, {cfg.jobs} job(s) x {cfg.threads} thread(s))")
+                  f"partition {partitions}, {cfg.jobs} job(s) x {cfg.threads} thread(s))")
+    for line in defaults_lines(settings, cfg):
+        console.print(line, highlight=False)
     try:
         if pending:
             _run_pending(settings, cfg, pending, runs, out, console)
@@ -549,7 +696,9 @@ def _run_pending(settings: Settings, cfg: BenchConfig, pending: list[RunSpec], r
                 runs[:] = add_result(out, record)
                 progress.advance(runs_task)
                 progress.console.print(
-                    f"{record['method']} r{record['rank']} a{record['alpha']:g} s{record['seed']}: personalised "
-                    f"{_fmt_pct(record['personalised_accuracy'])}, global {_fmt_pct(record['global_accuracy'])}, "
-                    f"up {_fmt_bytes(record['bytes_up'])}, down {_fmt_bytes(record['bytes_down'])}, "
-                    f"{record['wall_s']:.0f} s")
+                    f"{record['method']} r{record['rank']} {partition_label(record['partition'])} s{record['seed']}: "
+                    f"personalised {_fmt_pct(record['personalised_accuracy'])}, global "
+                    f"{_fmt_pct(record['global_accuracy'])}, up {_fmt_bytes(record['bytes_up'])}, down "
+                    f"{_fmt_bytes(record['bytes_down'])}, {record['local_steps']} local steps, "
+                    f"{rejected_text(record['service'].get('rejected', {}))}, {record['wall_s']:.0f} s",
+                    highlight=False)

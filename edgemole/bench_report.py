@@ -1,8 +1,9 @@
-"""Tables and plots of ``edgemole bench`` runs: one row per run, mean ± std over seeds per method x rank x alpha.
+"""Tables and plots of ``edgemole bench`` runs: one row per run, mean ± std over seeds per method x rank x partition
+(a Dirichlet alpha, or another partition such as ``column:domain``).
 
 Everything is derived from the run records of ``results.json``, so the files can always be rewritten from all runs
 (including those of earlier sessions). Runs are only summarised together when their setup (every setting but the
-grid's method, rank, alpha and seed) is the same.
+grid's method, rank, partition and seed) is the same. Byte figures are in binary units (1 MiB = 2^20 bytes).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +19,29 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemole.config import A2_METHODS, EXPERT_METHODS
-from edgemole.simulate import _fmt_bytes
+from edgemole.simulate import _fmt_bytes, rejected_text
 
-RUN_COLUMNS = ("key", "setup", "method", "rank", "lora_r", "alpha", "seed", "dataset", "clients", "rounds",
-               "local_steps", "personalised_accuracy", "personalised_accuracy_std", "global_accuracy",
-               "global_accuracy_std", "params_up", "params_down", "bytes_up", "bytes_down", "wall_s", "finished_at")
-#: per-run figures summarised over seeds, as (name in the summary, key in the run record)
-METRICS = (("personalised_acc", "personalised_accuracy"), ("global_acc", "global_accuracy"),
-           ("params_up", "params_up"), ("bytes_up", "bytes_up"), ("bytes_down", "bytes_down"), ("wall_s", "wall_s"))
-GROUP = ("setup", "dataset", "method", "rank", "lora_r", "alpha")
+RUN_COLUMNS = ("key", "setup", "method", "rank", "lora_r", "alpha", "partition", "seed", "dataset", "clients",
+               "rounds", "local_steps", "personalised_accuracy", "personalised_accuracy_std", "received_accuracy",
+               "trained_accuracy", "global_accuracy", "global_accuracy_std", "params_up", "params_down", "bytes_up",
+               "bytes_down", "ranks_uploaded_mean", "ranks_held_mean", "rejected", "wall_s", "finished_at")
+#: per-run figures summarised over seeds, as (name in the summary, key in the run record); the received and
+#: trained accuracies and the rank figures are absent from older records (and for most methods)
+METRICS = (("personalised_acc", "personalised_accuracy"), ("received_acc", "received_accuracy"),
+           ("trained_acc", "trained_accuracy"), ("global_acc", "global_accuracy"), ("params_up", "params_up"),
+           ("bytes_up", "bytes_up"), ("bytes_down", "bytes_down"), ("ranks_up", "ranks_uploaded_mean"),
+           ("ranks_held", "ranks_held_mean"), ("wall_s", "wall_s"))
+GROUP = ("setup", "dataset", "method", "rank", "lora_r", "partition", "alpha")
+
+
+def run_partition(run: dict[str, Any]) -> str:
+    """A run's partition (records from before partitions other than Dirichlet have it in their config only)."""
+    return run.get("partition") or run["config"]["data"]["partition"]
+
+
+def _order(alpha: float | None, partition: str) -> tuple:
+    """Dirichlet partitions by alpha, large (mild skew) first, then the others by name."""
+    return (alpha is None, -(alpha or 0.0), partition)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -38,7 +54,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     first), method (as first run) and rank (large first), whatever order parallel runs finished in."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault(tuple(run[k] for k in GROUP), []).append(run)
+        groups.setdefault(tuple(run_partition(run) if k == "partition" else run[k] for k in GROUP), []).append(run)
     rows = []
     for key, members in groups.items():
         row: dict[str, Any] = dict(zip(GROUP, key, strict=True))
@@ -49,8 +65,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(row)
     setups = list(dict.fromkeys(r["setup"] for r in runs))
     methods = list(dict.fromkeys(r["method"] for r in runs))
-    return sorted(rows, key=lambda r: (setups.index(r["setup"]), -r["alpha"], methods.index(r["method"]),
-                                       -r["rank"], -r["lora_r"]))
+    return sorted(rows, key=lambda r: (setups.index(r["setup"]), _order(r["alpha"], r["partition"]),
+                                       methods.index(r["method"]), -r["rank"], -r["lora_r"]))
 
 
 def _fmt_count(n: float | None) -> str:
@@ -73,20 +89,53 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def _cells(row: dict[str, Any], spread: bool = True) -> list[str]:
+@dataclass(frozen=True)
+class Columns:
+    """Which optional columns a table has: the received/trained accuracies and the rank budget appear once some
+    row has them, and the partition column reads "alpha" while every partition is Dirichlet."""
+
+    secondary: bool
+    ranks: bool
+    dirichlet_only: bool
+
+    @classmethod
+    def of(cls, rows: Sequence[dict[str, Any]]) -> Columns:
+        return cls(any(r.get("received_acc_mean") is not None or r.get("trained_acc_mean") is not None
+                       for r in rows),
+                   any(r.get("ranks_up_mean") is not None for r in rows),
+                   all(r["alpha"] is not None for r in rows))
+
+    def headers(self) -> tuple[str, ...]:
+        return ("method", "rank", "alpha" if self.dirichlet_only else "partition", "seeds", "personalised acc %",
+                *(("received %", "trained %") if self.secondary else ()), "global acc %", "params up",
+                "bytes up", "bytes down", *(("ranks up/held",) if self.ranks else ()), "wall s")
+
+
+def _cells(row: dict[str, Any], cols: Columns, spread: bool = True) -> list[str]:
     """The displayed figures of a summary row (accuracies in %); ``spread``: std of the costs too, not only of
     the accuracies."""
     cost = (lambda name: row[f"{name}_std"]) if spread else (lambda name: None)
-    return [_pm(row["personalised_acc_mean"], row["personalised_acc_std"], _pct),
+    secondary = [_pm(row.get("received_acc_mean"), row.get("received_acc_std"), _pct),
+                 _pm(row.get("trained_acc_mean"), row.get("trained_acc_std"), _pct)] if cols.secondary else []
+    ranks = [_ranks(row)] if cols.ranks else []
+    return [_pm(row["personalised_acc_mean"], row["personalised_acc_std"], _pct), *secondary,
             _pm(row["global_acc_mean"], row["global_acc_std"], _pct),
             _pm(row["params_up_mean"], cost("params_up"), _fmt_count),
             _pm(row["bytes_up_mean"], cost("bytes_up"), _fmt_bytes),
-            _pm(row["bytes_down_mean"], cost("bytes_down"), _fmt_bytes),
+            _pm(row["bytes_down_mean"], cost("bytes_down"), _fmt_bytes), *ranks,
             _pm(row["wall_s_mean"], cost("wall_s"), lambda s: f"{s:.0f}")]
 
 
-HEADERS = ("method", "rank", "alpha", "seeds", "personalised acc %", "global acc %", "params up", "bytes up",
-           "bytes down", "wall s")
+def _ranks(row: dict[str, Any]) -> str:
+    """A rank-selective method's budget as used: ranks uploaded per update / ranks the device held."""
+    up, held = row.get("ranks_up_mean"), row.get("ranks_held_mean")
+    if up is None:
+        return "-"
+    return f"{up:.1f}/{'-' if held is None else f'{held:.0f}'}"
+
+
+def _partition_cell(row: dict[str, Any]) -> str:
+    return f"{row['alpha']:g}" if row["alpha"] is not None else row["partition"]
 
 
 def _rank(row: dict[str, Any]) -> str:
@@ -94,24 +143,37 @@ def _rank(row: dict[str, Any]) -> str:
     return f"{row['rank']}/{row['lora_r']}" if row["method"] in A2_METHODS else str(row["rank"])
 
 
-def _setup_lines(run: dict[str, Any], methods: set[str]) -> list[str]:
+def _setup_lines(run: dict[str, Any], methods: set[str], members: Sequence[dict[str, Any]] = ()) -> list[str]:
     """What a setup is, stated next to its results (DESIGN.md 7a: every reduction visible)."""
     c = run["config"]
     fleet, train, lora, model = c["fleet"], c["train"], c["lora"], c["model"]
     test = run["global_test"]
+    split = "Dirichlet label skew" if run["alpha"] is not None else f"partition `{run_partition(run)}`"
+    by_method = {m["method"]: m["method_defaults"] for m in members if m.get("method_defaults")}
+    per_method = {k for d in by_method.values() for k in d}
     lines = [
-        f"dataset `{c['data']['dataset']}`, Dirichlet label skew over {run['clients']} clients "
+        f"dataset `{c['data']['dataset']}`, {split} over {run['clients']} clients "
         f"({c['data']['test_fraction']:g} of each client's share held out as its test split), "
         f"model `{model['name']}`, {model['max_length']} tokens",
         f"{fleet['rounds']} rounds, {fleet['clients_per_round']:.0%} of the clients per round, "
-        f"{train['local_steps']} local steps of batch {train['batch_size']}, AdamW lr {train['lr']:g}",
+        f"{train['local_steps']} local steps of batch {train['batch_size']}, "
+        f"{train.get('optimizer', 'adamw').replace('adamw', 'AdamW').replace('sgd', 'SGD')} "
+        + ("lr per method (below)" if "train.lr" in per_method else f"lr {train['lr']:g}"),
         f"LoRA alpha {lora['alpha']:g}, dropout {lora['dropout']:g} on {', '.join(lora['target_modules'])}, "
         f"head {'trained' if lora['train_head'] else 'frozen'}",
         f"global accuracy on {test['examples']} examples ({test['source']}, fixed subsample)",
     ]
     if methods & set(EXPERT_METHODS):
-        a = c["amole"]
-        lines.append(f"experts: E={a['experts']}, M={a['slots']}, C={a['holders']}, k={a['top_k']}")
+        from edgemole.adapters.amole.config import AMoLEConfig
+        from edgemole.config import from_dict
+        from edgemole.simulate import experts_line
+
+        amole = from_dict(AMoLEConfig, c["amole"], "amole")
+        lines.append(experts_line(amole, run["clients"], run.get("service", {}).get("rounds", [])))
+    if by_method:
+        lines.append("method defaults (edgemole/defaults.py): " + "; ".join(
+            f"{m} " + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+            for m, d in by_method.items()))
     return lines
 
 
@@ -122,18 +184,25 @@ def write_markdown(path: Path, runs: Sequence[dict[str, Any]], rows: Sequence[di
     out = ["# edgemole bench", ""]
     for setup, run in first.items():
         out += [f"## Setup {setup[:8]}", ""]
-        out += [f"- {line}" for line in _setup_lines(run, {r["method"] for r in runs if r["setup"] == setup})]
-        out += ["", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-        for row in (r for r in rows if r["setup"] == setup):
-            out.append("| " + " | ".join([row["method"], _rank(row), f"{row['alpha']:g}", str(row["seeds"]),
-                                          *_cells(row)]) + " |")
+        members = [r for r in runs if r["setup"] == setup]
+        out += [f"- {line}" for line in _setup_lines(run, {r["method"] for r in members}, members)]
+        own = [r for r in rows if r["setup"] == setup]
+        cols = Columns.of(own)
+        headers = cols.headers()
+        out += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        for row in own:
+            out.append("| " + " | ".join([row["method"], _rank(row), _partition_cell(row), str(row["seeds"]),
+                                          *_cells(row, cols)]) + " |")
         out.append("")
-    out += ["Mean ± sample standard deviation over seeds. Personalised accuracy: each client's final model on its own "
-            "test split, mean over clients; global accuracy: the aggregated model on the global test set (expert "
+    out += ["Mean ± sample standard deviation over seeds. Personalised accuracy: each client's final (deployed) model "
+            "on its own test split, mean over clients; received % and trained %, where recorded: the model as "
+            "received and after local training. Global accuracy: the aggregated model on the global test set (expert "
             "methods: mean over clients of each client's model). Bytes are payloads on the wire (assignments down, "
             "updates up, every round and the final evaluation; clients skip the evaluation after local training, "
-            "so updates carry two metrics fewer than in `edgemole simulate`); params up counts every uploaded tensor "
-            "element. Rank `u/r` of lora-a2 and fedamole-a2: upload budget u of LoRA rank r.", ""]
+            "so updates carry two metrics fewer than in `edgemole simulate`), in binary units (1 MiB = 2^20 bytes); "
+            "params up counts every uploaded tensor element. Rank `u/r` of lora-a2 and fedamole-a2: upload budget u "
+            "of LoRA rank r; ranks up/held: ranks a device uploaded per update / ranks it held (LoRA rank x its "
+            "adapters), means over devices and rounds.", ""]
     path.write_text("\n".join(out))
     return path
 
@@ -161,7 +230,7 @@ def plot_setup(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], c
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator, NullLocator
 
-    alphas = sorted({r["alpha"] for r in runs}, reverse=True)
+    panels_of = sorted({(r["alpha"], run_partition(r)) for r in runs}, key=lambda ap: _order(*ap))
     series = list(dict.fromkeys((r["method"], r["rank"], r["lora_r"]) for r in runs))
     methods = list(dict.fromkeys(m for m, _, _ in series))
     ranks = sorted({r for _, r, _ in series}, reverse=True)
@@ -170,10 +239,10 @@ def plot_setup(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], c
     marker = {r: "osD^v<>"[i % 7] for i, r in enumerate(ranks)}
 
     def panels() -> tuple[Any, Any]:
-        fig, axes = plt.subplots(1, len(alphas), figsize=(max(6.0, 4.5 * len(alphas)), 4), squeeze=False,
+        fig, axes = plt.subplots(1, len(panels_of), figsize=(max(6.0, 4.5 * len(panels_of)), 4), squeeze=False,
                                  sharey=True)
-        for ax, alpha in zip(axes[0], alphas, strict=True):
-            ax.set(title=f"Dirichlet alpha = {alpha:g}", ylim=(0, 1))
+        for ax, (alpha, part) in zip(axes[0], panels_of, strict=True):
+            ax.set(title=f"Dirichlet alpha = {alpha:g}" if alpha is not None else f"partition {part}", ylim=(0, 1))
             ax.grid(alpha=0.3, which="both")
         return fig, axes[0]
 
@@ -186,10 +255,10 @@ def plot_setup(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], c
         plt.close(fig)
 
     fig, axes = panels()
-    for ax, alpha in zip(axes, alphas, strict=True):
+    for ax, (alpha, part) in zip(axes, panels_of, strict=True):
         for s in series:
             curves = [r["accuracy_curve"] for r in runs if (r["method"], r["rank"], r["lora_r"]) == s
-                      and r["alpha"] == alpha]
+                      and r["alpha"] == alpha and run_partition(r) == part]
             if not curves:
                 continue
             length = min(len(c) for c in curves)
@@ -206,8 +275,8 @@ def plot_setup(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], c
     finish(fig, axes, "personalised accuracy", curves_path)
 
     fig, axes = panels()
-    for ax, alpha in zip(axes, alphas, strict=True):
-        for row in (r for r in rows if r["alpha"] == alpha):
+    for ax, (alpha, part) in zip(axes, panels_of, strict=True):
+        for row in (r for r in rows if r["alpha"] == alpha and r["partition"] == part):
             s = (row["method"], row["rank"], row["lora_r"])
             for key, fill in (("personalised_acc", color[s[0]]), ("global_acc", "none")):
                 if row[f"{key}_mean"] is not None:
@@ -215,7 +284,7 @@ def plot_setup(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], c
                                 fmt=marker[s[1]], capsize=3, color=color[s[0]], markerfacecolor=fill,
                                 label=_series_label(*s) if key == "personalised_acc" else None)
         ax.set(xscale="log", xlabel="uploaded bytes per run (log)")
-        sizes = [r["bytes_up_mean"] for r in rows if r["alpha"] == alpha]
+        sizes = [r["bytes_up_mean"] for r in rows if r["alpha"] == alpha and r["partition"] == part]
         if sizes:  # a few labelled ticks spanning the data: methods often lie within one decade
             low, high = min(sizes) / 1.5, max(sizes) * 1.5
             ticks = [low * 1.2 * (high / low / 1.44) ** (i / 3) for i in range(4)]
@@ -244,12 +313,18 @@ def write_reports(out: Path, runs: Sequence[dict[str, Any]]) -> list[Path]:
 def print_summary(runs: Sequence[dict[str, Any]], console: Console) -> None:
     rows = summarize(runs)
     several = len({r["setup"] for r in rows}) > 1
+    cols = Columns.of(rows)
     table = Table(title="edgemole bench", header_style="bold",
-                  caption="accuracies in %, mean ± std over seeds (costs: means); "
-                  "rank u/r: upload budget u of LoRA rank r")
-    for col in (("setup",) if several else ()) + HEADERS:
+                  caption="accuracies in %, mean ± std over seeds (costs: means); personalised: the deployed model; "
+                  "rank u/r: upload budget u of LoRA rank r; bytes in binary units (1 MiB = 2^20 bytes)")
+    for col in (("setup",) if several else ()) + cols.headers():
         table.add_column(col, justify="left" if col in ("setup", "method") else "right", no_wrap=True)
     for row in rows:
-        table.add_row(*([row["setup"][:8]] if several else []), row["method"], _rank(row), f"{row['alpha']:g}",
-                      str(row["seeds"]), *_cells(row, spread=False))
+        table.add_row(*([row["setup"][:8]] if several else []), row["method"], _rank(row), _partition_cell(row),
+                      str(row["seeds"]), *_cells(row, cols, spread=False))
     console.print(table)
+    rejected: dict[str, int] = {}
+    for run in runs:
+        for reason, count in run.get("service", {}).get("rejected", {}).items():
+            rejected[reason] = rejected.get(reason, 0) + count
+    console.print(f"messages: {rejected_text(rejected)} by the aggregators of {len(runs)} run(s)", highlight=False)

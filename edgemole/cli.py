@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,8 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("experts (fedamole)")
     g.add_argument("--experts", type=int, help="E: LoRA experts per module in the fleet (default 8)")
     g.add_argument("--slots", type=int, help="M: most experts one device holds per module (default 4)")
-    g.add_argument("--holders", type=int, help="C: devices holding each expert per round (default 2)")
+    g.add_argument("--holders", type=int, help="C: devices holding each expert per round (default 0: the smallest "
+                   "C that gives every device k experts)")
     g.add_argument("--reassign-every", type=int,
                    help="rounds an expert assignment lasts (default 1: reverse selection before every round)")
     g.add_argument("--top-k", type=int, help="k: experts mixed per token, fewest a device holds (default 2)")
@@ -69,12 +72,14 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("alternating freeze and rank selection (lora-a2, fedamole-a2)")
     g.add_argument("--upload-rank", type=int,
                    help="r_c: ranks per module a device uploads (flexlora: its own LoRA rank; default: the LoRA rank)")
-    g.add_argument("--b-lr-multiplier", type=float, help="learning rate of B as a multiple of A's (default 5)")
+    g.add_argument("--b-lr-multiplier", type=float,
+                   help="learning rate of B as a multiple of A's (default: the method's, else 5)")
     g.add_argument("--probe-steps", type=int, help="steps of the rank-scoring probe (default: the local steps)")
     g = p.add_argument_group("local training")
     g.add_argument("--local-steps", type=int, help="optimizer steps per round (default 10)")
     g.add_argument("--batch-size", type=int, help="batch size (default 16)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-3)")
+    g.add_argument("--lr", type=float, help="learning rate (default: the method's, see edgemole/defaults.py; "
+                   "else 2e-3)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     g.add_argument("--optimizer", help="adamw (default) or sgd (the ExecuTorch runtime's own on that engine)")
     g.add_argument("--no-dropout", action="store_const", const=False, dest="dropout",
@@ -88,8 +93,9 @@ def _add_data_flags(p: argparse.ArgumentParser, simulate: bool) -> None:
     g.add_argument("--text-column", help="text column (default: auto-detected)")
     g.add_argument("--label-column", help="label column (default: auto-detected)")
     if simulate:
-        g.add_argument("--partition", help="iid | dirichlet:ALPHA | quantity:ALPHA | column:NAME "
-                       "(default column:domain for synthetic, dirichlet:0.5 otherwise)")
+        g.add_argument("--partition", help="iid | dirichlet:ALPHA | quantity:ALPHA | column:NAME (simulate's "
+                       "default: column:domain for synthetic, dirichlet:0.5 otherwise; bench's: dirichlet over "
+                       "--alphas)")
         g.add_argument("--test-fraction", type=float, help="share of each client's data held out for testing")
         g.add_argument("--samples-per-domain", type=int, help="size of the synthetic data set per domain")
     else:
@@ -250,12 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("dir", help="directory written by 'edgemole broker init'")
         b.add_argument("device", help="device id")
 
-    p = sub.add_parser("bench", help="compare methods over a grid of ranks, Dirichlet alphas and seeds (in memory)")
+    p = sub.add_parser("bench", help="compare methods over a grid of ranks, Dirichlet alphas (or one --partition) "
+                       "and seeds (in memory)")
     g = p.add_argument_group("grid (also the [bench] section of --config)")
     g.add_argument("--methods", help="comma-separated methods, e.g. fedit,ffa-lora,flexlora,lora-a2,fedamole")
     g.add_argument("--ranks", help="comma-separated LoRA ranks; for lora-a2/fedamole-a2 the upload rank budgets "
                    "(their LoRA rank is --rank)")
-    g.add_argument("--alphas", help="comma-separated Dirichlet label-skew alphas, e.g. 0.5,0.1,0.01")
+    g.add_argument("--alphas", help="comma-separated Dirichlet label-skew alphas, e.g. 0.5,0.1,0.01 (default 0.5; "
+                   "for a Dirichlet or unset --partition only)")
     g.add_argument("--seeds", help="comma-separated seeds (initial weights, partitions, selection)")
     g.add_argument("--out", help="results folder (default bench-results/); runs already there are skipped")
     g.add_argument("--global-test-size", type=int,
@@ -272,11 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_aggregator(a: argparse.Namespace) -> int:
     from aggregator.service import AggregatorService
     from aggregator.strategies import strategy_class
-    from edgemole.config import load_settings
+    from edgemole.config import load_settings_with_defaults
     from edgemole.data.source import task_labels
 
     credentials = _credentials(a)
-    settings = load_settings(a.config, _overrides(a))
+    settings, applied = load_settings_with_defaults(a.config, _overrides(a))
+    if line := applied.line():
+        logging.getLogger("edgemole.aggregator").info("%s", line)
     if a.wait_clients is not None:
         settings.fleet.wait_clients_s = a.wait_clients
     strategy_class(settings.fleet.method)
@@ -353,7 +363,7 @@ def _run_export(a: argparse.Namespace) -> int:
 def _run_simulate(a: argparse.Namespace) -> int:
     from aggregator.strategies import strategy_class
     from edge_client.engines import ENGINES
-    from edgemole.config import EXPERT_METHODS, load_settings
+    from edgemole.config import EXPERT_METHODS, load_settings_with_defaults
     from edgemole.errors import ConfigError
     from edgemole.simulate import simulate
 
@@ -364,8 +374,10 @@ def _run_simulate(a: argparse.Namespace) -> int:
         a.fleet = a.fleet or meta["fleet"]
         a.topic_prefix = a.topic_prefix or meta["prefix"]
     credentials = _credentials(a)
-    settings = load_settings(a.config, _overrides(a))
+    settings, applied = load_settings_with_defaults(a.config, _overrides(a))
     strategy_class(settings.fleet.method)
+    if line := applied.line():
+        print(line, flush=True)
     if settings.fleet.method in EXPERT_METHODS:
         from aggregator.assignment import feasible_holders
 
@@ -419,7 +431,7 @@ def _run_bench(a: argparse.Namespace) -> int:
 
     for dest, flag, instead in (("method", "--method", "--methods"), ("seed", "--seed", "--seeds"),
                                 ("upload_rank", "--upload-rank", "--ranks"),
-                                ("partition", "--partition", "--alphas"), ("min_clients", "--min-clients", "--clients"),
+                                ("min_clients", "--min-clients", "--clients"),
                                 ("deadline", "--deadline", "nothing: rounds end when every client answered")):
         if getattr(a, dest, None) is not None:
             raise ConfigError(f"bench takes {instead} instead of {flag}")
@@ -432,9 +444,26 @@ def _run_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+#: exit status of ``simulate`` and ``bench`` stopped by SIGTERM (128 + 15, as a shell reports a killed process)
+TERMINATED_EXIT = 143
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that the ``finally`` and ``with`` blocks stop the child processes
+    (broker, roles, workers) and the interpreter exits normally: a process killed by the default action leaves the
+    multiprocessing resource tracker to warn about leaked semaphores. A BaseException, so that no ``except
+    Exception`` on the way out swallows it."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     a = parser.parse_args(argv)
+    if a.command in ("simulate", "bench") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     a.log_level = a.log_level or ("WARNING" if a.command in ("simulate", "bench", "export", "broker") else "INFO")
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -450,4 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130
+    except Terminated:
+        print("stopped by SIGTERM", file=sys.stderr)
+        code = TERMINATED_EXIT
     sys.exit(code)

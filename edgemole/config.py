@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from edgemole.adapters.amole.config import AMoLEConfig
 from edgemole.adapters.lora.config import A2Config, LoRAConfig
+from edgemole.defaults import AppliedDefaults, apply_method_defaults
 from edgemole.errors import ConfigError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -246,7 +247,7 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a table/object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # init=False: derived, never read
     unknown = sorted(set(data) - set(fields))
     prefix = f"{where}." if where else ""
     if unknown:
@@ -283,14 +284,29 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Settings))
 
 
 def load_settings(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
-    """Settings from an optional config file, then ``overrides`` (``{section: {key: value}}``) on top."""
+    """Settings from an optional config file, then ``overrides`` (``{section: {key: value}}``) on top, then the
+    method's defaults (:mod:`edgemole.defaults`) for what neither sets."""
+    return load_settings_with_defaults(path, overrides)[0]
+
+
+def load_settings_with_defaults(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None
+                                ) -> tuple[Settings, AppliedDefaults]:
+    """:func:`load_settings`, also returning which method defaults applied (for the line simulate prints)."""
     data = read_config_file(path) if path else {}
-    for section, values in (overrides or {}).items():
+    merge_overrides(data, overrides or {})
+    method = data.get("fleet", {}).get("method", FleetConfig.method) if isinstance(data.get("fleet", {}), dict) \
+        else FleetConfig.method
+    applied = apply_method_defaults(data, method if isinstance(method, str) else "")
+    return from_dict(Settings, data, ""), applied
+
+
+def merge_overrides(data: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> None:
+    """Put the non-None ``overrides`` (``{section: {key: value}}``, from flags) over a config file's ``data``."""
+    for section, values in overrides.items():
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise ConfigError(f"config section '{section}' must be a table")
         data[section].update({k: v for k, v in values.items() if v is not None})
-    return from_dict(Settings, data, "")
 
 
 def read_config_file(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from aggregator.assignment import feasible_holders
+from edgemole.adapters.amole.config import AMoLEConfig
 from edgemole.broker import embedded_broker
-from edgemole.config import Settings
+from edgemole.config import EXPERT_METHODS, Settings
 from edgemole.data import JSONL_KEYS, partition, split_train_test, write_jsonl
+from edgemole.data.partition import parse_partition
 from edgemole.data.source import default_partition, load_source
 from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
 from edgemole.mqtt import MQTT_VERSION_ENV, BrokerCredentials, MqttLink
@@ -47,12 +52,54 @@ def _fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+def _fmt_bytes(n: float) -> str:
+    """A byte count for people, in binary units labelled as such (1 MiB = 2^20 bytes); JSON keeps raw bytes."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def rejected_text(rejected: dict[str, int]) -> str:
+    """The aggregator's rejected messages for a summary: ``0 rejected`` or ``3 rejected (reason 2, other 1)``."""
+    total = sum(rejected.values())
+    if not total:
+        return "0 rejected"
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(rejected.items(), key=lambda kv: -kv[1]))
+    return f"{total} rejected ({reasons})"
+
+
+#: longest partition value (e.g. a domain) carried in a client's name
+NAME_TAG_CHARS = 16
+
+
+def client_name(index: int, tag: str | None = None) -> str:
+    """``client-3``, or ``client-3-banking`` with the client's column value (sanitised to the protocol's name
+    characters and cut short), so that logs and tables show which share a client has."""
+    name = f"client-{index}"
+    cleaned = re.sub(r"[^A-Za-z0-9_.]+", "_", tag or "").strip("_.")[:NAME_TAG_CHARS].rstrip("_.")
+    return f"{name}-{cleaned}" if cleaned else name
+
+
+def holders_used(amole: AMoLEConfig, clients: int, records: list[dict[str, Any]]) -> int | None:
+    """C as the fleet used it: the last round record's ``holders``, else what ``amole.holders`` resolves to for
+    ``clients`` devices (0: the smallest feasible C); None when no C is feasible."""
+    for record in reversed(records):
+        if isinstance(record.get("holders"), int) and record["holders"] > 0:  # 0: sets kept from a checkpoint
+            return record["holders"]
+    try:
+        return feasible_holders(amole.experts, clients, amole.holders, amole.top_k, amole.slots)
+    except ConfigError:
+        return None
+
+
+def experts_line(amole: AMoLEConfig, clients: int, records: list[dict[str, Any]]) -> str:
+    """The expert configuration with the C actually used (``auto`` when the smallest feasible C was chosen)."""
+    used = holders_used(amole, clients, records)
+    how = "auto" if amole.holders == 0 else (f"configured {amole.holders}" if used != amole.holders else "")
+    return (f"experts: E={amole.experts}, M={amole.slots}, C={'-' if used is None else used}"
+            f"{f' ({how})' if how else ''}, k={amole.top_k}")
 
 
 def _last_error(log_path: Path) -> str:
@@ -65,52 +112,103 @@ def _last_error(log_path: Path) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
-def prepare_partitions(settings: Settings, data_dir: Path) -> dict[str, Any]:
-    """Split the data over the clients and write each client's train/test JSONL; returns the data report."""
+def prepare_partitions(settings: Settings, data_dir: Path, tag_names: bool = True) -> dict[str, Any]:
+    """Split the data over the clients and write each client's train/test JSONL; returns the data report, whose
+    ``clients`` are in client order. With ``tag_names`` and a ``column:NAME`` partition a client's name carries its
+    (most frequent) value of the column, e.g. ``client-0-banking``."""
     seed, n = settings.fleet.seed, settings.simulate.clients
     train, test = load_source(settings.data, seed)
     labels = settings.data.labels or sorted(set(train.labels) | set(test.labels if test is not None else []))
     spec = default_partition(settings.data)
     parts = partition(train, n, spec, seed)
+    parsed = parse_partition(spec)
+    column = (train.labels if parsed.column == "label" else train.columns.get(parsed.column or "")) \
+        if parsed.kind == "column" and tag_names else None
     # clients read their files with the default text/label keys, so source columns of those names (20 Newsgroups'
     # numeric ``label`` next to the chosen ``label_name``) are dropped rather than clash with them
     train = train.without_columns(JSONL_KEYS)
     clients = {}
     for i, indices in enumerate(parts):
         tr, te = split_train_test(indices, train.labels, settings.data.test_fraction, seed + i)
-        name = f"client-{i}"
+        name = client_name(i, Counter(column[j] for j in indices).most_common(1)[0][0] if column and indices
+                           else None)
         write_jsonl(data_dir / f"{name}.train.jsonl", train.subset(tr))
         write_jsonl(data_dir / f"{name}.test.jsonl", train.subset(te))
         clients[name] = {"train": len(tr), "test": len(te), "labels": len({train.labels[j] for j in tr})}
     return {"dataset": settings.data.dataset, "partition": spec, "labels": labels, "clients": clients}
 
 
+#: optional round-record accuracies, shown as table columns once a record has them: (key, column)
+EXTRA_ACCURACIES = (("accuracy_trained", "acc trained"), ("accuracy_deployed", "acc deployed"))
+
+
+def round_line(r: dict[str, Any]) -> str:
+    """One plain line of a round record, for logs (output that is not a terminal)."""
+    extra = "".join(f", {col} {_fmt_pct(r.get(key))}" for key, col in EXTRA_ACCURACIES if key in r)
+    return (f"round {r['round']} {r['phase']}: {len(r['answered'])}/{len(r['selected'])} clients, acc in "
+            f"{_fmt_pct(r['accuracy_before'])}, acc local {_fmt_pct(r['accuracy_after_local'])}{extra}, "
+            f"up {_fmt_bytes(r['bytes_up'])}, down {_fmt_bytes(r['bytes_down'])}, {r['wall_s']:.0f} s")
+
+
 class _Display:
-    """Progress bar and per-round table, refreshed as metrics arrive."""
+    """Progress bar and per-round table, refreshed as metrics arrive on a terminal; elsewhere (a log, a pipe) one
+    plain line per round, and the table once at the end."""
 
     def __init__(self, console: Console, rounds: int, clients: int) -> None:
-        self.table = Table(title="edgemole simulate", header_style="bold",
-                           caption="acc in: the received (aggregated) model on each client's test split; "
-                           "acc local: after local training; means over clients; experts: held per module "
-                           "/ distinct expert sets")
-        for col in ("round", "phase", "clients", "acc in", "acc local", "loss", "experts", "up", "down", "secs"):
-            self.table.add_column(col, justify="right", no_wrap=True)
+        self.console = console
+        self.records: list[dict[str, Any]] = []
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=console)
         self.ready = self.progress.add_task("clients ready", total=clients)
         self.rounds = self.progress.add_task("rounds (+ final eval)", total=rounds + 1)
-        self.live = Live(Group(self.table, self.progress), console=console, refresh_per_second=4)
+        self.live = Live(self._group(), console=console, refresh_per_second=4) if console.is_terminal else None
+
+    def table(self) -> Table:
+        """The round table; the optional accuracy columns appear once a record carries them."""
+        extra = [(key, col) for key, col in EXTRA_ACCURACIES if any(key in r for r in self.records)]
+        table = Table(title="edgemole simulate", header_style="bold",
+                      caption="acc in: the received (aggregated) model on each client's test split; acc local: "
+                      "after local training; means over clients; experts: held per module / distinct expert sets; "
+                      "up/down in binary units (1 MiB = 2^20 bytes)")
+        for col in ("round", "phase", "clients", "acc in", "acc local", *(c for _, c in extra), "loss", "experts",
+                    "up", "down", "secs"):
+            table.add_column(col, justify="right", no_wrap=True)
+        for r in self.records:
+            table.add_row(
+                str(r["round"]), r["phase"], f"{len(r['answered'])}/{len(r['selected'])}",
+                _fmt_pct(r["accuracy_before"]), _fmt_pct(r["accuracy_after_local"]),
+                *(_fmt_pct(r.get(key)) for key, _ in extra),
+                "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
+                f"{r['experts_per_module_mean']:.1f}/{r['distinct_architectures']}" if "distinct_architectures" in r
+                else "-",
+                _fmt_bytes(r["bytes_up"]), _fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.0f}",
+            )
+        return table
+
+    def _group(self) -> Group:
+        return Group(self.table(), self.progress)
+
+    def set_ready(self, count: int) -> None:
+        self.progress.update(self.ready, completed=count)
 
     def add(self, r: dict[str, Any]) -> None:
-        self.table.add_row(
-            str(r["round"]), r["phase"], f"{len(r['answered'])}/{len(r['selected'])}",
-            _fmt_pct(r["accuracy_before"]), _fmt_pct(r["accuracy_after_local"]),
-            "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
-            f"{r['experts_per_module_mean']:.1f}/{r['distinct_architectures']}" if "distinct_architectures" in r
-            else "-",
-            _fmt_bytes(r["bytes_up"]), _fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.0f}",
-        )
+        self.records.append(r)
         self.progress.advance(self.rounds)
+        if self.live is not None:
+            self.live.update(self._group())
+        else:
+            self.console.print(round_line(r), highlight=False, soft_wrap=True)
+
+    def __enter__(self) -> _Display:
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.stop()
+        elif self.records:
+            self.console.print(self.table())
 
 
 @contextlib.contextmanager
@@ -142,7 +240,7 @@ def _spawn_native(binary: Path, settings: Settings, url: str, name: str, work: P
                   threads: int, identity: list[str]) -> subprocess.Popen:
     """A native client (``edgemole-device``) with the same data, fleet and budget as a Python one would get."""
     ranks = settings.simulate.upload_ranks
-    index = int(name.rsplit("-", 1)[1])
+    index = int(name.split("-")[1])
     args = [str(binary), "--broker", url, "--client-id", name, "--fleet", settings.fleet.fleet,
             "--topic-prefix", settings.fleet.topic_prefix, "--artifact", str(artifact),
             "--data", str(work / "data" / f"{name}.train.jsonl"),
@@ -211,7 +309,7 @@ def _fleet_identities(settings: Settings, secure_dir: str | Path | None, credent
     if (fd.meta["fleet"], fd.meta["prefix"]) != (settings.fleet.fleet, settings.fleet.topic_prefix):
         raise ConfigError(f"{secure_dir} is for fleet {fd.meta['fleet']!r} (prefix {fd.meta['prefix']!r}), not "
                           f"{settings.fleet.fleet!r} ({settings.fleet.topic_prefix!r}): pass --fleet")
-    names = [f"client-{i}" for i in range(settings.simulate.clients)]
+    names = [client_name(i) for i in range(settings.simulate.clients)]
     if missing := [n for n in names if n not in fd.meta["identities"]]:
         raise ConfigError(f"{secure_dir} has no identity for {', '.join(missing)} (edgemole broker add-device)")
     return broker or fd.url(), fd.credentials
@@ -236,7 +334,9 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
     (work / "logs").mkdir(parents=True, exist_ok=True)
     n = settings.simulate.clients
     settings.fleet.min_clients = n
-    data_report = prepare_partitions(settings, work / "data")
+    # a broker init directory has identities client-0..client-N-1 only: no partition tags in the names then
+    data_report = prepare_partitions(settings, work / "data", tag_names=secure_dir is None)
+    names = list(data_report["clients"])
     settings.data.labels = data_report["labels"]
     artifact = _artifact(settings, work, console)
     config_path = work / "config.json"
@@ -268,8 +368,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
         procs.append(agg)
         clients = []
         native = find_native_binary() if settings.simulate.native_clients else None
-        for i in range(n):
-            name = f"client-{i}"
+        for i, name in enumerate(names):
             if native is not None and i >= n - settings.simulate.native_clients:
                 clients.append(_spawn_native(native, settings, url, name, work, artifact, threads,
                                              credential_flags(identity(name))))
@@ -288,14 +387,13 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
         stack.callback(stop_processes, procs)
         display = _Display(console, settings.fleet.rounds, n)
         ready: set[str] = set()
-        records: list[dict[str, Any]] = []
-        with display.live:
+        with display:
             while agg.poll() is None:
                 inbound = observer.receive(0.5)
-                for i, c in enumerate(clients):
-                    if c.poll() not in (None, 0) and not records:
-                        log = work / "logs" / f"client-{i}.log"
-                        raise EdgemoleError(f"client-{i} exited before round 1: {_last_error(log)} (log: {log})")
+                for name, c in zip(names, clients, strict=True):
+                    if c.poll() not in (None, 0) and not display.records:
+                        log = work / "logs" / f"{name}.log"
+                        raise EdgemoleError(f"{name} exited before round 1: {_last_error(log)} (log: {log})")
                 if inbound is None or not inbound.payload:
                     continue
                 try:
@@ -304,9 +402,8 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
                     continue
                 if msg.kind == Kind.STATUS and msg.body.get("state") == "ready":
                     ready.add(msg.client)
-                    display.progress.update(display.ready, completed=len(ready))
+                    display.set_ready(len(ready))
                 elif msg.kind == Kind.METRICS:
-                    records.append(msg.body)
                     display.add(msg.body)
         if agg.returncode != 0:
             log = work / "logs" / "aggregator.log"
@@ -325,7 +422,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
         "clients": n,
         "threads_per_client": threads,
         "data": data_report,
-        "client_exit_codes": {f"client-{i}": c.returncode for i, c in enumerate(clients)},
+        "client_exit_codes": {name: c.returncode for name, c in zip(names, clients, strict=True)},
         "wall_s": wall,
         "timing": {
             "wall_s": wall,
@@ -344,8 +441,15 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
         f"final personalised accuracy {_fmt_pct(final['accuracy_before'])} "
         f"(± {_fmt_pct(final['accuracy_before_std'])} over {len(final['answered'])} clients), "
         f"uploaded {_fmt_bytes(summary['bytes_up_total'])}, downloaded {_fmt_bytes(summary['bytes_down_total'])}, "
-        f"{wall:.0f} s on {broker_kind}"
+        f"{wall:.0f} s on {broker_kind}", highlight=False
     )
+    others = [f"{what} {_fmt_pct(summary[key])}" for key, what in (
+        ("final_received_accuracy", "received"), ("final_trained_accuracy", "trained")) if summary.get(key) is not None]
+    if others:
+        console.print("final accuracy of the " + ", ".join(others) + " model (mean over clients)", highlight=False)
+    if settings.fleet.method in EXPERT_METHODS:
+        console.print(experts_line(settings.amole, n, summary["rounds"]), highlight=False)
+    console.print(f"messages: {rejected_text(summary.get('rejected', {}))} by the aggregator", highlight=False)
     if json_out:
         Path(json_out).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))  # figures from devices
         console.print(f"results written to {json_out}")

@@ -19,6 +19,7 @@ from conftest import REPO
 
 from edgemole.bench import (
     BenchConfig,
+    _identity,
     add_result,
     load_bench_settings,
     load_results,
@@ -190,7 +191,9 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     (["--jobs", "0"], "bench.jobs"),
     (["--global-test-size", "-5"], "bench.global_test_size"),
     (["--method", "fedit"], "--methods instead of --method"),
-    (["--partition", "iid"], "--alphas instead of --partition"),
+    (["--partition", "bogus"], "invalid partition 'bogus'"),
+    (["--partition", "iid", "--alphas", "0.5"], "bench.alphas varies a Dirichlet partition, but data.partition is iid"),
+    (["--partition", "dirichlet:0.1", "--alphas", "0.5"], "data.partition dirichlet:0.1 and bench.alphas 0.5 disagree"),
     (["--rounds", "0"], "fleet.rounds"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
@@ -328,3 +331,58 @@ def test_worker_exits_when_the_bench_process_is_killed():
     else:
         os.kill(child_pid, signal.SIGKILL)
         raise AssertionError("the worker outlived its killed parent")
+
+
+def test_bench_runs_a_column_partition_and_records_it(tmp_path: Path, tiny_model: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``--partition column:domain`` (as simulate takes it): one partition, no alpha axis, recorded and reported."""
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", tiny_model, "--clients", "3", "--rounds", "1", "--local-steps", "1",
+              "--samples-per-domain", "20", "--max-length", "16", "--seeds", "0", "--methods", "fedit", "--ranks", "2",
+              "--partition", "column:domain", "--global-test-size", "20", "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 0, err
+    assert "partition column:domain" in out and "fedit defaults: train.lr=0.02" in out
+    assert "messages: 0 rejected" in out
+    (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run["partition"] == "column:domain" and run["alpha"] is None
+    assert run["config"]["data"]["partition"] == "column:domain"
+    assert run["method_defaults"] == {"train.lr": 0.02} and run["config"]["train"]["lr"] == 0.02
+    assert all(name.startswith(f"client-{i}-") for i, name in enumerate(run["data"]["clients"]))  # the domain
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| fedit | 2 | column:domain | 1 |" in md and "partition `column:domain`" in md
+    assert "| method | rank | partition |" in md
+
+
+def test_config_partition_is_kept_and_alphas_apply_to_dirichlet_only(tmp_path: Path) -> None:
+    path = tmp_path / "bench.toml"
+    path.write_text('[data]\npartition = "dirichlet:0.1"\n[bench]\nmethods = ["fedit"]\n')
+    settings, cfg = load_bench_settings(path, {}, {})
+    assert [(s.partition, s.alpha) for s in plan_runs(settings, cfg)] == [("dirichlet:0.1", 0.1)]
+    settings, cfg = load_bench_settings(path, {"data": {"partition": "quantity:2"}}, {})  # a flag wins
+    assert [(s.partition, s.alpha) for s in plan_runs(settings, cfg)] == [("quantity:2", None)]
+    settings, cfg = load_bench_settings(None, {}, {"methods": ["fedit"], "alphas": [0.5, 0.1]})  # unset: the axis
+    assert [s.partition for s in plan_runs(settings, cfg)] == ["dirichlet:0.5", "dirichlet:0.1"]
+    with pytest.raises(ConfigError, match="disagree"):
+        plan_runs(*load_bench_settings(path, {}, {"alphas": [0.5]}))
+
+
+def test_keys_of_earlier_runs_stay_and_method_defaults_decide_per_run() -> None:
+    """A run whose settings equal an earlier grid's keeps its key: settings added since (at their defaults) and
+    the automatic C (for methods where C = 2 ran the same fleet) leave it unchanged."""
+    settings, cfg = load_bench_settings(None, {"train": {"lr": 0.005}, "simulate": {"clients": 10}},
+                                        {"methods": ["fedit", "fedamole", "lora-a2"], "ranks": [8]})
+    specs = {s.method: s for s in plan_runs(settings, cfg)}
+    for method in ("fedit", "fedamole"):  # C=2 on 10 devices (E=8, k=2) was raised to 3, auto's C
+        legacy = json.loads(json.dumps(specs[method].settings))
+        legacy["amole"]["holders"] = 2
+        for section, name in (("fleet", "robust"), ("fleet", "max_samples"), ("a2", "warm_start")):
+            legacy[section].pop(name)  # not in records made before these settings existed
+        assert _identity(legacy, cfg.global_test_size)[0] == specs[method].key
+    assert specs["fedit"].method_defaults == {} and specs["fedit"].settings["train"]["lr"] == 0.005  # config wins
+    assert specs["lora-a2"].method_defaults == {"a2.b_lr_multiplier": 1.0}
+    assert specs["lora-a2"].settings["a2"]["b_lr_multiplier"] == 1.0
+    assert len({s.setup for s in specs.values()}) == 1  # per-method values do not split the comparison
+    settings, cfg = load_bench_settings(None, {"a2": {"b_lr_multiplier": 3.0}}, {"methods": ["lora-a2"]})
+    (spec,) = plan_runs(settings, cfg)
+    assert spec.settings["a2"]["b_lr_multiplier"] == 3.0 and spec.settings["train"]["lr"] == 0.02  # a flag wins

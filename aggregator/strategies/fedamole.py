@@ -54,6 +54,9 @@ class FedAMoLE(Strategy):
         self.assigned_clients: tuple[str, ...] = ()
         self.last_round = 0
         self.rng = np.random.default_rng(task.seed)
+        self._warned_sizes: set[int] = set()
+        #: C of the latest assignment, for the round record
+        self.holders_used = 0
 
     @property
     def min_clients(self) -> int:
@@ -62,12 +65,15 @@ class FedAMoLE(Strategy):
 
     # -- assignment ------------------------------------------------------------------------------
     def _holders(self, n_clients: int) -> int:
-        """C, lowered or raised within the constraints when too few or too many devices answer."""
+        """C: the smallest feasible for ``amole.holders`` 0, else as configured, lowered or raised within the
+        constraints when too few or too many devices answer (warned once per fleet size, not every round)."""
         cfg = self.cfg
         holders = feasible_holders(cfg.experts, n_clients, cfg.holders, cfg.top_k, cfg.slots)
-        if holders != cfg.holders:
-            log.warning("%d devices cannot hold %d experts x C=%d within [%d, %d] each: using C=%d this round",
+        if cfg.holders and holders != cfg.holders and n_clients not in self._warned_sizes:
+            self._warned_sizes.add(n_clients)
+            log.warning("%d devices cannot hold %d experts x C=%d within [%d, %d] each: using C=%d",
                         n_clients, cfg.experts, cfg.holders, cfg.top_k, cfg.slots, holders)
+        self.holders_used = holders
         return holders
 
     def assign(self, clients: Sequence[str]) -> dict[str, ExpertSets]:
@@ -125,7 +131,8 @@ class FedAMoLE(Strategy):
                     expect.update({expert_embedding_name(m, e): TensorSpec((self.r,), role=EMBEDDING_ROLE)
                                    for e in ids})
             assignments[c] = Assignment(tensors, expect, {"experts": sets[c], **self.assignment_body(phase)})
-        return RoundPlan(phase, assignments, info={"experts": sets, **expert_set_stats(sets)})
+        return RoundPlan(phase, assignments, info={"experts": sets, "holders": self.holders_used,
+                                                   **expert_set_stats(sets)})
 
     def expected_tensors(self, phase: str, tensors: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
         """What a device must send back for the weights it received (RSEA embeddings are added to it)."""

@@ -11,16 +11,17 @@ from edgemole.errors import ConfigError
 class AMoLEConfig:
     """Expert counts and routing of AMoLE; rank, alpha, dropout and targets come from ``[lora]``.
 
-    Defaults are sized for the edge (E=8 experts, M=4 slots per device); the paper's setting is E=30,
-    M=8, C=2, k=2 (with r=8 in ``[lora]``).
+    Defaults are sized for the edge (E=8 experts, M=4 slots per device, C chosen for the fleet's size); the
+    paper's setting is E=30, M=8, C=2, k=2 (with r=8 in ``[lora]``).
     """
 
     experts: int = 8
     """E: domain experts per target module in the whole fleet."""
     slots: int = 4
     """M: expert slots per module on a device, the most experts one device holds."""
-    holders: int = 2
-    """C: devices that hold each expert in a round."""
+    holders: int = 0
+    """C: devices that hold each expert in a round; 0 (the default) chooses the smallest C that gives every device
+    at least ``top_k`` experts (k*N <= E*C <= M*N), which depends on how many devices answer."""
     reassign_every: int = 1
     """Rounds an expert assignment lasts: 1 runs reverse selection before every round (the paper's); 2 keeps each
     device's experts for a B round and the A round after it in ``fedamole-a2``, so that the same holders train
@@ -42,8 +43,8 @@ class AMoLEConfig:
             raise ConfigError("amole needs 1 <= top_k <= slots <= 64")
         if self.slots > self.experts:
             raise ConfigError("amole.slots cannot exceed amole.experts")
-        if self.holders < 1:
-            raise ConfigError("amole.holders must be >= 1")
+        if self.holders < 0:
+            raise ConfigError("amole.holders must be >= 1, or 0 for the smallest feasible C")
         if not 1 <= self.reassign_every <= 1000:
             raise ConfigError("amole.reassign_every must be in [1, 1000] (1: re-assign before every round)")
         if not 0 <= self.load_balance_weight < 10:

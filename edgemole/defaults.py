@@ -1,0 +1,66 @@
+"""Per-method defaults: values a method trains well with, used unless the config file or a flag sets them.
+
+The dataclass defaults of :mod:`edgemole.config` are one setting for every method, but the methods differ in what
+learning rate (and, for the expert methods, which assignment) they need; a comparison run with one shared learning
+rate would measure the learning rate, not the method. Precedence, highest first: the config file or a flag, the
+method's entry here, the dataclass default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: the settings a method may have a default for: ``section.name`` as in the config file
+TUNABLE = ("train.lr", "train.local_steps", "a2.b_lr_multiplier", "amole.holders", "amole.top_k",
+           "amole.reassign_every")
+
+#: per-method values (provisional, to be replaced by a learning-rate sweep); ``section.name`` -> value
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fedit": {"train.lr": 0.02},
+    "ffa-lora": {"train.lr": 0.02},
+    "flexlora": {"train.lr": 0.02},
+    "lora-a2": {"train.lr": 0.02, "a2.b_lr_multiplier": 1.0},
+    "fedamole": {"train.lr": 0.005},
+    "fedamole-a2": {"train.lr": 0.01, "a2.b_lr_multiplier": 1.0},
+}
+
+
+@dataclass
+class AppliedDefaults:
+    """Which of a method's defaults a configuration took, and which it set itself (for the printed line)."""
+
+    method: str
+    applied: dict[str, Any] = field(default_factory=dict)
+    explicit: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        """One line, e.g. ``fedamole-a2 defaults: train.lr=0.01 a2.b_lr_multiplier=1 (set in config:
+        train.local_steps)``; empty when the method has no defaults."""
+        if not self.applied and not self.explicit:
+            return ""
+        values = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.applied.items())
+        text = f"{self.method} defaults: {values or 'none applied'}"
+        return text + (f" (set in config: {' '.join(self.explicit)})" if self.explicit else "")
+
+
+def explicit_keys(data: dict[str, Any]) -> set[str]:
+    """``section.name`` of every value a config dict (file and flags, before dataclass defaults) sets."""
+    return {f"{s}.{k}" for s, values in data.items() if isinstance(values, dict) for k in values}
+
+
+def apply_method_defaults(data: dict[str, Any], method: str, explicit: set[str] | None = None) -> AppliedDefaults:
+    """Write ``method``'s defaults into the plain config dict ``data`` (sections of dicts) where ``explicit`` (by
+    default: what ``data`` already sets) has no value; returns what was applied."""
+    explicit = explicit_keys(data) if explicit is None else explicit
+    report = AppliedDefaults(method)
+    for key, value in METHOD_DEFAULTS.get(method, {}).items():
+        if key in explicit:
+            report.explicit.append(key)
+            continue
+        section, name = key.split(".", 1)
+        section_dict = data.setdefault(section, {})
+        if isinstance(section_dict, dict):
+            section_dict[name] = value
+            report.applied[key] = value
+    return report
