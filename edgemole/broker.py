@@ -43,6 +43,30 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen
     raise BrokerError(f"broker did not listen on {host}:{port} within {timeout_s:.0f} s")
 
 
+#: what amqtt logs when a peer only probes the port (``wait_for_port``) or goes away without a DISCONNECT
+ORDINARY_DISCONNECT_MESSAGES = ("No data to decode MQTT packet fixed header", "Failed to initialize client session")
+
+
+class QuietDisconnects(logging.Filter):
+    """Drop amqtt's (and asyncio's) reports of ordinary disconnects, whose stack traces made a normal run's broker
+    log look broken, and cut every other logged exception to one line (real errors stay visible, briefly)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from amqtt.errors import NoDataError, ZeroLengthReadError
+
+        ordinary = (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, NoDataError,
+                    ZeroLengthReadError, EOFError)
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ordinary):
+            return False
+        if any(m in record.getMessage() for m in ORDINARY_DISCONNECT_MESSAGES):
+            return False
+        if exc is not None:
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+        return True
+
+
 async def _serve(port: int, max_bytes: int) -> None:
     from amqtt.broker import Broker
 
@@ -120,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-bytes", type=int, default=64 * 1024 * 1024)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s broker %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(QuietDisconnects())
     asyncio.run(_serve(args.port, args.max_bytes))
 
 

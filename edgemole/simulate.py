@@ -328,7 +328,7 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and CI: wide enough for the round table
-            console = Console(width=120)
+            console = Console(width=150)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="edgemole-sim-"))
     (work / "data").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -446,7 +446,8 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
     others = [f"{what} {_fmt_pct(summary[key])}" for key, what in (
         ("final_received_accuracy", "received"), ("final_trained_accuracy", "trained")) if summary.get(key) is not None]
     if others:
-        console.print("final accuracy of the " + ", ".join(others) + " model (mean over clients)", highlight=False)
+        console.print("final accuracy of the " + ", ".join(others) + " model (means over clients; personalised: "
+                      "the deployed one)", highlight=False)
     if settings.fleet.method in EXPERT_METHODS:
         console.print(experts_line(settings.amole, n, summary["rounds"]), highlight=False)
     console.print(f"messages: {rejected_text(summary.get('rejected', {}))} by the aggregator", highlight=False)

@@ -275,6 +275,8 @@ def test_feasible_holders_adapts_c_to_the_fleet_size_or_says_why_not() -> None:
     from aggregator.assignment import feasible_holders
 
     assert feasible_holders(8, 4, 2, 2, 4) == 2  # as configured
+    assert feasible_holders(8, 10, 0, 2, 4) == 3  # auto: the smallest C giving every device k experts
+    assert feasible_holders(8, 4, 0, 2, 4) == 1 and feasible_holders(30, 100, 0, 2, 8) == 7
     assert feasible_holders(8, 10, 2, 2, 4) == 3  # k*N = 20 > E*C = 16: raised to the smallest feasible C
     assert feasible_holders(8, 2, 2, 2, 4) == 1  # E*C = 16 > M*N = 8: lowered
     for n in range(2, 17):

@@ -30,7 +30,9 @@ def _check_result(result: dict, clients: int, rounds: int) -> None:
     assert len(result["accuracy_curve"]) == rounds + 1
     assert result["bytes_up_total"] > 0 and result["bytes_down_total"] > 0
     assert result["bytes_up_total"] == sum(r["bytes_up"] for r in result["rounds"]) + result["final"]["bytes_up"]
-    assert sorted(result["data"]["clients"]) == [f"client-{i}" for i in range(clients)]
+    names = list(result["data"]["clients"])
+    assert [n.rsplit("-", 1)[0] if result["data"]["partition"].startswith("column:") else n for n in names] == [
+        f"client-{i}" for i in range(clients)]  # a column partition's names end in the client's value
     assert all(code == 0 for code in result["client_exit_codes"].values())
     timing = result["timing"]
     assert timing["rounds_s"] <= timing["wall_s"]
@@ -46,6 +48,15 @@ def test_simulate_tiny_model_on_embedded_broker(tmp_path: Path, tiny_model: str)
     assert result["broker"]["kind"] == "amqtt (embedded)"
     assert result["task"]["lora"]["r"] == 2
     assert "final personalised accuracy" in proc.stdout
+    # stdout is a pipe: one plain line per round instead of progress bars, then the table; units and rejections
+    assert "round 1 train-B: 3/3 clients, acc in" in proc.stdout and "round 3 eval: 3/3 clients" in proc.stdout
+    assert "KiB" in proc.stdout and " KB" not in proc.stdout and "messages: 0 rejected" in proc.stdout
+    assert "fedamole-a2 defaults: train.lr=0.01 a2.b_lr_multiplier=1" in proc.stdout
+    assert "experts: E=8, M=4, C=1 (auto), k=2" in proc.stdout  # k*N = 6 <= E*C = 8 <= M*N = 12
+    assert "infeasible" not in (tmp_path / "work" / "logs" / "aggregator.log").read_text()
+    for name in result["data"]["clients"]:
+        assert (tmp_path / "work" / "logs" / f"{name}.log").exists()
+    assert "Traceback" not in (tmp_path / "work" / "logs" / "broker.log").read_text()
 
 
 @pytest.mark.mosquitto
@@ -96,3 +107,43 @@ def test_simulate_runs_native_clients_beside_python_ones(tmp_path: Path, tiny_mo
     assert "edgemole.device: client client-1 online" in (tmp_path / "work" / "logs" / "client-1.log").read_text()
     assert "edgemole.client INFO client client-0 online" in (tmp_path / "work" / "logs" / "client-0.log").read_text()
     assert result["client_exit_codes"] == {"client-0": 0, "client-1": 0}
+
+
+def test_simulate_stops_cleanly_on_sigterm(tmp_path: Path, tiny_model: str) -> None:
+    """SIGTERM: the children (broker, aggregator, clients) are stopped, the exit status is 143 and no leaked
+    semaphore (multiprocessing resource tracker) or stack trace is reported."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgemole", "simulate", "--clients", "2", "--rounds", "50", "--model", tiny_model,
+         "--local-steps", "1", "--samples-per-domain", "20", "--max-length", "16", "--rank", "2", "--method",
+         "fedit", "--work-dir", str(tmp_path / "work")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # a pipe: plain round lines
+        if line.startswith("round 1 "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "leaked" not in err and "resource_tracker" not in err and "Traceback" not in err, err
+    assert err.strip() == "stopped by SIGTERM"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "work") not in ps  # no role left running
+
+
+def test_broker_log_drops_ordinary_disconnects_and_keeps_errors_one_line() -> None:
+    import logging
+
+    from edgemole.broker import QuietDisconnects
+
+    def record(msg: str, exc: BaseException | None) -> logging.LogRecord:
+        return logging.LogRecord("amqtt.broker", logging.ERROR, __file__, 1, msg, (),
+                                 (type(exc), exc, None) if exc else None)
+
+    quiet = QuietDisconnects()
+    assert not quiet.filter(record("client closed", ConnectionResetError(104, "Connection reset by peer")))
+    assert not quiet.filter(record("No data from x : No data to decode MQTT packet fixed header", None))
+    real = record("Broadcast loop stopped by exception", ValueError("bad topic"))
+    assert quiet.filter(real) and real.exc_info is None
+    assert logging.Formatter().format(real) == "Broadcast loop stopped by exception: ValueError: bad topic"
