@@ -77,7 +77,16 @@ GLOBAL_TEST_SEED = 0
 #: the Dirichlet alphas of a grid whose config gives neither alphas nor a partition
 DEFAULT_ALPHAS = [0.5]
 
-OnRound = Callable[[int, float | None], None]
+#: called with each round's :func:`round_brief` as the metrics topic shows it
+OnRound = Callable[[dict[str, Any]], None]
+
+
+def round_brief(record: dict[str, Any]) -> dict[str, Any]:
+    """What progress shows of a round record (small and plain, for the queue from a worker process)."""
+    return {"round": int(record["round"]), "phase": record.get("phase", ""),
+            "answered": len(record.get("answered", [])), "selected": len(record.get("selected", [])),
+            "accuracy": record.get("accuracy_before"), "bytes_up": record.get("bytes_up", 0),
+            "bytes_down": record.get("bytes_down", 0)}
 
 
 @dataclass
@@ -430,7 +439,7 @@ def run_one(spec: RunSpec, on_round: OnRound | None = None) -> dict[str, Any]:
     def watch(inbound: Inbound) -> None:
         if on_round is not None:
             body = decode(inbound.payload, settings.fleet.max_message_bytes).body
-            on_round(int(body["round"]), body.get("accuracy_before"))
+            on_round(round_brief(body))
 
     observer.serve(watch)
     summary = service.run()
@@ -515,10 +524,10 @@ def _worker_init(queue: Any, threads: int) -> None:
 
 
 def _worker_run(spec: RunSpec) -> dict[str, Any]:
-    return run_one(spec, lambda rnd, acc: _QUEUE.put((spec.key, rnd, acc)))
+    return run_one(spec, lambda brief: _QUEUE.put((spec.key, brief)))
 
 
-def _execute(specs: list[RunSpec], jobs: int, threads: int, on_round: Callable[[RunSpec, int, float | None], None],
+def _execute(specs: list[RunSpec], jobs: int, threads: int, on_round: Callable[[RunSpec, dict[str, Any]], None],
              on_start: Callable[[RunSpec], None]) -> Iterator[dict[str, Any]]:
     """Run ``specs`` here (one job) or in ``jobs`` spawned worker processes; yields records as runs finish."""
     if jobs == 1 or len(specs) == 1:
@@ -529,7 +538,7 @@ def _execute(specs: list[RunSpec], jobs: int, threads: int, on_round: Callable[[
         try:
             for spec in specs:
                 on_start(spec)
-                yield run_one(spec, lambda rnd, acc, s=spec: on_round(s, rnd, acc))
+                yield run_one(spec, lambda brief, s=spec: on_round(s, brief))
         finally:
             torch.set_num_threads(before)
         return
@@ -550,11 +559,11 @@ def _execute(specs: list[RunSpec], jobs: int, threads: int, on_round: Callable[[
                 while futures:
                     done, _ = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
                     while not queue.empty():
-                        key, rnd, acc = queue.get()
+                        key, brief = queue.get()
                         if key not in started:
                             started.add(key)
                             on_start(by_key[key])
-                        on_round(by_key[key], rnd, acc)
+                        on_round(by_key[key], brief)
                     for future in done:
                         futures.pop(future)
                         yield future.result()
@@ -679,17 +688,24 @@ def _run_pending(settings: Settings, cfg: BenchConfig, pending: list[RunSpec], r
     with tempfile.TemporaryDirectory(prefix="edgemole-bench-") as work:
         pending = prepare_cells(pending, Path(work))
         rounds = settings.fleet.rounds + 1
+        # bars on a terminal; in a log or a pipe, where bars only show at the end, a plain line per round instead
+        plain = not console.is_terminal
         progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console)
+                            TimeElapsedColumn(), console=console, disable=plain)
         runs_task = progress.add_task("runs", total=len(pending))
         rounds_task = progress.add_task("rounds (+ final eval), all runs", total=len(pending) * rounds)
 
         def on_start(spec: RunSpec) -> None:
             progress.update(runs_task, description=f"runs (now: {spec.label})")
 
-        def on_round(spec: RunSpec, rnd: int, acc: float | None) -> None:
+        def on_round(spec: RunSpec, r: dict[str, Any]) -> None:
             progress.advance(rounds_task)
-            progress.update(rounds_task, description=f"rounds: {spec.label} round {rnd} acc {_fmt_pct(acc)}")
+            progress.update(rounds_task,
+                            description=f"rounds: {spec.label} round {r['round']} acc {_fmt_pct(r['accuracy'])}")
+            if plain:
+                console.print(f"{spec.label} round {r['round']} {r['phase']}: {r['answered']}/{r['selected']} "
+                              f"clients, acc {_fmt_pct(r['accuracy'])}, up {_fmt_bytes(r['bytes_up'])}, down "
+                              f"{_fmt_bytes(r['bytes_down'])}", highlight=False, soft_wrap=True)
 
         with progress:
             for record in _execute(pending, cfg.jobs, cfg.threads, on_round, on_start):

@@ -444,7 +444,7 @@ def _run_bench(a: argparse.Namespace) -> int:
     return 0
 
 
-#: exit status of ``simulate`` and ``bench`` stopped by SIGTERM (128 + 15, as a shell reports a killed process)
+#: exit status of ``simulate`` stopped by SIGTERM (128 + 15, as a shell reports a killed process)
 TERMINATED_EXIT = 143
 
 
@@ -462,7 +462,8 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     a = parser.parse_args(argv)
-    if a.command in ("simulate", "bench") and threading.current_thread() is threading.main_thread():
+    # simulate only: bench's worker pool would wait for its running runs on the way out (they end with their parent)
+    if a.command == "simulate" and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     a.log_level = a.log_level or ("WARNING" if a.command in ("simulate", "bench", "export", "broker") else "INFO")
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",

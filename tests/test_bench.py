@@ -116,7 +116,7 @@ def test_in_memory_run_counts_exactly_the_wire_payloads(tiny_settings, tmp_path:
     monkeypatch.setattr(MemoryBroker, "route", lambda self, topic, payload, retain: (
         sent.append((topic, payload)), route(self, topic, payload, retain)))
     rounds: list[int] = []
-    record = run_one(spec, lambda rnd, acc: rounds.append(rnd))
+    record = run_one(spec, lambda brief: rounds.append(brief["round"]))
     assert rounds == [1, 2, 3]
     updates = [decode(p) for t, p in sent if t.endswith("/update")]
     assert len(updates) == 3 * 3  # 3 clients x (2 rounds + final evaluation)
@@ -343,6 +343,7 @@ def test_bench_runs_a_column_partition_and_records_it(tmp_path: Path, tiny_model
     out, err = capsys.readouterr()
     assert exc.value.code == 0, err
     assert "partition column:domain" in out and "fedit defaults: train.lr=0.02" in out
+    assert "fedit r2 column:domain s0 round 1 train: 3/3 clients, acc" in out  # not a terminal: a line per round
     assert "messages: 0 rejected" in out
     (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert run["partition"] == "column:domain" and run["alpha"] is None
