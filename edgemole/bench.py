@@ -655,7 +655,7 @@ def bench(settings: Settings, cfg: BenchConfig, *, console: Console | None = Non
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and CI: wide enough for the summary table
-            console = Console(width=140)
+            console = Console(width=180)
     specs = plan_runs(settings, cfg)  # bad input fails before anything is written
     out = prepare_out(cfg.out)
     runs = load_results(out)
