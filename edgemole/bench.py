@@ -275,6 +275,9 @@ def _identity(settings: dict[str, Any], global_test_size: int, per_method: set[s
         if config[section].get(name) == default:
             config[section].pop(name)
     config["global_test_size"] = global_test_size
+    # Since the deployed model (docs/deployed-model.md) every device holds out a validation split, which changes
+    # what it trains on and what personalised accuracy means: runs recorded before it must not count as done.
+    config["device"] = {"val_fraction": ClientOptions.val_fraction}
     setup = json.loads(json.dumps(config))  # "auto" C for every method: one setup for the grid
     _legacy_holders(config)
     for section, name in (("fleet", "method"), ("fleet", "seed"), ("data", "partition"), ("lora", "r"),
