@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from edgemole.errors import EdgemoleError, ProtocolError
 from edgemole.model import WireState, build_classifier
 from edgemole.mqtt import RECONNECTED, BrokerCredentials, Inbound, Link, MqttLink, packet_limit
 from edgemole.protocol import DONE, Kind, Message, Topics, decode, encode, validate_update
+from edgemole.protocol.delta import CAPABILITY, VERSIONS, DownloadRecord
 from edgemole.protocol.messages import json_safe
 
 log = logging.getLogger("edgemole.aggregator")
@@ -112,6 +113,10 @@ class AggregatorService:
         self._task_payload: bytes | None = None
         self._round_payload: bytes | None = None
         self._assign_payloads: dict[str, bytes] = {}
+        #: the open round's assignments, whole: what a device gets again after it lost its download cache
+        self._assign_messages: dict[str, Message] = {}
+        #: per device, what it was last sent: devices that keep a download cache get only what they do not hold
+        self._downloads = DownloadRecord()
 
     # -- inbound -------------------------------------------------------------------------------
     def _reject(self, reason: str, detail: str) -> None:
@@ -142,6 +147,8 @@ class AggregatorService:
             self._reject("status", f"from {client}: {exc}")
             return
         self.status[client] = msg.body
+        # Any status (a restart, a reconnect, a cache miss) may mean the device's cache is gone: send it everything.
+        self._downloads.forget(client)
         if self._is_ready(msg.body):
             self._resend_if_outstanding(client)
         if msg.body["state"] == "error":
@@ -227,7 +234,19 @@ class AggregatorService:
             return
         log.info("round %d: %s is ready again without having answered: re-sending its assignment", self._open[0],
                  client)
+        self._assign_payloads[client], _ = self._assignment_payload(client, self._assign_messages[client])
         self.link.publish(self.topics.assign(client), self._assign_payloads[client])
+
+    def _assignment_payload(self, client: str, msg: Message) -> tuple[bytes, int]:
+        """An assignment as it goes on the wire, and the tensor elements it carries. A device that announced its
+        download cache (status ``cache: true``) gets only what it does not hold, with the ``versions`` of the whole
+        model (docs/protocol.md 4.4.1); any other device gets every tensor, as always."""
+        if self.status.get(client, {}).get(CAPABILITY) is not True:
+            self._downloads.forget(client)
+        else:
+            tensors, roles, versions = self._downloads.encode(client, msg.tensors, msg.roles)
+            msg = replace(msg, body={**msg.body, VERSIONS: versions}, tensors=tensors, roles=roles)
+        return encode(msg), sum(t.numel() for t in msg.tensors.values())
 
     def _on_reconnected(self) -> None:
         """The broker connection came back (perhaps to a restarted broker without persistence, which forgot every
@@ -279,15 +298,16 @@ class AggregatorService:
         self._announce(rnd, plan.phase, selected, self.fleet.round_deadline_s, plan.hparams)
         self._open, self._updates, self._bytes_up = (rnd, plan.phase, plan), {}, 0
         self._out_of_bounds = {}
-        self._assign_payloads = {}
+        self._assign_payloads, self._assign_messages = {}, {}
         bytes_down = params_down = 0
         for client, assignment in plan.assignments.items():
             body = {"run": self.run_id, **plan.hparams, **assignment.body}
-            payload = encode(Message(Kind.ASSIGN, self.fleet.fleet, rnd, plan.phase, client, body,
-                                     assignment.tensors, {k: strategy.roles.get(k, "") for k in assignment.tensors}))
-            self._assign_payloads[client] = payload  # kept for a re-send (reconnect, restarted device)
+            message = Message(Kind.ASSIGN, self.fleet.fleet, rnd, plan.phase, client, body, assignment.tensors,
+                              {k: strategy.roles.get(k, "") for k in assignment.tensors})
+            payload, params = self._assignment_payload(client, message)
+            self._assign_payloads[client], self._assign_messages[client] = payload, message  # for a re-send
             bytes_down += self.link.publish(self.topics.assign(client), payload)
-            params_down += sum(t.numel() for t in assignment.tensors.values())
+            params_down += params
         quorum = max(1, math.ceil(self.fleet.quorum * len(selected)))
         deadline = started + self.fleet.round_deadline_s
         hard_deadline = deadline + self.fleet.round_deadline_s
@@ -307,7 +327,7 @@ class AggregatorService:
                                   f"answered by the deadline (quorum {quorum})")
             self._pump(min(0.5, max(0.01, (deadline if answered >= quorum else hard_deadline) - now)),
                        until=lambda: all(c in self._updates for c in selected))
-        self._open, self._assign_payloads = None, {}
+        self._open, self._assign_payloads, self._assign_messages = None, {}, {}
         updates = [self._updates[c] for c in selected if c in self._updates]
         t0 = time.perf_counter()
         extra: dict[str, Any] = {}

@@ -34,6 +34,7 @@ from edgemole.protocol import (
     encode,
     validate_assignment,
 )
+from edgemole.protocol.delta import CAPABILITY, CacheMiss, Version, apply_download, parse_versions, remember
 from edgemole.protocol.messages import finite_number, finite_tensor
 from edgemole.rng import SplitMix64
 
@@ -68,6 +69,9 @@ class ClientOptions:
     eval_after_training: bool = True
     #: CA, client certificate, user name and password for the broker (None: an open broker)
     credentials: BrokerCredentials | None = None
+    #: keep the tensors received and announce it (status ``cache: true``), so that assignments carry only what
+    #: changed (docs/protocol.md 4.4.1); off: every assignment carries the whole model
+    download_cache: bool = True
     #: share of the training rows held out (never trained on) to choose the deployed model (docs/deployed-model.md)
     val_fraction: float = 0.1
 
@@ -108,6 +112,11 @@ class EdgeClient:
         #: (run, round) of the latest round announcement: the round the aggregator is collecting
         self.open_round: tuple[str, int] | None = None
         self.rejected = 0
+        #: download cache: the latest version received of every tensor name of the run (never the trained ones)
+        self.cache: dict[str, Version] = {}
+        self._cache_run: str | None = None
+        #: assignments that could not be rebuilt from the cache (each made the aggregator send everything again)
+        self.cache_misses = 0
         #: the model this device last trained (its weights and the assignment body they belong to), kept for
         #: the choice of the deployed model; None before the first training round of a run
         self.trained: tuple[dict, dict] | None = None
@@ -128,6 +137,8 @@ class EdgeClient:
     def _status_payload(self, state: str, error: str = "") -> bytes:
         body = {"state": state, "num_train": self.data.num_train, "num_test": self.data.num_test}
         body["engine"] = self.opts.engine
+        if self.opts.download_cache:
+            body[CAPABILITY] = True
         if error:
             body["error"] = error[:500]
         if self.run_id:
@@ -273,6 +284,34 @@ class EdgeClient:
         if self.pending is not None:
             self._on_assignment(self.pending)
 
+    def _download(self, msg: Message) -> bool:
+        """Rebuild an assignment that carries ``versions`` (docs/protocol.md 4.4.1) into the whole model, in place, from
+        the cache, and remember what was received. False when it cannot be: on a cache miss the cache is cleared and a
+        ``ready`` status makes the aggregator send everything; a malformed payload is rejected like a bad assignment."""
+        if msg.body.get("run") != self.run_id or msg.client != self.opts.client_id or msg.round <= self.last_round:
+            return True  # not one to apply (another run's, a stale one): the validator rejects it, nothing is cleared
+        if self._cache_run != self.run_id:
+            self.cache, self._cache_run = {}, self.run_id
+        try:
+            versions = parse_versions(msg.body)
+            if versions is None:
+                return True
+            msg.tensors, msg.roles = apply_download(self.cache, msg.tensors, msg.roles, versions)
+        except CacheMiss as exc:
+            self.cache_misses += 1
+            log.warning("round %d: cache miss (%s): asking for the whole model again (misses so far: %d)", msg.round,
+                        exc, self.cache_misses)
+            self.cache.clear()
+            self._publish_status("ready")
+            return False
+        except ProtocolError as exc:
+            self._reject(f"assignment for round {msg.round}", str(exc))
+            self._publish_status("error", f"round {msg.round}: {exc}")
+            return False
+        if self.opts.download_cache:
+            remember(self.cache, msg.tensors, msg.roles)
+        return True
+
     def _check_assignment(self, msg: Message) -> tuple[int, list[str] | None] | None:
         """Validate an assignment; its local steps and the roles to train (None: all), or None if rejected."""
         assert self.engine is not None and self.task is not None
@@ -315,6 +354,8 @@ class EdgeClient:
     def _on_assignment(self, msg: Message) -> None:
         self.pending = None
         if self._resend_kept(msg):
+            return
+        if not self._download(msg):
             return
         checked = self._check_assignment(msg)
         if checked is None:

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,11 @@ from aggregator.service import AggregatorService
 from edge_client.client import ClientOptions, EdgeClient
 from edgemole.bench import SharedEngine
 from edgemole.config import load_settings
+from edgemole.errors import ProtocolError
 from edgemole.memory_link import MemoryBroker, MemoryLink
 from edgemole.mqtt import MqttLink
 from edgemole.protocol import Kind, Topics, decode
+from edgemole.protocol.delta import VERSIONS, Version, apply_download, parse_versions, remember
 from edgemole.simulate import stop_processes
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
@@ -70,6 +73,7 @@ def _run(tmp: Path, broker: str, model: str, method: str, fleet: str, attack: bo
     clients = [spawn(["client", "--broker", broker, "--client-id", f"c{k}", "--data", str(tr), "--test-data", str(te),
                       "--fleet", fleet, "--threads", "1"], tmp / f"c{k}.log") for k, (tr, te) in enumerate(files)]
     updates: dict[tuple[str, int], bytes] = {}
+    caches: dict[str, dict[str, Version]] = {}  # the devices' download caches, as a listener rebuilds them
     sent: dict[bytes, str] = {}  # payload -> entry name, for entries that reach the aggregator
     order: list[str] = []  # entry names, and "REAL" for the victim's real update of the attacked round
     # The victim is paused (SIGSTOP) from its update of the round before the attack until the broker has routed every
@@ -102,6 +106,16 @@ def _run(tmp: Path, broker: str, model: str, method: str, fleet: str, attack: bo
                 if attack and (msg.client, msg.round) == (VICTIM, ATTACK_ROUND - 1) and not sent:
                     os.kill(victim.pid, signal.SIGSTOP)
                     paused = time.monotonic()
+            if msg.kind == Kind.ASSIGN and VERSIONS in msg.body and inbound.payload not in sent:
+                # sent by version (docs/protocol.md 4.4.1): the attacker rebuilds the whole model, as the device does
+                try:
+                    held = caches.setdefault(msg.client, {})
+                    tensors, roles = apply_download(held, msg.tensors, msg.roles, parse_versions(msg.body) or {})
+                    remember(held, tensors, roles)
+                    msg = replace(msg, body={k: v for k, v in msg.body.items() if k != VERSIONS}, tensors=tensors,
+                                  roles=roles)
+                except ProtocolError:
+                    pass
             if attack and msg.kind == Kind.ASSIGN and msg.client == VICTIM and msg.round == ATTACK_ROUND and not sent:
                 ctx = Context(topics, method, msg.body["run"], msg.round, msg.phase, VICTIM, OTHER, msg,
                               updates[(VICTIM, ATTACK_ROUND - 1)], updates[(OTHER, ATTACK_ROUND - 1)], SIZES[0],

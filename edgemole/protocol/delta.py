@@ -1,0 +1,235 @@
+"""Download by version (docs/protocol.md section 4.4.1): an assignment carries only what its device does not hold.
+
+Content-addressed, so that no version counter has to survive a restart. Every tensor of the model travels in one of
+three ways. Whole: the tensor under its name, as without a cache. Kept (the device holds that digest under that
+name): nothing. Patched (the device holds an older version of the same shape, and only some slices along the rank
+axis changed, as after a LoRA-A2 round): the changed slices and their indices. Every kept or patched tensor is named
+in the assignment's ``versions`` with the digest of its bytes; the device rebuilds it from its cache and checks the
+digest, so each round proves the rebuilt model bit-identical to the one the aggregator meant. A tensor missing from
+the cache, or one that does not match, is a :class:`CacheMiss`: the device clears its cache and asks for everything.
+
+Both sides call this module only: the aggregator through :class:`DownloadRecord`, the device through
+:func:`apply_download` and :func:`remember`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import weakref
+from collections.abc import Mapping, MutableMapping
+from typing import Any, NamedTuple
+
+import torch
+
+from edgemole.adapters.amole.model import ROUTER_ROLE
+from edgemole.errors import ProtocolError
+from edgemole.protocol.messages import WIRE_DTYPES
+from edgemole.protocol.validate import RANKS_ROLE
+
+#: assignment body field: tensor name -> digest, for every tensor of the device's model
+VERSIONS = "versions"
+#: status body field by which a device announces that it keeps a download cache
+CAPABILITY = "cache"
+#: payload names of a patch of tensor ``<name>``: ``<name>@patch`` (the changed slices, the tensor's role) and
+#: ``<name>@index`` (their int64 indices, role ``ranks``); ``@`` never occurs in a model's tensor names
+PATCH_SUFFIX = "@patch"
+INDEX_SUFFIX = "@index"
+#: upper estimate of the header bytes a patch adds over sending its tensor whole (the index tensor's entry)
+PATCH_HEADER_BYTES = 160
+#: rank axis of a tensor by its role: rows of A and of a router (r, d_in), columns of B (d_out, r)
+RANK_AXIS = {"lora_A": 0, ROUTER_ROLE: 0, "lora_B": 1}
+
+_DTYPE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+_DIGEST = re.compile(r"[0-9a-f]{16}")
+
+
+class CacheMiss(ProtocolError):
+    """The device cannot rebuild an assignment from its cache and the payload (a tensor it does not hold, or a
+    result whose digest differs): it clears its cache and reports ``ready``, and the aggregator sends everything."""
+
+
+class Version(NamedTuple):
+    """One tensor as last sent (aggregator) or received (device) under a name."""
+
+    tensor: torch.Tensor
+    role: str
+    digest: str
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 over ``<DTYPE>;<d0>,<d1>,...;`` (wire dtype name, shape) then the raw little-endian bytes, row-major;
+    the first 16 hex digits. Equal digests mean bit-identical tensors (``-0.0`` and ``0.0`` differ)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype not in _DTYPE_NAMES:
+        raise ProtocolError(f"dtype {t.dtype} cannot travel on the wire")
+    h = hashlib.sha256(f"{_DTYPE_NAMES[t.dtype]};{','.join(map(str, t.shape))};".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # torch's layout is the host's: little-endian
+    return h.hexdigest()[:16]
+
+
+def rank_axis(role: str, t: torch.Tensor) -> int | None:
+    """The axis along which a tensor of this role is patched, None for a tensor that only travels whole."""
+    axis = RANK_AXIS.get(role)
+    return axis if axis is not None and t.dim() == 2 and t.shape[axis] > 0 else None
+
+
+def changed_slices(old: torch.Tensor, new: torch.Tensor, axis: int) -> list[int]:
+    """Indices along ``axis`` of the slices whose bits differ (so ``-0.0`` after ``0.0`` counts as a change)."""
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.movedim(axis, 0).contiguous().view(torch.uint8).reshape(t.shape[axis], -1)
+    return torch.nonzero((rows(old) != rows(new)).any(dim=1)).flatten().tolist()
+
+
+def patch_pays(t: torch.Tensor, axis: int, changed: int) -> bool:
+    """A patch of ``changed`` of the tensor's slices (with one int64 index each and one more header entry) is sent
+    only when it is smaller than the whole tensor."""
+    n = t.shape[axis]
+    slice_bytes = t.numel() // n * t.element_size()
+    return 0 < changed < n and changed * (slice_bytes + 8) + PATCH_HEADER_BYTES < n * slice_bytes
+
+
+def encode_download(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
+                    held: Mapping[str, Version]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    """What an assignment carries to a device that holds ``held``: (payload tensors, their roles, versions).
+
+    A tensor whose digest and role the device holds under its name is kept (not sent); one of which the device holds
+    an older version of the same shape, dtype and role is patched when :func:`patch_pays`; any other is sent whole.
+    ``versions`` names every kept or patched tensor with its digest (a whole one needs none: it is its own proof)."""
+    payload, payload_roles, digests = _plan(tensors, roles, held)
+    return payload, payload_roles, {n: d for n, d in digests.items() if n not in payload}
+
+
+def _plan(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
+          held: Mapping[str, Version]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    """:func:`encode_download` with the digests of all ``tensors``."""
+    payload: dict[str, torch.Tensor] = {}
+    payload_roles: dict[str, str] = {}
+    digests: dict[str, str] = {}
+    for name, t in tensors.items():
+        role = roles.get(name, "")
+        digest = digests[name] = tensor_digest(t)
+        old = held.get(name)
+        if old is not None and old.role == role and old.digest == digest:
+            continue
+        axis = rank_axis(role, t)
+        if old is not None and axis is not None and old.role == role and old.tensor.shape == t.shape \
+                and old.tensor.dtype == t.dtype:
+            changed = changed_slices(old.tensor, t, axis)
+            if patch_pays(t, axis, len(changed)):
+                index = torch.as_tensor(changed, dtype=torch.int64)
+                payload[name + PATCH_SUFFIX] = t.index_select(axis, index)
+                payload[name + INDEX_SUFFIX] = index
+                payload_roles.update({name + PATCH_SUFFIX: role, name + INDEX_SUFFIX: RANKS_ROLE})
+                continue
+        payload[name], payload_roles[name] = t, role
+    return payload, payload_roles, digests
+
+
+def parse_versions(body: Mapping[str, Any]) -> dict[str, str] | None:
+    """An assignment body's ``versions`` (None when the assignment carries full tensors without it)."""
+    versions = body.get(VERSIONS)
+    if versions is None:
+        return None
+    if not isinstance(versions, dict) or not all(
+            isinstance(d, str) and _DIGEST.fullmatch(d) for d in versions.values()):
+        raise ProtocolError(f"'{VERSIONS}' must map tensor names to 16 lower-case hex digits")
+    return versions
+
+
+def apply_download(cache: Mapping[str, Version], tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
+                   versions: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The whole model (tensors and roles, by name) from the device's ``cache`` and an assignment's payload: its
+    whole tensors, and those of ``versions`` patched or kept; never shares storage with the cache. Raises
+    :class:`CacheMiss` when a tensor of ``versions`` is not held, or one rebuilt does not match its digest, and
+    :class:`ProtocolError` for a malformed payload."""
+    for name in tensors:
+        base, suffix = _split(name)
+        if (base in versions) != bool(suffix) or (suffix and base in tensors) or \
+                (base + PATCH_SUFFIX in tensors) != (base + INDEX_SUFFIX in tensors):
+            raise ProtocolError(f"payload tensor {name!r}: a tensor must travel either whole (and not be in "
+                                f"'{VERSIONS}') or as a patch of one in '{VERSIONS}' with its index")
+    out = {n: t for n, t in tensors.items() if n not in versions and not _split(n)[1]}
+    out_roles = {n: roles.get(n, "") for n in out}
+    for name, digest in versions.items():
+        if name + PATCH_SUFFIX in tensors:
+            out_roles[name] = roles.get(name + PATCH_SUFFIX, "")
+            out[name] = _patched(cache.get(name), name, tensors[name + PATCH_SUFFIX], tensors[name + INDEX_SUFFIX],
+                                 out_roles[name])
+        elif name in cache:
+            out[name], out_roles[name] = cache[name].tensor.clone(), cache[name].role
+        else:
+            raise CacheMiss(f"tensor {name!r} is neither sent nor held")
+        if tensor_digest(out[name]) != digest:
+            raise CacheMiss(f"tensor {name!r} does not match its version {digest}")
+    return dict(sorted(out.items())), dict(sorted(out_roles.items()))
+
+
+def _split(name: str) -> tuple[str, str]:
+    for suffix in (PATCH_SUFFIX, INDEX_SUFFIX):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return name, ""
+
+
+def _patched(old: Version | None, name: str, patch: torch.Tensor, index: torch.Tensor, role: str) -> torch.Tensor:
+    """The held version of ``name`` with the patch's slices written at ``index`` along its role's rank axis."""
+    if old is None or old.role != role:
+        raise CacheMiss(f"patch of {name!r}: no held version with role {role!r}")
+    axis = rank_axis(role, old.tensor)
+    if axis is None:
+        raise ProtocolError(f"patch of {name!r}: role {role!r} has no rank axis")
+    n, k = old.tensor.shape[axis], index.numel()
+    expected = tuple(k if d == axis else s for d, s in enumerate(old.tensor.shape))
+    if index.dtype != torch.int64 or index.dim() != 1 or not 0 < k <= n or \
+            (k > 1 and not bool((index[1:] > index[:-1]).all())) or int(index.min()) < 0 or int(index.max()) >= n:
+        raise ProtocolError(f"patch of {name!r}: '{INDEX_SUFFIX}' must hold 1..{n} increasing int64 indices "
+                            f"in [0, {n})")
+    if tuple(patch.shape) != expected or patch.dtype != old.tensor.dtype:
+        raise ProtocolError(f"patch of {name!r} has shape {tuple(patch.shape)} {patch.dtype}, expected {expected} "
+                            f"{old.tensor.dtype}")
+    return old.tensor.clone().index_copy_(axis, index, patch)
+
+
+def remember(held: MutableMapping[str, Version], tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
+             digests: Mapping[str, str] | None = None, pool: MutableMapping[str, torch.Tensor] | None = None) -> None:
+    """After a download of the model ``tensors``: what the device holds under each of its names (private copies:
+    later in-place changes of the sender's or the trainer's tensors must not change a held version). Names not in
+    the model stay held (an expert may come back). ``pool`` shares one copy per digest between devices."""
+    for name, t in tensors.items():
+        digest = digests[name] if digests is not None else tensor_digest(t)
+        old = held.get(name)
+        if old is not None and old.digest == digest and old.role == roles.get(name, ""):
+            continue
+        tensor = pool.get(digest) if pool is not None else None
+        if tensor is None:
+            tensor = t.detach().to("cpu").clone()
+            if pool is not None:
+                pool[digest] = tensor
+        held[name] = Version(tensor, roles.get(name, ""), digest)
+
+
+class DownloadRecord:
+    """The aggregator's side: per device of the run, the version of every tensor it was last sent, by name.
+
+    Not checkpointed: after a restart every device gets everything once. A device's record is forgotten whenever it
+    publishes a status (it restarted, reconnected or missed its cache), so that its next assignment is whole."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, dict[str, Version]] = {}
+        #: one copy per digest for all devices (the shared expert, the head and routers are the same for many)
+        self._pool: MutableMapping[str, torch.Tensor] = weakref.WeakValueDictionary()
+
+    def encode(self, client: str, tensors: Mapping[str, torch.Tensor],
+               roles: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+        """:func:`encode_download` against what ``client`` holds, which then becomes ``tensors``."""
+        held = self._held.setdefault(client, {})
+        payload, payload_roles, digests = _plan(tensors, roles, held)
+        remember(held, tensors, roles, digests, self._pool)
+        return payload, payload_roles, {n: d for n, d in digests.items() if n not in payload}
+
+    def forget(self, client: str) -> None:
+        self._held.pop(client, None)
+
+    def holds(self, client: str) -> dict[str, Version]:
+        return dict(self._held.get(client, {}))

@@ -1,0 +1,330 @@
+"""Download by version (edgemole/protocol/delta.py, docs/protocol.md 4.4.1): a device with a download cache is sent
+only what it does not hold, and every model it rebuilds is bit-identical to the one sent whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY_AMOLE, write_client_data, write_config
+
+from aggregator.service import AggregatorService
+from edge_client.client import ClientOptions, EdgeClient
+from edge_client.engines import make_engine
+from edgemole.config import TaskSpec, load_settings
+from edgemole.errors import ProtocolError
+from edgemole.memory_link import MemoryBroker, MemoryLink
+from edgemole.protocol import Topics, decode
+from edgemole.protocol.delta import (
+    INDEX_SUFFIX,
+    PATCH_SUFFIX,
+    VERSIONS,
+    CacheMiss,
+    DownloadRecord,
+    Version,
+    apply_download,
+    encode_download,
+    parse_versions,
+    remember,
+    tensor_digest,
+)
+
+A, B = "m.lora_A", "m.lora_B"
+_CHECK, _DOWNLOAD = EdgeClient._check_assignment, EdgeClient._download
+ROLES = {A: "lora_A", B: "lora_B", "head.bias": "head"}
+
+
+def _model(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {A: torch.randn(8, 64, generator=g), B: torch.randn(64, 8, generator=g), "head.bias": torch.randn(3,
+                                                                                                     generator=g)}
+
+
+def _held(tensors: dict[str, torch.Tensor]) -> dict[str, Version]:
+    held: dict[str, Version] = {}
+    remember(held, tensors, ROLES)
+    return held
+
+
+def _bits(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {n: tensor_digest(t) for n, t in tensors.items()}
+
+
+# -- the formulas ------------------------------------------------------------------------------------------------
+def test_digest_covers_dtype_shape_and_every_bit() -> None:
+    t = torch.zeros(2, 3)
+    assert len(tensor_digest(t)) == 16 and tensor_digest(t) == tensor_digest(torch.zeros(2, 3))
+    assert tensor_digest(t) != tensor_digest(torch.zeros(3, 2))
+    assert tensor_digest(t) != tensor_digest(torch.zeros(2, 3, dtype=torch.float16))
+    negative_zero = t.clone()
+    negative_zero[1, 2] = -0.0  # equal as numbers, not as bits
+    assert tensor_digest(negative_zero) != tensor_digest(t)
+    assert tensor_digest(torch.arange(6.0).reshape(2, 3).t()) == tensor_digest(torch.tensor([[0.0, 3], [1, 4],
+                                                                                             [2, 5]]))
+    # the documented formula (docs/protocol.md 4.4.1), as another implementation would compute it
+    import hashlib
+    x = torch.tensor([[0.5, -1.0]])
+    assert tensor_digest(x) == hashlib.sha256(b"F32;1,2;" + bytes.fromhex("0000003f000080bf")).hexdigest()[:16]
+
+
+def test_keep_patch_and_full() -> None:
+    old = _model()
+    new = {n: t.clone() for n, t in old.items()}
+    new[A][[1, 5]] += 1.0  # two rows of A: a patch
+    new[B][:, 2] = -0.0 * new[B][:, 2].abs()  # one column of B, changed in sign bits only: a patch
+    new["head.bias"] += 1  # no rank axis: whole
+    payload, roles, versions = encode_download(new, ROLES, _held(old))
+    assert set(payload) == {A + PATCH_SUFFIX, A + INDEX_SUFFIX, B + PATCH_SUFFIX, B + INDEX_SUFFIX, "head.bias"}
+    assert payload[A + INDEX_SUFFIX].tolist() == [1, 5] and payload[A + PATCH_SUFFIX].shape == (2, 64)
+    assert payload[B + INDEX_SUFFIX].tolist() == [2] and payload[B + PATCH_SUFFIX].shape == (64, 1)
+    assert roles[A + PATCH_SUFFIX] == "lora_A" and roles[B + INDEX_SUFFIX] == "ranks"
+    assert versions == {n: tensor_digest(new[n]) for n in (A, B)}  # the whole head is its own proof
+    out, out_roles = apply_download(_held(old), payload, roles, versions)
+    assert _bits(out) == _bits(new) and out_roles == ROLES
+    # the same model again: nothing travels, and the rebuilt tensors are copies, not the cache's
+    held = _held(new)
+    payload, roles, versions = encode_download(new, ROLES, held)
+    assert payload == {} and versions == _bits(new)
+    out, _ = apply_download(held, payload, roles, versions)
+    out[A].add_(1)
+    assert held[A].digest == tensor_digest(held[A].tensor)
+    # nothing held, or most slices changed: whole tensors under their own names
+    assert set(encode_download(new, ROLES, {})[0]) == set(new)
+    changed = {**new, A: new[A] + 1}
+    assert A in encode_download(changed, ROLES, held)[0]
+    # a role that differs from the held one is never kept
+    assert set(encode_download(new, {**ROLES, "head.bias": "other"}, held)[0]) == {"head.bias"}
+
+
+def test_a_tiny_slice_travels_whole_when_a_patch_would_be_larger() -> None:
+    old = {A: torch.zeros(4, 2)}
+    new = {A: torch.ones(4, 2) * torch.tensor([[1.0], [0], [0], [0]])}
+    payload, _, _ = encode_download(new, ROLES, _held(old))
+    assert set(payload) == {A}
+
+
+def test_missing_or_mismatching_tensors_are_a_cache_miss() -> None:
+    old, new = _model(0), _model(0)
+    new[A][3] += 1
+    payload, roles, versions = encode_download(new, ROLES, _held(old))
+    with pytest.raises(CacheMiss, match="no held version"):
+        apply_download({}, payload, roles, versions)  # a device that lost its cache (restart)
+    with pytest.raises(CacheMiss, match="neither sent nor held"):
+        apply_download({}, {}, {}, {B: versions[B]})
+    stale = _held(_model(1))
+    with pytest.raises(CacheMiss, match="does not match"):
+        apply_download(stale, payload, roles, versions)  # a cache that is not what the aggregator thinks
+    with pytest.raises(CacheMiss, match="no held version"):
+        patch = {n: payload[n] for n in (A + PATCH_SUFFIX, A + INDEX_SUFFIX)}
+        apply_download({B: _held(old)[B]}, patch, roles, {A: versions[A]})
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda p, v: p.update({"x" + PATCH_SUFFIX: torch.zeros(1), "x" + INDEX_SUFFIX: torch.tensor([0])}),
+     "either whole"),  # a patch of a tensor not in 'versions'
+    (lambda p, v: p.pop(A + INDEX_SUFFIX), "either whole"),
+    (lambda p, v: p.update({A: torch.zeros(8, 64)}), "either whole"),
+    (lambda p, v: p.update({A + INDEX_SUFFIX: torch.tensor([3, 3])}), "increasing"),
+    (lambda p, v: p.update({A + INDEX_SUFFIX: torch.tensor([3, 8])}), "increasing"),
+    (lambda p, v: p.update({A + INDEX_SUFFIX: torch.tensor([3.0])}), "increasing"),
+    (lambda p, v: p.update({A + PATCH_SUFFIX: torch.zeros(1, 63)}), "has shape"),
+    (lambda p, v: v.update({"head.bias": "0" * 16}), "either whole"),
+])
+def test_malformed_payloads_are_protocol_errors(mutate, needle: str) -> None:  # noqa: ANN001
+    old = _model()
+    new = {**old, A: old[A].clone(), "head.bias": old["head.bias"] + 1}
+    new[A][3] += 1
+    payload, roles, versions = encode_download(new, ROLES, _held(old))
+    mutate(payload, versions)
+    with pytest.raises(ProtocolError, match=needle) as exc:
+        apply_download(_held(old), payload, roles, versions)
+    assert not isinstance(exc.value, CacheMiss)  # a re-send would not help: rejected, not recovered
+
+
+@pytest.mark.parametrize("body", [{VERSIONS: []}, {VERSIONS: "x"}, {VERSIONS: {A: "XYZ"}}, {VERSIONS: {A: 1}}])
+def test_bad_versions_field(body: dict) -> None:
+    with pytest.raises(ProtocolError, match="16 lower-case hex"):
+        parse_versions(body)
+    assert parse_versions({}) is None and parse_versions({VERSIONS: {}}) == {}
+
+
+def test_record_shares_one_copy_and_is_safe_from_later_changes() -> None:
+    record = DownloadRecord()
+    model = _model()
+    for client in ("c1", "c2"):
+        assert set(record.encode(client, model, ROLES)[0]) == set(model)
+    assert record.holds("c1")[A].tensor is record.holds("c2")[A].tensor  # one copy per digest
+    model[A].add_(1)  # the strategy changes its tensors in place: the record keeps what was sent
+    assert record.holds("c1")[A].digest == tensor_digest(record.holds("c1")[A].tensor)
+    assert set(record.encode("c1", model, ROLES)[0]) == {A}
+    record.forget("c1")
+    assert set(record.encode("c1", model, ROLES)[0]) == set(model)
+
+
+# -- whole fleets in memory --------------------------------------------------------------------------------------
+@dataclass
+class Fleet:
+    summary: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    #: (client, round, phase) -> digests and roles of the model the device loaded
+    received: dict[tuple[str, int, str], tuple[dict[str, str], dict[str, str]]]
+    clients: dict[str, EdgeClient]
+    assigns: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def fleet_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[tuple[Path, Path]], list[str]]:
+    return write_client_data(tmp_path_factory.mktemp("dl-data"), [24, 24, 24])
+
+
+def _run(tmp_path: Path, model: str, data: tuple[list[tuple[Path, Path]], list[str]], method: str, cache: bool,
+         monkeypatch: pytest.MonkeyPatch, clear: tuple[str, int] | None = None, rounds: int = 3) -> Fleet:
+    """One in-memory fleet of three devices (upload ranks 1, 1, 2 of r = 4), recording what every device loaded;
+    ``clear`` = (device, round): that device's cache is emptied just before it rebuilds that round's assignment."""
+    files, labels = data
+    path = write_config(tmp_path / f"{method}-{cache}.json", model, labels, {"local_steps": 2, "dropout": False},
+                        TINY_AMOLE, method=method, rounds=rounds)
+    settings = load_settings(path)
+    task = settings.task(labels)
+    topics = Topics(settings.fleet.fleet, settings.fleet.topic_prefix)
+    broker = MemoryBroker()
+    fleet = Fleet({}, {}, {}, {})
+    route = broker.route
+    broker.route = lambda topic, payload, retain: (  # type: ignore[method-assign]
+        fleet.assigns.append((topic, payload)) if topic.endswith("/assign") else None, route(topic, payload, retain))
+    engine: dict[str, Any] = {}
+
+    def engines(t: TaskSpec):  # noqa: ANN202 - one engine for all devices, as the bench shares one
+        if engine.get("task") != t:
+            engine.update(task=t, engine=make_engine("eager", t, threads=1))
+        return engine["engine"]
+
+    def recording_check(self: EdgeClient, msg):  # noqa: ANN001, ANN202
+        fleet.received[(self.opts.client_id, msg.round, msg.phase)] = (_bits(msg.tensors), dict(msg.roles))
+        return _CHECK(self, msg)
+
+    def clearing_download(self: EdgeClient, msg) -> bool:  # noqa: ANN001
+        if clear == (self.opts.client_id, msg.round) and self.cache_misses == 0:
+            self.cache.clear()
+        return _DOWNLOAD(self, msg)
+
+    monkeypatch.setattr(EdgeClient, "_check_assignment", recording_check)
+    monkeypatch.setattr(EdgeClient, "_download", clearing_download)
+    service = AggregatorService(settings.fleet, task, link=MemoryLink(broker, topics.mqtt_client_id("aggregator")))
+    for i, (train, test) in enumerate(files):
+        name = f"c{i}"
+        opts = ClientOptions(broker="memory", client_id=name, data=str(train), test_data=str(test),
+                             fleet=settings.fleet.fleet, topic_prefix=settings.fleet.topic_prefix, threads=1,
+                             eval_after_training=False, upload_rank=(1, 1, 2)[i], download_cache=cache)
+        link = MemoryLink(broker, topics.device_mqtt_id(name))
+        client = EdgeClient(opts, link=link, engine_factory=engines)
+        client.start()
+        link.serve(client.handle)
+        fleet.clients[name] = client
+    fleet.summary = service.run()
+    assert service.strategy is not None
+    fleet.state = service.strategy.state_dict()
+    return fleet
+
+
+METHODS = ("fedit", "lora-a2", "fedamole-a2")
+
+
+@pytest.fixture(scope="module")
+def uncached(tiny_model: str, fleet_data, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Fleet]:  # noqa: ANN001
+    with pytest.MonkeyPatch.context() as mp:
+        return {m: _run(tmp_path_factory.mktemp(m), tiny_model, fleet_data, m, False, mp) for m in METHODS}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                                                                     b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _same_run(a: Fleet, b: Fleet) -> None:
+    assert a.received == b.received  # every device, every round: the same model, bit for bit, with its roles
+    assert a.state.keys() == b.state.keys()
+    assert all(_same_bits(a.state[k], b.state[k]) for k in a.state)
+    assert a.summary["accuracy_curve"] == b.summary["accuracy_curve"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cached_fleet_is_bit_identical_and_downloads_less(method: str, uncached, tiny_model: str,  # noqa: ANN001
+                                                          fleet_data, tmp_path: Path,  # noqa: ANN001
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cached = _run(tmp_path, tiny_model, fleet_data, method, True, monkeypatch)
+    plain = uncached[method]
+    _same_run(cached, plain)
+    assert len(cached.received) == 3 * 4  # 3 devices x (3 rounds + the final evaluation)
+    assert all(decode(p).body.get(VERSIONS) is None for _, p in plain.assigns)  # no capability: nothing changes
+    assert all(VERSIONS in decode(p).body for _, p in cached.assigns)
+    assert sum(c.cache_misses for c in cached.clients.values()) == 0
+    down, plain_down = cached.summary["bytes_down_total"], plain.summary["bytes_down_total"]
+    if method == "fedit":  # FedAvg changes every tensor every round: all whole, plus an empty 'versions'
+        assert cached.summary["params_down_total"] == plain.summary["params_down_total"]
+        assert down <= plain_down + 32 * len(cached.assigns)
+    else:  # alternating rounds: the frozen factor kept, patches of the active one
+        assert down < plain_down and cached.summary["params_down_total"] < plain.summary["params_down_total"]
+        names = [n for _, p in cached.assigns for n in decode(p).tensors]
+        assert any(n.endswith(PATCH_SUFFIX) for n in names)
+    print(f"{method}: bytes down {plain.summary['bytes_down_total']} -> {cached.summary['bytes_down_total']}")
+
+
+def test_a_device_that_lost_its_cache_gets_everything_and_the_run_is_unchanged(
+        uncached, tiny_model: str, fleet_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    fleet = _run(tmp_path, tiny_model, fleet_data, "fedamole-a2", True, monkeypatch, clear=("c1", 3))
+    _same_run(fleet, uncached["fedamole-a2"])
+    assert fleet.clients["c1"].cache_misses == 1
+    assert sum(c.cache_misses for c in fleet.clients.values()) == 1
+    third = [decode(p) for t, p in fleet.assigns if t.endswith("/c1/assign") and decode(p).round == 3]
+    assert len(third) == 2  # the delta it could not rebuild, then everything again
+    delta, whole = third
+    assert delta.body[VERSIONS] and whole.body[VERSIONS] == {}
+    assert set(whole.tensors) == set(fleet.received[("c1", 3, whole.phase)][0])
+
+
+# -- real processes through Mosquitto ----------------------------------------------------------------------------
+@pytest.mark.mosquitto
+def test_real_fleet_rebuilds_exactly_the_aggregated_model(tmp_path: Path, mosquitto: str, tiny_model: str) -> None:
+    """lora-a2 with client processes over Mosquitto: an observer that rebuilds every device's assignments from their
+    versions gets, each round, exactly the previous model plus the aggregated slices of the devices' updates."""
+    from test_fleet_mosquitto import Fleet as ProcessFleet
+
+    from aggregator.robust import robust_average
+    from edgemole.adapters.lora.a2 import active_factor, adapter_prefixes, aggregate_slices
+    from edgemole.protocol import Kind
+
+    flags = {f"c{k}": ["--upload-rank", "1"] for k in range(3)}
+    fleet = ProcessFleet(tmp_path, mosquitto, tiny_model, sizes=[20, 30, 40], method="lora-a2", rounds=3,
+                         client_flags=flags)
+    summary = fleet.run()
+    caches: dict[str, dict[str, Version]] = {c: {} for c in flags}
+    models: dict[int, dict[str, torch.Tensor]] = {}
+    for _, msg, _ in fleet.observed:
+        if msg.kind == Kind.ASSIGN:
+            versions = parse_versions(msg.body)
+            assert versions is not None  # the Python client announces its cache
+            tensors, roles = apply_download(caches[msg.client], msg.tensors, msg.roles, versions)
+            remember(caches[msg.client], tensors, roles)
+            model = models.setdefault(msg.round, tensors)
+            assert _bits(model) == _bits(tensors)  # every device of a round: the same global model
+    assert sorted(models) == [1, 2, 3, 4]
+    for rnd in (1, 2, 3):
+        updates = [u for _, u in sorted(fleet.messages(Kind.UPDATE, rnd).items())]  # the aggregator's order
+        total = float(sum(u.body["num_samples"] for u in updates))
+        weighted = [(u.tensors, u.body["num_samples"] / total) for u in updates]
+        phase = updates[0].phase
+        expected = dict(models[rnd])
+        for p in adapter_prefixes(expected):
+            name = f"{p}.{active_factor(phase)}"
+            expected[name] = aggregate_slices(expected[name], weighted, p, phase)
+        for name in [n for n in expected if n.startswith("head.")]:
+            expected[name] = robust_average([u.tensors[name] for u in updates], [u.body["num_samples"]
+                                                                                for u in updates])
+        assert _bits(models[rnd + 1]) == _bits(expected), rnd
+    names = {n for _, m, _ in fleet.observed if m.kind == Kind.ASSIGN and m.round > 1 for n in m.tensors}
+    assert any(n.endswith(PATCH_SUFFIX) for n in names)
+    assert "cache miss" not in fleet.logs() and summary["rejected"] == {}
