@@ -185,6 +185,56 @@ def test_split_of_a_written_jsonl_file(tool: Path, jsonl_file: Path) -> None:
     assert run_tool(tool, "table", jsonl_file)["texts"] == load_table(jsonl_file).texts
 
 
+def _assert_same_rows(out: dict, data: LocalData) -> None:
+    """The tool's rows (train, validation, test) are LocalData's, texts and labels, in order."""
+    for split in ("train", "val", "test"):
+        text = getattr(data, f"{split}_text")
+        assert (out[split], out[f"{split}_labels"]) == (text.texts, text.labels), split
+
+
+@pytest.mark.parametrize(("path", "text_column", "label_column"), DATASETS)
+@pytest.mark.parametrize(("client_id", "test_fraction", "val_fraction"),
+                         [("phone-1", 0.2, 0.1), ("board-7", 0.05, 0.1), ("tablet-3", 0.5, 0.3)])
+def test_validation_split_matches_local_data(tool: Path, path: Path, text_column: str | None,
+                                             label_column: str | None, client_id: str, test_fraction: float,
+                                             val_fraction: float) -> None:
+    """The validation rows (docs/protocol.md 10.3a): the stratified split of the training rows with seed + 1."""
+    _need(path)
+    seed = zlib.crc32(client_id.encode())
+    data = LocalData(path, test_fraction=test_fraction, text_column=text_column, label_column=label_column,
+                     seed=seed, val_fraction=val_fraction)
+    out = run_tool(tool, "split", path, "--seed", seed, "--test-fraction", test_fraction, "--val-fraction",
+                   val_fraction, *column_args(text_column, label_column))
+    _assert_same_rows(out, data)
+    assert data.num_val > 0 and set(out["val_indices"]).isdisjoint(out["train_indices"] + out["test_indices"])
+    assert sorted(out["train_indices"] + out["val_indices"] + out["test_indices"]) == list(range(len(
+        load_table(path, text_column, label_column))))
+
+
+def test_validation_split_of_written_files(tool: Path, tmp_path: Path, jsonl_file: Path) -> None:
+    """With a separate test file every row of the data file is a training row before the validation split; a device
+    with fewer than 10 training rows, or val_fraction 0, holds none out."""
+    rows = jsonl_file.read_text(encoding="utf-8").split("\n")  # not splitlines(): texts hold U+2028
+    small = tmp_path / "small.jsonl"
+    for n in (9, 10, 11, 13):  # 9 training rows: none held out; 10 or more: at least one
+        small.write_text("\n".join(rows[:n]) + "\n", encoding="utf-8")
+        for client_id in ("phone-1", "phone-2", "日本-1"):
+            seed = zlib.crc32(client_id.encode())
+            for val_fraction in (0.0, 0.1, 0.25):
+                data = LocalData(small, test_path=jsonl_file, seed=seed, val_fraction=val_fraction)
+                out = run_tool(tool, "split", small, "--seed", seed, "--test-fraction", 0.2, "--val-fraction",
+                               val_fraction, "--separate-test", 1)
+                assert out["test"] == [] and out["val"] == data.val_text.texts
+                assert (out["train"], out["train_labels"]) == (data.train_text.texts, data.train_text.labels)
+                assert (len(out["val"]) > 0) == (val_fraction > 0 and n >= 10)
+    for client_id in ("phone-1", "board-7"):  # test split first, then the validation split of the 45 training rows
+        seed = zlib.crc32(client_id.encode())
+        data = LocalData(jsonl_file, test_fraction=0.25, seed=seed, val_fraction=0.1)
+        _assert_same_rows(run_tool(tool, "split", jsonl_file, "--seed", seed, "--test-fraction", 0.25,
+                                   "--val-fraction", 0.1), data)
+        assert data.num_val == 4
+
+
 @pytest.mark.parametrize(("path", "batch_size", "task_seed", "round_"), [
     (BANKING, 32, 0, 1), (BANKING, 7, -3, 12), (NEWSGROUPS, 16, 2**40, 2), (DOLLY, 5, 1, 1)])
 def test_batch_order_over_several_epochs(tool: Path, path: Path, batch_size: int, task_seed: int,

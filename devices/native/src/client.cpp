@@ -43,28 +43,31 @@ std::string non_finite(const json& metrics, const TensorMap& tensors) {
   return "";
 }
 
+// Appends the texts and labels of the given rows of a table.
+void take_rows(const std::vector<std::size_t>& rows, const TextTable& table, std::vector<std::string>& texts,
+               std::vector<std::string>& labels) {
+  for (std::size_t i : rows) {
+    texts.push_back(table.texts[i]);
+    labels.push_back(table.labels[i]);
+  }
+}
+
 }  // namespace
 
 LocalData read_local_data(const DeviceConfig& config) {
   LocalData data;
-  TextTable table = load_table(config.data, config.text_column, config.label_column);
-  if (!config.test_data.empty()) {
+  const TextTable table = load_table(config.data, config.text_column, config.label_column);
+  const bool separate_test = !config.test_data.empty();
+  if (separate_test) {
     TextTable test = load_table(config.test_data, config.text_column, config.label_column);
-    data.train_texts = std::move(table.texts);
-    data.train_labels = std::move(table.labels);
     data.test_texts = std::move(test.texts);
     data.test_labels = std::move(test.labels);
-  } else {
-    const auto split = split_train_test(table.labels, config.test_fraction, crc32(config.client_id));
-    for (std::size_t i : split.first) {
-      data.train_texts.push_back(table.texts[i]);
-      data.train_labels.push_back(table.labels[i]);
-    }
-    for (std::size_t i : split.second) {
-      data.test_texts.push_back(table.texts[i]);
-      data.test_labels.push_back(table.labels[i]);
-    }
   }
+  const RowSplit rows =
+      split_rows(table.labels, separate_test, config.test_fraction, config.val_fraction, crc32(config.client_id));
+  take_rows(rows.train, table, data.train_texts, data.train_labels);
+  take_rows(rows.val, table, data.val_texts, data.val_labels);
+  take_rows(rows.test, table, data.test_texts, data.test_labels);  // none with a separate test file
   if (data.train_texts.empty()) throw DataError("data file '" + config.data + "' leaves no training examples");
   return data;
 }
@@ -92,7 +95,7 @@ void prepare_local_data(LocalData& data, const std::vector<std::string>& labels,
   std::map<std::string, std::int64_t> ids;
   for (std::size_t i = 0; i < labels.size(); ++i) ids[labels[i]] = static_cast<std::int64_t>(i);
   std::set<std::string> unknown;
-  for (const auto* split : {&data.train_labels, &data.test_labels}) {
+  for (const auto* split : {&data.train_labels, &data.test_labels, &data.val_labels}) {
     for (const std::string& label : *split) {
       if (!ids.count(label)) unknown.insert(label);
     }
@@ -109,6 +112,7 @@ void prepare_local_data(LocalData& data, const std::vector<std::string>& labels,
   }
   data.train = encode_split(data.train_texts, data.train_labels, ids, tokenizer, max_length);
   data.test = encode_split(data.test_texts, data.test_labels, ids, tokenizer, max_length);
+  data.val = encode_split(data.val_texts, data.val_labels, ids, tokenizer, max_length);
 }
 
 DeviceClient::DeviceClient(DeviceConfig config, std::unique_ptr<Link> link)
@@ -230,6 +234,7 @@ void DeviceClient::on_round(const Message& msg, bool retained) {
   // A retained "done" ends our run only if we took part in it (a finished run's leftovers stay retained).
   if (run_id_.empty() || run != run_id_ || msg.phase != kPhaseDone || (last_round_ == 0 && retained)) return;
   kept_.reset();
+  trained_.reset();
   const json failed = msg.body.value("failed", json());
   const json reason = msg.body.value("reason", json());
   if (failed == true || reason.is_string()) {
@@ -289,6 +294,7 @@ void DeviceClient::on_task(const Message& msg) {
   task_json_ = msg.body.value("task", json());
   run_id_ = run.get<std::string>();
   kept_.reset();
+  trained_.reset();
   last_round_ = 0;
   publish_status("ready");
   if (pending_) on_assignment(*pending_);
@@ -375,14 +381,22 @@ void DeviceClient::on_assignment(const Message& msg) {
       own_rank = k;
     }
   }
-  engine_->set_state(own_rank ? truncate_ranks(msg.tensors, own_prefixes, own_rank) : msg.tensors, msg.body);
+  json metrics = json::object();
+  const bool deploy_trained =
+      choose_deployed(own_rank ? truncate_ranks(msg.tensors, own_prefixes, own_rank) : msg.tensors, msg.body, metrics);
+  // What `predict` serves until the next assignment: the model whose test accuracy is acc_deployed.
+  std::optional<Model> deployed;
+  if (!config_.state_dir.empty()) {
+    deployed = deploy_trained ? *trained_ : Model{engine_->get_state(msg.body), msg.body};
+  }
   const std::vector<Rows> test =
       batches_of(all_rows(data_.num_test()), static_cast<std::size_t>(task.train.eval_batch_size));
   const EvalStats before = engine_->evaluate(data_.test, test);
-  json metrics = {{"acc_before", before.accuracy},
-                  {"loss_before", before.loss},
-                  {"eval_s", before.seconds},
-                  {"num_test", before.samples}};
+  metrics["acc_before"] = before.accuracy;
+  metrics["loss_before"] = before.loss;
+  metrics["num_test"] = before.samples;
+  metrics["eval_s"] = metrics["eval_s"].get<double>() + before.seconds;
+  metrics["acc_deployed"] = deploy_trained ? metrics["acc_trained"].get<double>() : before.accuracy;
   TensorMap tensors;
   Roles roles;
   std::int64_t num_samples = std::max<std::int64_t>(before.samples, 1);
@@ -421,11 +435,12 @@ void DeviceClient::on_assignment(const Message& msg) {
     metrics["train_loss"] = stats.loss;
     metrics["train_s"] = stats.seconds;
     metrics["steps"] = stats.steps;
+    trained_ = Model{engine_->get_state(msg.body), msg.body};
     if (config_.eval_after_training) {
       const EvalStats after = engine_->evaluate(data_.test, test);
       metrics["acc_after"] = after.accuracy;
       metrics["loss_after"] = after.loss;
-      metrics["eval_s"] = before.seconds + after.seconds;
+      metrics["eval_s"] = metrics["eval_s"].get<double>() + after.seconds;
     }
     if (task.uses_experts()) {  // RSEA vectors on the aux set with the post-training weights
       const std::vector<Rows> aux = batches_of(
@@ -464,12 +479,32 @@ void DeviceClient::on_assignment(const Message& msg) {
   link_->publish(topics_.update(config_.client_id), payload, false);
   kept_ = KeptUpdate{run_id_, msg.round, payload};
   last_round_ = msg.round;
-  if (!config_.state_dir.empty()) {
-    save_deployed(config_.state_dir, task_json_, msg.body, msg.round, run_id_, engine_->get_state(msg.body));
-  }
+  if (deployed) save_deployed(config_.state_dir, task_json_, deployed->body, msg.round, run_id_, deployed->state);
   log_info("round " + std::to_string(msg.round) + " " + msg.phase + ": acc " + fixed3(before.accuracy) + " -> " +
            (metrics.contains("acc_after") ? fixed3(metrics["acc_after"].get<double>()) : std::string("-")) + ", sent " +
            std::to_string(payload.size()) + " bytes");
+}
+
+bool DeviceClient::choose_deployed(const TensorMap& received, const json& body, json& metrics) {
+  metrics["eval_s"] = 0.0;
+  if (!trained_ || data_.num_val() == 0) {
+    engine_->set_state(received, body);
+    return false;
+  }
+  const auto size = static_cast<std::size_t>(task_->train.eval_batch_size);
+  const std::vector<Rows> val = batches_of(all_rows(data_.num_val()), size);
+  engine_->set_state(trained_->state, trained_->body);
+  const EvalStats val_trained = engine_->evaluate(data_.val, val);
+  const EvalStats kept = engine_->evaluate(data_.test, batches_of(all_rows(data_.num_test()), size));
+  engine_->set_state(received, body);
+  const EvalStats val_received = engine_->evaluate(data_.val, val);
+  const bool use_trained = val_trained.accuracy > val_received.accuracy;  // a tie deploys the received model
+  metrics["acc_trained"] = kept.accuracy;
+  metrics["val_acc_trained"] = val_trained.accuracy;
+  metrics["val_acc_received"] = val_received.accuracy;
+  metrics["deployed_trained"] = use_trained ? 1.0 : 0.0;
+  metrics["eval_s"] = val_trained.seconds + kept.seconds + val_received.seconds;
+  return use_trained;
 }
 
 }  // namespace edgemole

@@ -56,17 +56,20 @@ class Link {
 std::unique_ptr<Link> make_mqtt_link(const DeviceConfig& config, const Topics& topics,
                                      const std::vector<std::uint8_t>& will);
 
-// A device's data, read once and tokenised for the fleet's labels when a task arrives.
+// A device's data, read once and tokenised for the fleet's labels when a task arrives. Training rows exclude the
+// validation rows: no round trains on those, they choose the deployed model.
 struct LocalData {
-  std::vector<std::string> train_texts, train_labels, test_texts, test_labels;
-  EncodedSplit train, test;
+  std::vector<std::string> train_texts, train_labels, test_texts, test_labels, val_texts, val_labels;
+  EncodedSplit train, test, val;
   std::size_t num_train() const { return train_texts.size(); }
   std::size_t num_test() const { return test_texts.size(); }
+  std::size_t num_val() const { return val_texts.size(); }
 };
 
-// Read the data file (and the optional test file, else hold out test_fraction with the split seed crc32(client)).
+// Read the data file (and the optional test file, else hold out test_fraction with the split seed crc32(client)),
+// then hold out val_fraction of the training rows with seed crc32(client) + 1 (docs/protocol.md 10.3a).
 LocalData read_local_data(const DeviceConfig& config);
-// Tokenise both splits for the fleet's label order; DataError for a label outside the task's.
+// Tokenise the splits for the fleet's label order; DataError for a label outside the task's.
 void prepare_local_data(LocalData& data, const std::vector<std::string>& labels, const Tokenizer& tokenizer,
                         std::int64_t max_length);
 
@@ -103,6 +106,11 @@ class DeviceClient {
     std::int64_t round = 0;
     std::vector<std::uint8_t> payload;
   };
+  // A model under its wire names with the assignment body it belongs to (its expert map).
+  struct Model {
+    TensorMap state;
+    nlohmann::json body;
+  };
 
   void publish_status(const std::string& state, const std::string& error = "");
   void on_round(const Message& msg, bool retained);
@@ -110,6 +118,11 @@ class DeviceClient {
   void after_reconnect();
   void resend_kept(const std::string& why);
   void reject(const std::string& what, const std::string& reason);
+  // Of the received model and the one kept from the last training, the one to deploy (docs/deployed-model.md):
+  // true for the kept one, only when it is strictly more accurate on the validation split. Sets eval_s in `metrics`
+  // and, with a kept model and a validation split, acc_trained, val_acc_trained, val_acc_received and
+  // deployed_trained. Leaves the received model loaded (what the round trains from).
+  bool choose_deployed(const TensorMap& received, const nlohmann::json& body, nlohmann::json& metrics);
   void on_task(const Message& msg);
   void on_assignment(const Message& msg);
   std::int64_t upload_rank() const;
@@ -131,6 +144,7 @@ class DeviceClient {
   bool done_ = false;
   std::vector<float> last_losses_;
   std::optional<KeptUpdate> kept_;
+  std::optional<Model> trained_;  // the model this device last trained in this run (none before its first round)
   std::uint64_t seen_reconnects_ = 0;
   bool connected_ = false;  // start() connected once
 };

@@ -163,7 +163,7 @@ bool TaskSpec::operator==(const TaskSpec& o) const {
         {"amole",
          {t.amole.experts, t.amole.slots, t.amole.holders, t.amole.reassign_every, t.amole.top_k,
           t.amole.load_balance_weight, t.amole.sample_weighted, t.amole.dp_eta, t.amole.aux_fraction, t.amole.aux_max}},
-        {"a2", {t.a2.upload_rank, t.a2.b_lr_multiplier, t.a2.probe_steps}}};
+        {"a2", {t.a2.upload_rank, t.a2.b_lr_multiplier, t.a2.probe_steps, t.a2.warm_start, t.a2.router_every_round}}};
     return j;
   };
   return key(*this) == key(o);
@@ -212,6 +212,8 @@ TaskSpec parse_task(const json& value) {
     a.integer("upload_rank", t.a2.upload_rank);
     a.number("b_lr_multiplier", t.a2.b_lr_multiplier);
     a.integer("probe_steps", t.a2.probe_steps);
+    a.boolean("warm_start", t.a2.warm_start);
+    a.boolean("router_every_round", t.a2.router_every_round);
   });
   f.finish();
   check_task(t);
@@ -229,6 +231,7 @@ void read_device_fields(Fields& f, DeviceConfig& c) {
   f.string("data", c.data);
   f.string("test_data", c.test_data);
   f.number("test_fraction", c.test_fraction);
+  f.number("val_fraction", c.val_fraction);
   f.string("text_column", c.text_column);
   f.string("label_column", c.label_column);
   f.integer("upload_rank", c.upload_rank);
@@ -298,6 +301,7 @@ void check_device_config(const DeviceConfig& c) {
   require(!c.artifact.empty(), "no artifact folder given (artifact, or --artifact DIR written by 'edgemole export')");
   require(!c.data.empty(), "no data file given (data, or --data FILE)");
   require(0 <= c.test_fraction && c.test_fraction < 1, "test_fraction must be in [0, 1)");
+  require(0 <= c.val_fraction && c.val_fraction < 1, "val_fraction must be in [0, 1)");
   require(0 <= c.upload_rank && c.upload_rank <= 4096, "upload_rank must be in [0, 4096] (0: the task's)");
   require(1 <= c.threads && c.threads <= 256, "threads must be in [1, 256]");
   require(c.max_message_bytes >= 1024, "max_message_bytes must be >= 1024");

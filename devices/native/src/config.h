@@ -48,6 +48,10 @@ struct A2Spec {
   std::int64_t upload_rank = 0;
   double b_lr_multiplier = 5.0;
   std::int64_t probe_steps = 0;
+  // The aggregator's choices (round 1 trains both factors; routers travel in B rounds too): a device trains the
+  // phase and roles each assignment names, so these only have to parse.
+  bool warm_start = false;
+  bool router_every_round = false;
 };
 
 struct TaskSpec {
@@ -81,6 +85,7 @@ struct DeviceConfig {
   std::string data;       // CSV / JSONL / JSON with text and label columns
   std::string test_data;  // optional: a separate local test file
   double test_fraction = 0.2;
+  double val_fraction = 0.1;  // of the training rows, held out to choose the deployed model (10.3a)
   std::string text_column, label_column;
   std::int64_t upload_rank = 0;  // r_c; 0: the task's a2.upload_rank, else the LoRA rank
   std::int64_t threads = 1;      // ExecuTorch runtime threads (1: no worker threads; what qemu needs)

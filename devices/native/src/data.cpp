@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <stdexcept>
+#include <tuple>
 #include <unordered_map>
 
 #include "errors.h"
@@ -642,6 +643,30 @@ std::pair<std::vector<std::size_t>, std::vector<std::size_t>> split_train_test(c
   std::sort(train.begin(), train.end());
   std::sort(test.begin(), test.end());
   return {train, test};
+}
+
+std::pair<std::vector<std::size_t>, std::vector<std::size_t>> split_validation(
+    const std::vector<std::string>& train_labels, double val_fraction, std::uint64_t seed) {
+  if (val_fraction > 0 && train_labels.size() >= kMinValidationRows) {
+    return split_train_test(train_labels, val_fraction, seed + 1);  // seed + 1 mod 2^64, as Python's SplitMix64
+  }
+  std::vector<std::size_t> train(train_labels.size());
+  std::iota(train.begin(), train.end(), std::size_t{0});
+  return {train, {}};
+}
+
+RowSplit split_rows(const std::vector<std::string>& labels, bool separate_test, double test_fraction,
+                    double val_fraction, std::uint64_t seed) {
+  RowSplit rows;
+  std::vector<std::size_t> train(labels.size());
+  std::iota(train.begin(), train.end(), std::size_t{0});
+  if (!separate_test) std::tie(train, rows.test) = split_train_test(labels, test_fraction, seed);
+  std::vector<std::string> train_labels;
+  for (std::size_t i : train) train_labels.push_back(labels[i]);
+  const auto [kept, held] = split_validation(train_labels, val_fraction, seed);
+  for (std::size_t k : kept) rows.train.push_back(train[k]);
+  for (std::size_t k : held) rows.val.push_back(train[k]);
+  return rows;
 }
 
 std::uint32_t crc32(std::string_view data) {

@@ -35,6 +35,23 @@ std::pair<std::vector<std::size_t>, std::vector<std::size_t>> split_train_test(c
                                                                                double test_fraction,
                                                                                std::uint64_t seed);
 
+// The validation split of a device's training rows (edge_client/local_data.py, docs/protocol.md 10.3a): with
+// val_fraction > 0 and at least kMinValidationRows rows, `split_train_test` over the training rows in their order with
+// seed + 1 (`seed`: the client's split seed, crc32(client_id)); else every row trains and none validates. Sorted
+// (train, validation) positions into `train_labels`; ConfigError for a fraction of 1 or more when it splits.
+inline constexpr std::size_t kMinValidationRows = 10;
+std::pair<std::vector<std::size_t>, std::vector<std::size_t>> split_validation(
+    const std::vector<std::string>& train_labels, double val_fraction, std::uint64_t seed);
+
+// The rows of a data file with these labels that a device trains, validates and tests on, each ascending: the test
+// split of `split_train_test` (none with a separate test file: then every row is a training row), then the validation
+// split of `split_validation` over the training rows, both from the client's split seed.
+struct RowSplit {
+  std::vector<std::size_t> train, val, test;
+};
+RowSplit split_rows(const std::vector<std::string>& labels, bool separate_test, double test_fraction,
+                    double val_fraction, std::uint64_t seed);
+
 // zlib's CRC-32 (Python's zlib.crc32): the split seed of a client is crc32(client_id).
 std::uint32_t crc32(std::string_view data);
 

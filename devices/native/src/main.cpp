@@ -2,8 +2,8 @@
 //
 //   edgemole-device --config FILE [--broker URL] [--client-id ID] [--KEY VALUE ...]   serve the fleet
 //   edgemole-device predict --config FILE [TEXT ... | -]                              use the deployed model
-//   edgemole-device round --config FILE --task T.st --assign A.st --out U.st [--losses L.json]
-//                                                         one round from saved messages (parity checks)
+//   edgemole-device round --config FILE --task T.st --assign A.st [--assign A2.st ...] --out U.st [--losses L.json]
+//                                                         rounds from saved messages (parity checks)
 //
 // A fatal configuration error (bad flag, config file, data file or artifact) prints one `error: ...` line and exits
 // with status 2, like the Python roles.
@@ -35,13 +35,14 @@ const char* kUsage =
     "usage: edgemole-device --config FILE [--broker URL] [--client-id ID] [--artifact DIR] [--data FILE]\n"
     "                       [--upload-rank R] [--threads T] [--keep-serving] [--KEY VALUE ...]\n"
     "       edgemole-device predict --config FILE [TEXT ... | -]\n"
-    "       edgemole-device round --config FILE --task FILE --assign FILE --out FILE [--losses FILE]\n"
-    "                             [--published FILE]\n"
+    "       edgemole-device round --config FILE --task FILE --assign FILE [--assign FILE ...] --out FILE\n"
+    "                             [--losses FILE] [--published FILE]\n"
     "       edgemole-device --version\n"
     "Keys of the JSON config file (and --key-with-dashes flags): broker, client_id, fleet, topic_prefix, artifact,\n"
-    "data, test_data, test_fraction, text_column, label_column, upload_rank, threads, max_message_bytes,\n"
-    "connect_timeout_s, keep_serving, eval_after_training, state_dir, log_level, ca_file, cert_file, key_file,\n"
-    "username, password_file (the password: that file or EDGEMOLE_MQTT_PASSWORD, never a flag).\n"
+    "data, test_data, test_fraction, val_fraction (share of the training rows held out to choose the deployed\n"
+    "model, default 0.1), text_column, label_column, upload_rank, threads, max_message_bytes, connect_timeout_s,\n"
+    "keep_serving, eval_after_training, state_dir, log_level, ca_file, cert_file, key_file, username,\n"
+    "password_file (the password: that file or EDGEMOLE_MQTT_PASSWORD, never a flag).\n"
     "See devices/native/README.md.\n";
 
 std::vector<std::uint8_t> read_file(const std::string& path) {
@@ -60,7 +61,12 @@ void write_file(const std::string& path, const std::string& data) {
 struct Parsed {
   DeviceConfig config;
   std::vector<std::string> positional;
-  std::map<std::string, std::string> extra;  // sub-command flags (task, assign, out, losses)
+  std::map<std::string, std::vector<std::string>> extra;  // sub-command flags (task, assign, out, losses), in order
+  // The last value of a sub-command flag ("" when not given).
+  std::string flag(const std::string& key) const {
+    const auto it = extra.find(key);
+    return it == extra.end() ? "" : it->second.back();
+  }
 };
 
 Parsed parse(int argc, char** argv, int first, const std::vector<std::string>& extra_flags) {
@@ -93,7 +99,7 @@ Parsed parse(int argc, char** argv, int first, const std::vector<std::string>& e
     if (key == "config") {
       config_path = value;
     } else if (std::find(extra_flags.begin(), extra_flags.end(), key) != extra_flags.end()) {
-      p.extra[key] = value;
+      p.extra[key].push_back(value);
     } else {
       options.emplace_back(key, value);
     }
@@ -131,6 +137,8 @@ class RecordingLink final : public Link {
   void close() override {}
 };
 
+// The task, then every assignment in order (one client: what it trained in a round is kept for the next), as the
+// service would receive them; --out gets the last update, --losses the last round's losses.
 int one_round(int argc, char** argv) {
   Parsed p = parse(argc, argv, 2, {"task", "assign", "out", "losses", "published"});
   for (const char* key : {"task", "assign", "out"}) {
@@ -141,8 +149,11 @@ int one_round(int argc, char** argv) {
   auto link = std::make_unique<RecordingLink>();
   RecordingLink* recorded = link.get();
   DeviceClient client(p.config, std::move(link));
-  client.handle(Inbound{client.topics().task(), read_file(p.extra["task"]), true});
-  client.handle(Inbound{client.topics().assign(p.config.client_id), read_file(p.extra["assign"]), false});
+  client.handle(Inbound{client.topics().task(), read_file(p.flag("task")), true});
+  const std::vector<std::string>& assignments = p.extra.at("assign");
+  for (const std::string& path : assignments) {
+    client.handle(Inbound{client.topics().assign(p.config.client_id), read_file(path), false});
+  }
   const std::string update_topic = client.topics().update(p.config.client_id);
   if (p.extra.count("published")) {  // every message the client sent, as JSON lines (topic, kind, round, body)
     std::string lines;
@@ -151,16 +162,25 @@ int one_round(int argc, char** argv) {
       lines +=
           nlohmann::json{{"topic", item.first}, {"kind", m.kind}, {"round", m.round}, {"body", m.body}}.dump() + "\n";
     }
-    write_file(p.extra["published"], lines);
+    write_file(p.flag("published"), lines);
   }
+  const std::vector<std::uint8_t>* last = nullptr;
+  std::size_t updates = 0;
   for (const auto& item : recorded->published) {
     if (item.first == update_topic) {
-      write_file(p.extra["out"], std::string(item.second.begin(), item.second.end()));
-      if (p.extra.count("losses")) write_file(p.extra["losses"], nlohmann::json(client.last_losses()).dump());
-      return 0;
+      last = &item.second;
+      ++updates;
     }
   }
-  throw Error("the client sent no update (rejected " + std::to_string(client.rejected()) + " message(s))");
+  const std::string rejected = "(rejected " + std::to_string(client.rejected()) + " message(s))";
+  if (!last) throw Error("the client sent no update " + rejected);
+  if (updates < assignments.size()) {
+    throw Error("the client sent " + std::to_string(updates) + " update(s) for " + std::to_string(assignments.size()) +
+                " assignments " + rejected);
+  }
+  write_file(p.flag("out"), std::string(last->begin(), last->end()));
+  if (p.extra.count("losses")) write_file(p.flag("losses"), nlohmann::json(client.last_losses()).dump());
+  return 0;
 }
 
 int predict(int argc, char** argv) {

@@ -7,9 +7,12 @@
 //   below SEED N COUNT                {"below": [...]}
 //   permutation SEED N                {"permutation": [...]}
 //   table FILE [--text-column C] [--label-column L]                {"texts": [...], "labels": [...]}
-//   split FILE --seed S --test-fraction F [--text-column C] [--label-column L]
-//                                     {"train": [texts], "test": [texts], "train_labels": [...], "test_labels": [...],
-//                                      "train_indices": [...], "test_indices": [...]}
+//   split FILE --seed S --test-fraction F [--val-fraction V] [--separate-test 1] [--text-column C] [--label-column L]
+//                                     {"train": [texts], "test": [texts], "val": [texts], "train_labels": [...],
+//                                      "test_labels": [...], "val_labels": [...], "train_indices": [...],
+//                                      "test_indices": [...], "val_indices": [...]}
+//                                     the rows of the client's data loading (split_rows: the test split, none with
+//                                     --separate-test 1, then the validation split; V defaults to 0)
 //   batches N --batch-size B --seed S --count K                    {"batches": [[rows], ...]}
 //   aux N --fraction F --max M        {"aux": [rows]}
 //   seeds CLIENT_ID --task-seed T --round R                        {"crc32": .., "batch_seed": .., "dp_seed": ..}
@@ -127,10 +130,12 @@ json run(const std::string& command, const Args& args) {
   }
   if (command == "split") {
     const auto table = edgemole::load_table(args.at(0), args.option("text-column"), args.option("label-column"));
-    const auto [train, test] = edgemole::split_train_test(table.labels, to_double(args.required("test-fraction")),
-                                                          to_seed(args.required("seed")));
-    json out = {{"train_indices", train}, {"test_indices", test}};
-    for (const auto& [name, rows] : {std::pair{"train", &train}, std::pair{"test", &test}}) {
+    const edgemole::RowSplit split = edgemole::split_rows(
+        table.labels, args.option("separate-test", "0") == "1", to_double(args.required("test-fraction")),
+        to_double(args.option("val-fraction", "0")), to_seed(args.required("seed")));
+    json out = {{"train_indices", split.train}, {"test_indices", split.test}, {"val_indices", split.val}};
+    for (const auto& [name, rows] :
+         {std::pair{"train", &split.train}, std::pair{"test", &split.test}, std::pair{"val", &split.val}}) {
       json texts = json::array(), labels = json::array();
       for (const std::size_t i : *rows) {
         texts.push_back(table.texts[i]);

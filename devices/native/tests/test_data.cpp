@@ -149,6 +149,26 @@ TEST_CASE("the documented split example") {
   CHECK(test == Rows{0, 6, 7});
 }
 
+TEST_CASE("the validation split: seed + 1 over the training rows, none below 10 rows") {
+  const std::vector<std::string> labels = {"b", "a", "b", "c", "a", "b", "a", "c", "b", "b"};
+  CHECK(edgemole::split_validation(labels, 0.3, 6) == edgemole::split_train_test(labels, 0.3, 7));
+  const std::vector<std::string> nine(labels.begin(), labels.begin() + 9);
+  CHECK(edgemole::split_validation(nine, 0.3, 6) == std::pair{Rows{0, 1, 2, 3, 4, 5, 6, 7, 8}, Rows{}});
+  CHECK(edgemole::split_validation(labels, 0.0, 6).second.empty());
+  // The rows of a file: the test split, then the validation split of the training rows (positions mapped back).
+  std::vector<std::string> file(labels);
+  file.insert(file.end(), labels.begin(), labels.end());
+  const edgemole::RowSplit rows = edgemole::split_rows(file, false, 0.25, 0.3, 41);
+  const auto [train, test] = edgemole::split_train_test(file, 0.25, 41);
+  CHECK(rows.test == test);
+  CHECK(rows.train.size() + rows.val.size() == train.size());
+  CHECK(rows.val.size() == 4);  // round(15 * 0.3) of the 15 training rows (4.5, to even)
+  for (std::size_t i : rows.val) CHECK(std::binary_search(train.begin(), train.end(), i));
+  const edgemole::RowSplit separate = edgemole::split_rows(file, true, 0.25, 0.3, 41);
+  CHECK(separate.test.empty());
+  CHECK(separate.val.size() == 6);  // round(20 * 0.3)
+}
+
 TEST_CASE("split_train_test keeps its bounds") {
   const std::vector<std::string> two = {"a", "b"};
   CHECK(edgemole::split_train_test(two, 0.01, 0).second.size() == 1);

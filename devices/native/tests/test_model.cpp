@@ -204,6 +204,14 @@ TEST_CASE("device config: unknown keys, wrong types and missing fields are one-l
   CHECK(c.upload_rank == 3);
   CHECK_THROWS_AS(set_device_option(c, "upload_rank", "three"), ConfigError);
   CHECK_THROWS_AS(set_device_option(c, "colour", "red"), ConfigError);
+  CHECK(c.val_fraction == 0.1);
+  set_device_option(c, "val_fraction", "0");
+  check_device_config(c);
+  for (const char* bad : {"1", "-0.1", "1.5"}) {
+    set_device_option(c, "val_fraction", bad);
+    CHECK_THROWS_WITH_AS(check_device_config(c), doctest::Contains("val_fraction must be in [0, 1)"), ConfigError);
+  }
+  set_device_option(c, "val_fraction", "0.1");
   {
     std::ofstream out(path);
     out << R"({"broker": 5})";
