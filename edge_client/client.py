@@ -90,6 +90,8 @@ class EdgeClient:
         builds the engine for a task (the bench lets its in-process clients share one engine, which is safe because
         every assignment loads the whole trainable state and clients run one at a time)."""
         check_name(opts.client_id, "client id")
+        if not 0 <= opts.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {opts.val_fraction}")
         self.opts = opts
         self.topics = Topics(opts.fleet, opts.topic_prefix)
         self.data = LocalData(  # read now so that a bad data file fails before connecting

@@ -118,7 +118,9 @@ def _run(tmp: Path, broker: str, model: str, method: str, fleet: str, attack: bo
                     pass
             if attack and msg.kind == Kind.ASSIGN and msg.client == VICTIM and msg.round == ATTACK_ROUND and not sent:
                 ctx = Context(topics, method, msg.body["run"], msg.round, msg.phase, VICTIM, OTHER, msg,
-                              updates[(VICTIM, ATTACK_ROUND - 1)], updates[(OTHER, ATTACK_ROUND - 1)], SIZES[0],
+                              updates[(VICTIM, ATTACK_ROUND - 1)], updates[(OTHER, ATTACK_ROUND - 1)],
+                              # the victim's num_train (its data less the validation split it holds out)
+                              decode(updates[(VICTIM, ATTACK_ROUND - 1)]).body["num_samples"],
                               MAX_MESSAGE_BYTES, tiny_task(model, method, amole))
                 built = [(entry, *build(ctx, entry)) for entry in manifest() if entry["plain_broker"]]
                 sent.update({payload: entry["name"] for entry, _, payload, _ in built

@@ -31,6 +31,7 @@ from edgemole.config import (
     from_dict,
     load_settings,
 )
+from edgemole.defaults import METHOD_DEFAULTS
 from edgemole.errors import ConfigError, ProtocolError
 from edgemole.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -970,7 +971,12 @@ def test_load_settings_from_json(tmp_path: Path) -> None:
     path.write_text(json.dumps({"fleet": {"method": "fedit", "quorum": 0.75}, "simulate": {"clients": 3}}))
     s = load_settings(path, {"simulate": {"clients": 5}})
     assert s.fleet.quorum == 0.75 and s.simulate.clients == 5
-    assert load_settings(None) == Settings()
+    # without a file, the dataclass defaults with the default method's own defaults (edgemole/defaults.py) on top
+    expected = Settings()
+    for key, value in METHOD_DEFAULTS[expected.fleet.method].items():
+        section, name = key.split(".", 1)
+        setattr(getattr(expected, section), name, value)
+    assert load_settings(None) == expected
 
 
 @pytest.mark.parametrize(
