@@ -85,8 +85,8 @@ def round_brief(record: dict[str, Any]) -> dict[str, Any]:
     """What progress shows of a round record (small and plain, for the queue from a worker process)."""
     return {"round": int(record["round"]), "phase": record.get("phase", ""),
             "answered": len(record.get("answered", [])), "selected": len(record.get("selected", [])),
-            "accuracy": record.get("accuracy_before"), "bytes_up": record.get("bytes_up", 0),
-            "bytes_down": record.get("bytes_down", 0)}
+            "accuracy": record.get("accuracy_deployed", record.get("accuracy_before")),
+            "bytes_up": record.get("bytes_up", 0), "bytes_down": record.get("bytes_down", 0)}
 
 
 @dataclass

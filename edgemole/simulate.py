@@ -168,7 +168,9 @@ class _Display:
         extra = [(key, col) for key, col in EXTRA_ACCURACIES if any(key in r for r in self.records)]
         table = Table(title="edgemole simulate", header_style="bold",
                       caption="acc in: the received (aggregated) model on each client's test split; acc local: "
-                      "after local training; means over clients; experts: held per module / distinct expert sets; "
+                      "after local training; acc trained: the model kept from the last round's training; acc "
+                      "deployed: the one the device serves (docs/deployed-model.md); means over clients; experts: "
+                      "held per module / distinct expert sets; "
                       "up/down in binary units (1 MiB = 2^20 bytes)")
         for col in ("round", "phase", "clients", "acc in", "acc local", *(c for _, c in extra), "loss", "experts",
                     "up", "down", "secs"):
@@ -438,8 +440,8 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
     final = summary["final"]
     console.print()
     console.print(
-        f"final personalised accuracy {_fmt_pct(final['accuracy_before'])} "
-        f"(± {_fmt_pct(final['accuracy_before_std'])} over {len(final['answered'])} clients), "
+        f"final personalised accuracy {_fmt_pct(summary['final_personalised_accuracy'])} "
+        f"(± {_fmt_pct(summary['final_personalised_accuracy_std'])} over {len(final['answered'])} clients), "
         f"uploaded {_fmt_bytes(summary['bytes_up_total'])}, downloaded {_fmt_bytes(summary['bytes_down_total'])}, "
         f"{wall:.0f} s on {broker_kind}", highlight=False
     )
