@@ -85,7 +85,8 @@ def test_global_adapter_is_sample_weighted_average_of_client_adapters(tmp_path: 
     assign1 = fleet.messages(Kind.ASSIGN, 1)
     assign2 = fleet.messages(Kind.ASSIGN, 2)
     assert sorted(updates) == ["c0", "c1", "c2"] and sorted(assign2) == ["c0", "c1", "c2"]
-    assert [updates[c].body["num_samples"] for c in ("c0", "c1", "c2")] == [20, 45, 80]
+    # each device trains on its data less the 10% validation split it holds out (docs/deployed-model.md)
+    assert [updates[c].body["num_samples"] for c in ("c0", "c1", "c2")] == [18, 41, 72]
     names = sorted(assign2["c0"].tensors)
     assert any(n.endswith("lora_A") for n in names) and "head.weight" in names
     for name in names:
@@ -174,12 +175,12 @@ def test_hostile_updates_are_rejected_and_the_round_completes(tmp_path: Path, mo
     # every honest client was still accepted in both rounds, and the average is untouched by the attack
     assert [r["answered"] for r in summary["rounds"]] == [["c0", "c1", "c2"]] * 2
     assign2 = fleet.messages(Kind.ASSIGN, 2)
-    # the honest updates are the ones with 30 samples (every forged one claims 5 or 10)
+    # the honest updates are the ones with 27 samples: 30 less the validation split (every forged one claims 5 or 10)
     real = {m.client: m for _, m, _ in fleet.observed
-            if m.kind == Kind.UPDATE and m.round == 1 and m.body.get("num_samples") == 30}
+            if m.kind == Kind.UPDATE and m.round == 1 and m.body.get("num_samples") == 27}
     assert sorted(real) == ["c0", "c1", "c2"]
     for name, value in assign2["c0"].tensors.items():
-        expected = weighted_average([real[c].tensors[name] for c in sorted(real)], [30, 30, 30])
+        expected = weighted_average([real[c].tensors[name] for c in sorted(real)], [27, 27, 27])
         assert torch.allclose(value, expected, atol=1e-6), name
 
 
