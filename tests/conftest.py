@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,3 +151,24 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) ->
     for kind, method in (("lora", "fedit"), ("amole", "fedamole-a2")):
         write_artifact(tiny_task(tiny_model, method, TINY_AMOLE), out / kind)
     return {"lora": out / "lora", "amole": out / "amole"}
+
+
+def whole_assignment(caches: dict, msg: Any) -> Any:
+    """``msg`` with its whole model when it was sent by version (docs/protocol.md 4.4.1), rebuilt as the device
+    rebuilds it from ``caches`` (client -> its cache, filled here); any other message unchanged. For tests that
+    listen to assignments on the broker."""
+    from dataclasses import replace
+
+    from edgemole.errors import ProtocolError
+    from edgemole.protocol import Kind
+    from edgemole.protocol.delta import VERSIONS, apply_download, parse_versions, remember
+
+    if msg.kind != Kind.ASSIGN or VERSIONS not in msg.body:
+        return msg
+    held = caches.setdefault(msg.client, {})
+    try:
+        tensors, roles = apply_download(held, msg.tensors, msg.roles, parse_versions(msg.body) or {})
+    except ProtocolError:  # a forged or stale one: as the device would, leave it as it is
+        return msg
+    remember(held, tensors, roles)
+    return replace(msg, body={k: v for k, v in msg.body.items() if k != VERSIONS}, tensors=tensors, roles=roles)

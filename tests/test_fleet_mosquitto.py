@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_AMOLE, spawn, tiny_task, write_client_data, write_config
+from conftest import TINY_AMOLE, spawn, tiny_task, whole_assignment, write_client_data, write_config
 
 from aggregator.strategies import weighted_average
 from aggregator.strategies.flexlora import svd_redistribute
@@ -40,6 +40,7 @@ class Fleet:
         self.observer.connect(10)
         self.observer.subscribe(f"{self.topics.base}/#")
         self.observed: Observed = []
+        self.caches: dict = {}  # per client, the download cache a listener keeps to rebuild assignments
         self.summary_path = tmp / "summary.json"
         self.aggregator = spawn(["aggregator", "--broker", broker, "--config", str(self.config), "--json-out",
                                  str(self.summary_path)], tmp / "aggregator.log")
@@ -61,6 +62,7 @@ class Fleet:
                     msg = decode(inbound.payload, 64 * 2**20)
                 except Exception:  # the tests' own hostile payloads
                     continue
+                msg = whole_assignment(self.caches, msg)  # as the device rebuilds one sent by version
                 self.observed.append((inbound.topic, msg, len(inbound.payload)))
                 if on_message:
                     on_message(inbound.topic, msg, inbound.payload)

@@ -15,13 +15,12 @@ import json
 import os
 import signal
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_AMOLE, spawn, tiny_task, write_client_data, write_config
+from conftest import TINY_AMOLE, spawn, tiny_task, whole_assignment, write_client_data, write_config
 from hostile.corpus import BUILDERS, Context, build, manifest, topic
 
 from aggregator.checkpoint import LATEST, read_checkpoint
@@ -29,11 +28,10 @@ from aggregator.service import AggregatorService
 from edge_client.client import ClientOptions, EdgeClient
 from edgemole.bench import SharedEngine
 from edgemole.config import load_settings
-from edgemole.errors import ProtocolError
 from edgemole.memory_link import MemoryBroker, MemoryLink
 from edgemole.mqtt import MqttLink
 from edgemole.protocol import Kind, Topics, decode
-from edgemole.protocol.delta import VERSIONS, Version, apply_download, parse_versions, remember
+from edgemole.protocol.delta import Version
 from edgemole.simulate import stop_processes
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
@@ -106,16 +104,8 @@ def _run(tmp: Path, broker: str, model: str, method: str, fleet: str, attack: bo
                 if attack and (msg.client, msg.round) == (VICTIM, ATTACK_ROUND - 1) and not sent:
                     os.kill(victim.pid, signal.SIGSTOP)
                     paused = time.monotonic()
-            if msg.kind == Kind.ASSIGN and VERSIONS in msg.body and inbound.payload not in sent:
-                # sent by version (docs/protocol.md 4.4.1): the attacker rebuilds the whole model, as the device does
-                try:
-                    held = caches.setdefault(msg.client, {})
-                    tensors, roles = apply_download(held, msg.tensors, msg.roles, parse_versions(msg.body) or {})
-                    remember(held, tensors, roles)
-                    msg = replace(msg, body={k: v for k, v in msg.body.items() if k != VERSIONS}, tensors=tensors,
-                                  roles=roles)
-                except ProtocolError:
-                    pass
+            if inbound.payload not in sent:  # sent by version: rebuilt as the device does (protocol.md 4.4.1)
+                msg = whole_assignment(caches, msg)
             if attack and msg.kind == Kind.ASSIGN and msg.client == VICTIM and msg.round == ATTACK_ROUND and not sent:
                 ctx = Context(topics, method, msg.body["run"], msg.round, msg.phase, VICTIM, OTHER, msg,
                               updates[(VICTIM, ATTACK_ROUND - 1)], updates[(OTHER, ATTACK_ROUND - 1)],
