@@ -136,7 +136,7 @@ void check_task(const TaskSpec& t) {
   require(1 <= a.experts && a.experts <= 1024, "amole.experts must be in [1, 1024]");
   require(1 <= a.top_k && a.top_k <= a.slots && a.slots <= 64, "amole needs 1 <= top_k <= slots <= 64");
   require(a.slots <= a.experts, "amole.slots cannot exceed amole.experts");
-  require(a.holders >= 1, "amole.holders must be >= 1");
+  require(a.holders >= 0, "amole.holders must be >= 1, or 0 for the smallest feasible C");
   require(1 <= a.reassign_every && a.reassign_every <= 1000, "amole.reassign_every must be in [1, 1000]");
   require(0 <= a.load_balance_weight && a.load_balance_weight < 10, "amole.load_balance_weight must be in [0, 10)");
   require(a.dp_eta >= 0, "amole.dp_eta must be >= 0 (0 turns the noise off)");
