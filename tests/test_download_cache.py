@@ -299,7 +299,7 @@ def test_real_fleet_rebuilds_exactly_the_aggregated_model(tmp_path: Path, mosqui
 
     flags = {f"c{k}": ["--upload-rank", "1"] for k in range(3)}
     fleet = ProcessFleet(tmp_path, mosquitto, tiny_model, sizes=[20, 30, 40], method="lora-a2", rounds=3,
-                         client_flags=flags)
+                         client_flags=flags, rebuild=False)
     summary = fleet.run()
     caches: dict[str, dict[str, Version]] = {c: {} for c in flags}
     models: dict[int, dict[str, torch.Tensor]] = {}

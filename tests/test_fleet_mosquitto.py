@@ -29,7 +29,9 @@ class Fleet:
 
     def __init__(self, tmp: Path, broker: str, model: str, sizes: list[int], train: dict | None = None,
                  amole: dict | None = None, client_flags: dict[str, list[str]] | None = None,
-                 **fleet: object) -> None:
+                 rebuild: bool = True, **fleet: object) -> None:
+        """``rebuild``: record assignments sent by version with their whole model, as the device rebuilds them
+        (False: as they were on the wire)."""
         self.tmp, self.broker = tmp, broker
         files, labels = write_client_data(tmp, sizes)
         self.config = write_config(tmp / "config.json", model, labels, train, amole, min_clients=len(sizes),
@@ -40,7 +42,7 @@ class Fleet:
         self.observer.connect(10)
         self.observer.subscribe(f"{self.topics.base}/#")
         self.observed: Observed = []
-        self.caches: dict = {}  # per client, the download cache a listener keeps to rebuild assignments
+        self.caches: dict | None = {} if rebuild else None  # per client, the cache a listener keeps to rebuild
         self.summary_path = tmp / "summary.json"
         self.aggregator = spawn(["aggregator", "--broker", broker, "--config", str(self.config), "--json-out",
                                  str(self.summary_path)], tmp / "aggregator.log")
@@ -62,7 +64,8 @@ class Fleet:
                     msg = decode(inbound.payload, 64 * 2**20)
                 except Exception:  # the tests' own hostile payloads
                     continue
-                msg = whole_assignment(self.caches, msg)  # as the device rebuilds one sent by version
+                if self.caches is not None:
+                    msg = whole_assignment(self.caches, msg)  # as the device rebuilds one sent by version
                 self.observed.append((inbound.topic, msg, len(inbound.payload)))
                 if on_message:
                     on_message(inbound.topic, msg, inbound.payload)
