@@ -116,7 +116,6 @@ class EdgeClient:
         self.rejected = 0
         #: download cache: the latest version received of every tensor name of the run (never the trained ones)
         self.cache: dict[str, Version] = {}
-        self._cache_run: str | None = None
         #: assignments that could not be rebuilt from the cache (each made the aggregator send everything again)
         self.cache_misses = 0
         #: the model this device last trained (its weights and the assignment body they belong to), kept for
@@ -282,6 +281,7 @@ class EdgeClient:
             self.engine = engine
             self.data.prepare(task.labels, self.engine.tokenizer, task.model.max_length)
         self.task, self.run_id, self.last_round, self.trained = task, run, 0, None
+        self.cache = {}  # another run's tensors: every digest would have to be sent again anyway
         self._publish_status("ready")
         if self.pending is not None:
             self._on_assignment(self.pending)
@@ -292,8 +292,6 @@ class EdgeClient:
         ``ready`` status makes the aggregator send everything; a malformed payload is rejected like a bad assignment."""
         if msg.body.get("run") != self.run_id or msg.client != self.opts.client_id or msg.round <= self.last_round:
             return True  # not one to apply (another run's, a stale one): the validator rejects it, nothing is cleared
-        if self._cache_run != self.run_id:
-            self.cache, self._cache_run = {}, self.run_id
         try:
             versions = parse_versions(msg.body)
             if versions is None:
