@@ -240,7 +240,7 @@ KEY_STABLE_DEFAULTS: dict[tuple[str, str], Any] = {
     ("train", "dropout"): True, ("train", "optimizer"): "adamw", ("amole", "reassign_every"): 1,
     ("fleet", "update_norm_factor"): 10.0, ("fleet", "robust"): "none", ("fleet", "max_samples"): 1_000_000,
     ("fleet", "max_update_value"): 1e6, ("simulate", "native_clients"): 0, ("a2", "router_every_round"): False,
-    ("a2", "warm_start"): False,
+    ("a2", "warm_start"): False, ("amole", "keep_bonus"): 0.0,
 }
 #: ``amole.holders`` before "auto" (0) became its default; see :func:`_legacy_holders`
 LEGACY_HOLDERS = 2
@@ -280,6 +280,10 @@ def _identity(settings: dict[str, Any], global_test_size: int, per_method: set[s
     config["device"] = {"val_fraction": ClientOptions.val_fraction}
     setup = json.loads(json.dumps(config))  # "auto" C for every method: one setup for the grid
     _legacy_holders(config)
+    if config["fleet"]["method"] in EXPERT_METHODS:
+        # Since the final evaluation keeps the expert sets of the last round (aggregator/strategies/fedamole.py), the
+        # expert methods' final figures are of other models than before: their earlier runs must not count as done.
+        config["amole"]["final_sets"] = "kept"
     for section, name in (("fleet", "method"), ("fleet", "seed"), ("data", "partition"), ("lora", "r"),
                           ("a2", "upload_rank")):
         setup[section].pop(name, None)

@@ -67,6 +67,9 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
                    "C that gives every device k experts)")
     g.add_argument("--reassign-every", type=int,
                    help="rounds an expert assignment lasts (default 1: reverse selection before every round)")
+    g.add_argument("--keep-bonus", type=float,
+                   help="how much reverse selection favours an expert's current holders, in mean preferences "
+                        "(default 0: the paper's assignment)")
     g.add_argument("--top-k", type=int, help="k: experts mixed per token, fewest a device holds (default 2)")
     g.add_argument("--dp-eta", type=float, help="differential privacy on RSEA embeddings, rate eta (0: off)")
     g = p.add_argument_group("alternating freeze and rank selection (lora-a2, fedamole-a2)")
@@ -145,7 +148,8 @@ def _overrides(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
                      "upload_ranks": get("upload_ranks"), "artifact": get("artifact"),
                      "native_clients": get("native_clients")},
         "amole": {"experts": get("experts"), "slots": get("slots"), "holders": get("holders"),
-                  "reassign_every": get("reassign_every"), "top_k": get("top_k"), "dp_eta": get("dp_eta")},
+                  "reassign_every": get("reassign_every"), "keep_bonus": get("keep_bonus"),
+                  "top_k": get("top_k"), "dp_eta": get("dp_eta")},
         "a2": {"upload_rank": get("upload_rank"), "b_lr_multiplier": get("b_lr_multiplier"),
                "probe_steps": get("probe_steps")},
     }

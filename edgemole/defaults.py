@@ -13,7 +13,7 @@ from typing import Any
 
 #: the settings a method may have a default for: ``section.name`` as in the config file
 TUNABLE = ("train.lr", "train.local_steps", "a2.b_lr_multiplier", "amole.holders", "amole.top_k",
-           "amole.reassign_every")
+           "amole.reassign_every", "amole.keep_bonus")
 
 #: per-method values chosen by sweeps on BANKING77 (docs/results.md "Per-method defaults": benchmarks/sweep.py and the
 #: learning-rate ablation); ``section.name`` -> value. fedamole-a2 keeps an expert's holders for a B round and the A

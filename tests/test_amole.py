@@ -213,7 +213,8 @@ def test_fedamole_needs_enough_devices_to_hold_every_expert(tiny_model: str) -> 
 @pytest.mark.parametrize("method", ["fedamole", "fedamole-a2"])
 def test_reassign_every_keeps_expert_sets_within_a_period(tiny_model: str, method: str) -> None:
     """``amole.reassign_every = 2``: round 2 keeps round 1's sets (the same holders train both factors in
-    fedamole-a2), round 3 and the evaluation after round 2 assign anew, and other devices force a new assignment."""
+    fedamole-a2), round 3 assigns anew, the final evaluation keeps the sets of the last round trained (those the
+    devices trained and serve), and other devices force a new assignment."""
     from aggregator.strategies import strategy_class
 
     task = _task(tiny_model, experts=4, slots=3, holders=2, reassign_every=2)
@@ -226,13 +227,41 @@ def test_reassign_every_keeps_expert_sets_within_a_period(tiny_model: str, metho
     clients = ["a", "b", "c", "d"]
     first = strategy.configure_train(1, clients).info["experts"]
     assert strategy.configure_train(2, clients).info["experts"] == first and len(calls) == 1
-    strategy.configure_evaluate(clients)
-    assert len(calls) == 2  # the evaluation after round 2 is round 3's assignment
+    assert strategy.configure_evaluate(clients).info["experts"] == first and len(calls) == 1
     strategy.configure_train(3, clients)
-    assert len(calls) == 3
+    assert len(calls) == 2
     fewer = strategy.configure_train(4, clients[:3]).info["experts"]  # a device dropped out mid-period
-    assert len(calls) == 4 and set(fewer) == set(clients[:3])
+    assert len(calls) == 3 and set(fewer) == set(clients[:3])
+    strategy.configure_evaluate(clients)  # not the devices of the last round: their sets cannot be kept
+    assert len(calls) == 4
     for m in strategy.modules:
         assert sorted(e for c in fewer for e in fewer[c][m]) == [0, 0, 1, 1, 2, 2, 3, 3]
     with pytest.raises(ConfigError):
         AMoLEConfig(reassign_every=0)
+
+
+def test_keep_bonus_keeps_experts_with_their_holders(tiny_model: str) -> None:
+    """``amole.keep_bonus``: 0 is the paper's reverse selection (here it moves experts); a large bonus keeps every
+    (expert, device) pair of the latest assignment, and a new device still gets a feasible set."""
+    from aggregator.strategies import strategy_class
+
+    def moved(bonus: float) -> int:
+        task = _task(tiny_model, experts=4, slots=3, holders=2)
+        task.amole.keep_bonus = bonus
+        model, _ = build_classifier(task)
+        strategy = strategy_class("fedamole")(*WireState.of_model(model, task).initial_fleet_state(), task)
+        clients = ["a", "b", "c", "d"]
+        first = strategy.configure_train(1, clients).info["experts"]
+        gen = torch.Generator().manual_seed(7)
+        for m in strategy.modules:  # embeddings that disagree with the random first assignment
+            strategy.expert_embed[m] = torch.randn(4, strategy.r, generator=gen) * 5
+            strategy.embedded[m][:] = True
+            for c in clients:
+                strategy.token_embed.setdefault(c, {})[m] = torch.randn(strategy.r, generator=gen) * 5
+        second = strategy.configure_train(2, clients).info["experts"]
+        return sum(len(set(first[c][m]) ^ set(second[c][m])) for c in clients for m in strategy.modules)
+
+    assert moved(0.0) > 0
+    assert moved(1000.0) == 0
+    with pytest.raises(ConfigError):
+        AMoLEConfig(keep_bonus=-1)

@@ -83,16 +83,26 @@ class FedAMoLE(Strategy):
         if not any(bool(e.any()) for e in self.embedded.values()):
             xs = [random_assignment(cfg.experts, n, holders, cfg.top_k, cfg.slots, self.rng) for _ in self.modules]
         else:
-            xs = assign_experts_all([self.probabilities(m, clients) for m in self.modules], holders, cfg.top_k,
-                                    cfg.slots)
+            xs = assign_experts_all([self.keeping(m, clients, self.probabilities(m, clients)) for m in self.modules],
+                                    holders, cfg.top_k, cfg.slots)
         return {c: {m: np.flatnonzero(x[:, j]).tolist() for m, x in zip(self.modules, xs, strict=True)}
                 for j, c in enumerate(clients)}
 
-    def expert_sets(self, rnd: int, clients: Sequence[str]) -> dict[str, ExpertSets]:
+    def keeping(self, module: str, clients: Sequence[str], P: np.ndarray) -> np.ndarray:
+        """P with ``amole.keep_bonus * mean(P)`` added for every expert a device holds now (none when 0)."""
+        if not self.cfg.keep_bonus:
+            return P
+        held = np.zeros_like(P)
+        for j, c in enumerate(clients):
+            held[self.sets.get(c, {}).get(module, []), j] = 1.0
+        return P + self.cfg.keep_bonus * float(P.mean()) * held
+
+    def expert_sets(self, rnd: int, clients: Sequence[str], keep: bool = False) -> dict[str, ExpertSets]:
         """The sets of round ``rnd``: a new assignment on the first round of every period of ``reassign_every``
-        rounds; within a period every device keeps its experts, unless other devices answer than those the sets
-        were made for (each expert's C holders would not hold then), or after a restart from a checkpoint."""
-        if (rnd - 1) % self.cfg.reassign_every != 0:
+        rounds (never when ``keep``); within a period every device keeps its experts, unless other devices answer
+        than those the sets were made for (each expert's C holders would not hold then), or after a restart from a
+        checkpoint."""
+        if keep or (rnd - 1) % self.cfg.reassign_every != 0:
             if tuple(clients) == self.assigned_clients:
                 return {c: self.sets[c] for c in clients}
             log.info("round %d: no assignment to keep for these devices (other devices, or a restart): "
@@ -115,10 +125,12 @@ class FedAMoLE(Strategy):
         return {**held, **{n: self.state[n] for n in self.common}}
 
     def _plan(self, phase: str, rnd: int, clients: Sequence[str]) -> RoundPlan:
-        """Round ``rnd``'s assignments (the final evaluation counts as the round after the last one trained)."""
+        """Round ``rnd``'s assignments. The final evaluation keeps the sets of the last round trained: those are the
+        experts each device trained and will serve (a fresh assignment would send experts no round will train on
+        it, and send them whole)."""
         if phase != "eval":
             self.last_round = rnd
-        sets = self.expert_sets(rnd, clients)
+        sets = self.expert_sets(rnd, clients, keep=phase == "eval")
         self.sets.update(sets)
         assignments = {}
         for c in clients:

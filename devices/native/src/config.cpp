@@ -138,6 +138,7 @@ void check_task(const TaskSpec& t) {
   require(a.slots <= a.experts, "amole.slots cannot exceed amole.experts");
   require(a.holders >= 0, "amole.holders must be >= 1, or 0 for the smallest feasible C");
   require(1 <= a.reassign_every && a.reassign_every <= 1000, "amole.reassign_every must be in [1, 1000]");
+  require(0 <= a.keep_bonus && a.keep_bonus <= 1000, "amole.keep_bonus must be in [0, 1000]");
   require(0 <= a.load_balance_weight && a.load_balance_weight < 10, "amole.load_balance_weight must be in [0, 10)");
   require(a.dp_eta >= 0, "amole.dp_eta must be >= 0 (0 turns the noise off)");
   require(0 < a.aux_fraction && a.aux_fraction <= 1 && a.aux_max >= 1,
@@ -161,7 +162,7 @@ bool TaskSpec::operator==(const TaskSpec& o) const {
          {t.train.local_steps, t.train.batch_size, t.train.lr, t.train.weight_decay, t.train.eval_batch_size,
           t.train.dropout, t.train.optimizer}},
         {"amole",
-         {t.amole.experts, t.amole.slots, t.amole.holders, t.amole.reassign_every, t.amole.top_k,
+         {t.amole.experts, t.amole.slots, t.amole.holders, t.amole.reassign_every, t.amole.top_k, t.amole.keep_bonus,
           t.amole.load_balance_weight, t.amole.sample_weighted, t.amole.dp_eta, t.amole.aux_fraction, t.amole.aux_max}},
         {"a2", {t.a2.upload_rank, t.a2.b_lr_multiplier, t.a2.probe_steps, t.a2.warm_start, t.a2.router_every_round}}};
     return j;
@@ -201,6 +202,7 @@ TaskSpec parse_task(const json& value) {
     a.integer("slots", t.amole.slots);
     a.integer("holders", t.amole.holders);
     a.integer("reassign_every", t.amole.reassign_every);
+    a.number("keep_bonus", t.amole.keep_bonus);
     a.integer("top_k", t.amole.top_k);
     a.number("load_balance_weight", t.amole.load_balance_weight);
     a.boolean("sample_weighted", t.amole.sample_weighted);

@@ -37,6 +37,7 @@ struct TrainSpec {
 
 struct AmoleSpec {
   std::int64_t experts = 8, slots = 4, holders = 2, reassign_every = 1, top_k = 2;
+  double keep_bonus = 0.0;  // aggregator only: accepted and checked, not used on the device
   double load_balance_weight = 0.001;
   bool sample_weighted = false;
   double dp_eta = 0.0;

@@ -26,6 +26,10 @@ class AMoLEConfig:
     """Rounds an expert assignment lasts: 1 runs reverse selection before every round (the paper's); 2 keeps each
     device's experts for a B round and the A round after it in ``fedamole-a2``, so that the same holders train
     both factors of an expert. Devices keep their sets only while the same devices take part."""
+    keep_bonus: float = 0.0
+    """How much reverse selection favours an expert's current holders, in units of the mean preference: each
+    (expert, device) pair of the latest assignment scores ``keep_bonus * mean(P)`` more. 0 is the paper's assignment;
+    a positive value moves fewer experts, and every expert that moves reaches its new device whole (the download)."""
     top_k: int = 2
     """k: experts mixed per token; also the fewest experts a device holds."""
     load_balance_weight: float = 0.001
@@ -47,6 +51,8 @@ class AMoLEConfig:
             raise ConfigError("amole.holders must be >= 1, or 0 for the smallest feasible C")
         if not 1 <= self.reassign_every <= 1000:
             raise ConfigError("amole.reassign_every must be in [1, 1000] (1: re-assign before every round)")
+        if not 0 <= self.keep_bonus <= 1000:
+            raise ConfigError("amole.keep_bonus must be in [0, 1000] (0: the paper's assignment)")
         if not 0 <= self.load_balance_weight < 10:
             raise ConfigError("amole.load_balance_weight must be in [0, 10)")
         if self.dp_eta < 0:
