@@ -29,7 +29,15 @@ from edgemole.errors import EdgemoleError, ProtocolError
 from edgemole.model import WireState, build_classifier
 from edgemole.mqtt import RECONNECTED, BrokerCredentials, Inbound, Link, MqttLink, packet_limit
 from edgemole.protocol import DONE, Kind, Message, Topics, decode, encode, validate_update
-from edgemole.protocol.delta import CAPABILITY, VERSIONS, DownloadRecord
+from edgemole.protocol.delta import (
+    CAPABILITY,
+    VERSIONS,
+    DownloadRecord,
+    Version,
+    parse_initial,
+    state_digest,
+    versions_of,
+)
 from edgemole.protocol.messages import json_safe
 
 log = logging.getLogger("edgemole.aggregator")
@@ -117,6 +125,10 @@ class AggregatorService:
         self._assign_messages: dict[str, Message] = {}
         #: per device, what it was last sent: devices that keep a download cache get only what they do not hold
         self._downloads = DownloadRecord()
+        #: the run's initial state and its digest: a device whose status names that digest built it from the task's
+        #: seed and is sent only what differs from it (docs/protocol.md 4.4.1)
+        self._initial: dict[str, Version] = {}
+        self._initial_digest = ""
 
     # -- inbound -------------------------------------------------------------------------------
     def _reject(self, reason: str, detail: str) -> None:
@@ -143,12 +155,16 @@ class AggregatorService:
                 raise ProtocolError("not a status message of this client and fleet")
             if msg.body.get("state") not in (*LIVE_STATES, "offline", "error"):
                 raise ProtocolError(f"unknown state {msg.body.get('state')!r}")
+            initial = parse_initial(msg.body)
         except ProtocolError as exc:
             self._reject("status", f"from {client}: {exc}")
             return
         self.status[client] = msg.body
         # Any status (a restart, a reconnect, a cache miss) may mean the device's cache is gone: send it everything.
         self._downloads.forget(client)
+        if initial is not None and initial == self._initial_digest and msg.body.get("run") == self.run_id \
+                and msg.body.get(CAPABILITY) is True:
+            self._downloads.seed(client, self._initial)  # it holds the initial state, built from the task's seed
         if self._is_ready(msg.body):
             self._resend_if_outstanding(client)
         if msg.body["state"] == "error":
@@ -413,8 +429,11 @@ class AggregatorService:
 
     def _build_strategy(self) -> tuple[Strategy, int]:
         model, _ = build_classifier(self.task)
-        strategy = self.strategy_cls(*WireState.of_model(model, self.task).initial_fleet_state(), self.task)
+        tensors, roles = WireState.of_model(model, self.task).initial_fleet_state()
         del model
+        self._initial = versions_of({n: t.clone() for n, t in tensors.items()}, roles)
+        self._initial_digest = state_digest(self._initial)
+        strategy = self.strategy_cls(tensors, roles, self.task)
         if self.checkpoint_dir is not None:
             remove_stale_temporaries(self.checkpoint_dir)
         if not self.resume or self.checkpoint_dir is None:

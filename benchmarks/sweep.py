@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
                                 "amole": {"reassign_every": 2}},
         **{f"lr0.01-b1-reassign2-keep{bonus:g}": {"train": {"lr": 0.01}, "a2": {"b_lr_multiplier": 1.0},
                                                  "amole": {"reassign_every": 2, "keep_bonus": bonus}}
-           for bonus in (1.0, 3.0, 10.0)},
+           for bonus in (1.0, 2.0, 3.0, 10.0)},
         "lr0.01-b1-k1": {"train": {"lr": 0.01}, "a2": {"b_lr_multiplier": 1.0}, "amole": {"top_k": 1}},
         "lr0.01-b1-steps16": {"train": {"lr": 0.01, "local_steps": 16}, "a2": {"b_lr_multiplier": 1.0}},
     },

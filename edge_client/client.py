@@ -34,7 +34,17 @@ from edgemole.protocol import (
     encode,
     validate_assignment,
 )
-from edgemole.protocol.delta import CAPABILITY, CacheMiss, Version, apply_download, parse_versions, remember
+from edgemole.protocol.delta import (
+    CAPABILITY,
+    INITIAL,
+    CacheMiss,
+    Version,
+    apply_download,
+    parse_versions,
+    remember,
+    state_digest,
+    versions_of,
+)
 from edgemole.protocol.messages import finite_number, finite_tensor
 from edgemole.rng import SplitMix64
 
@@ -116,6 +126,11 @@ class EdgeClient:
         self.rejected = 0
         #: download cache: the latest version received of every tensor name of the run (never the trained ones)
         self.cache: dict[str, Version] = {}
+        #: the run's initial state as this device builds it from the task's seed (once per engine), and its digest;
+        #: the cache starts as it, and the status names the digest while the cache holds nothing else
+        self.initial: dict[str, Version] = {}
+        self.initial_digest = ""
+        self.cache_is_initial = False
         #: assignments that could not be rebuilt from the cache (each made the aggregator send everything again)
         self.cache_misses = 0
         #: the model this device last trained (its weights and the assignment body they belong to), kept for
@@ -140,6 +155,8 @@ class EdgeClient:
         body["engine"] = self.opts.engine
         if self.opts.download_cache:
             body[CAPABILITY] = True
+            if self.cache_is_initial:
+                body[INITIAL] = self.initial_digest
         if error:
             body["error"] = error[:500]
         if self.run_id:
@@ -280,8 +297,14 @@ class EdgeClient:
                 return
             self.engine = engine
             self.data.prepare(task.labels, self.engine.tokenizer, task.model.max_length)
+            if self.opts.download_cache:  # before any training: the engine holds the task's initial state
+                tensors, roles = engine.wire.initial_fleet_state()
+                self.initial = versions_of(tensors, roles)
+                self.initial_digest = state_digest(self.initial)
         self.task, self.run_id, self.last_round, self.trained = task, run, 0, None
-        self.cache = {}  # another run's tensors: every digest would have to be sent again anyway
+        # another run's tensors are of no use; the run's initial state the device built itself saves the first download
+        self.cache = dict(self.initial) if self.opts.download_cache else {}
+        self.cache_is_initial = bool(self.cache)
         self._publish_status("ready")
         if self.pending is not None:
             self._on_assignment(self.pending)
@@ -302,6 +325,7 @@ class EdgeClient:
             log.warning("round %d: cache miss (%s): asking for the whole model again (misses so far: %d)", msg.round,
                         exc, self.cache_misses)
             self.cache.clear()
+            self.cache_is_initial = False
             self._publish_status("ready")
             return False
         except ProtocolError as exc:
@@ -310,6 +334,7 @@ class EdgeClient:
             return False
         if self.opts.download_cache:
             remember(self.cache, msg.tensors, msg.roles)
+            self.cache_is_initial = False
         return True
 
     def _check_assignment(self, msg: Message) -> tuple[int, list[str] | None] | None:

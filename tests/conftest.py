@@ -153,19 +153,34 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) ->
     return {"lora": out / "lora", "amole": out / "amole"}
 
 
+#: the key under which :func:`whole_assignment` keeps the run's initial state among the clients' caches
+INITIAL_STATE = "<initial state>"
+
+
 def whole_assignment(caches: dict, msg: Any) -> Any:
     """``msg`` with its whole model when it was sent by version (docs/protocol.md 4.4.1), rebuilt as the device
-    rebuilds it from ``caches`` (client -> its cache, filled here); any other message unchanged. For tests that
-    listen to assignments on the broker."""
+    rebuilds it from ``caches`` (client -> its cache, filled here; each starts as the run's initial state, built from
+    the task message as the device builds it); any other message unchanged. For tests that listen to assignments on
+    the broker."""
     from dataclasses import replace
 
-    from edgemole.errors import ProtocolError
+    from edgemole.config import TaskSpec
+    from edgemole.errors import EdgemoleError, ProtocolError
+    from edgemole.model import WireState, build_classifier
     from edgemole.protocol import Kind
-    from edgemole.protocol.delta import VERSIONS, apply_download, parse_versions, remember
+    from edgemole.protocol.delta import VERSIONS, apply_download, parse_versions, remember, versions_of
 
+    if msg.kind == Kind.TASK and msg.body.get("run") != caches.get(INITIAL_STATE, (None,))[0]:
+        try:  # a new run: every cache starts anew (a forged task that does not parse changes nothing, as on a device)
+            task = TaskSpec.from_body(msg.body.get("task"))
+        except EdgemoleError:
+            return msg
+        state = WireState.of_model(build_classifier(task)[0], task).initial_fleet_state()
+        caches.clear()
+        caches[INITIAL_STATE] = (msg.body.get("run"), versions_of(*state))
     if msg.kind != Kind.ASSIGN or VERSIONS not in msg.body:
         return msg
-    held = caches.setdefault(msg.client, {})
+    held = caches.setdefault(msg.client, dict(caches.get(INITIAL_STATE, (None, {}))[1]))
     try:
         tensors, roles = apply_download(held, msg.tensors, msg.roles, parse_versions(msg.body) or {})
     except ProtocolError:  # a forged or stale one: as the device would, leave it as it is

@@ -17,9 +17,11 @@ from edge_client.engines import make_engine
 from edgemole.config import TaskSpec, load_settings
 from edgemole.errors import ProtocolError
 from edgemole.memory_link import MemoryBroker, MemoryLink
+from edgemole.model import WireState, build_classifier
 from edgemole.protocol import Topics, decode
 from edgemole.protocol.delta import (
     INDEX_SUFFIX,
+    INITIAL,
     PATCH_SUFFIX,
     VERSIONS,
     CacheMiss,
@@ -27,9 +29,12 @@ from edgemole.protocol.delta import (
     Version,
     apply_download,
     encode_download,
+    parse_initial,
     parse_versions,
     remember,
+    state_digest,
     tensor_digest,
+    versions_of,
 )
 
 A, B = "m.lora_A", "m.lora_B"
@@ -164,6 +169,20 @@ def test_record_shares_one_copy_and_is_safe_from_later_changes() -> None:
     assert set(record.encode("c1", model, ROLES)[0]) == set(model)
 
 
+def test_state_digest_names_every_tensor_role_and_bit() -> None:
+    model = _model()
+    base = state_digest(versions_of(model, ROLES))
+    assert parse_initial({INITIAL: base}) == base and parse_initial({}) is None
+    changed = {**model, A: model[A].clone()}
+    changed[A][0, 0] += 1
+    assert state_digest(versions_of(changed, ROLES)) != base
+    assert state_digest(versions_of(model, {**ROLES, A: "lora_B"})) != base
+    assert state_digest(versions_of({n: t for n, t in model.items() if n != A}, ROLES)) != base
+    for bad in ("xyz", 7, base.upper(), base + "0"):
+        with pytest.raises(ProtocolError, match=INITIAL):
+            parse_initial({INITIAL: bad})
+
+
 # -- whole fleets in memory --------------------------------------------------------------------------------------
 @dataclass
 class Fleet:
@@ -262,10 +281,12 @@ def test_cached_fleet_is_bit_identical_and_downloads_less(method: str, uncached,
     assert all(decode(p).body.get(VERSIONS) is None for _, p in plain.assigns)  # no capability: nothing changes
     assert all(VERSIONS in decode(p).body for _, p in cached.assigns)
     assert sum(c.cache_misses for c in cached.clients.values()) == 0
+    assert all(c.cache_is_initial is False for c in cached.clients.values())
     down, plain_down = cached.summary["bytes_down_total"], plain.summary["bytes_down_total"]
-    if method == "fedit":  # FedAvg changes every tensor every round: all whole, plus an empty 'versions'
-        assert cached.summary["params_down_total"] == plain.summary["params_down_total"]
-        assert down <= plain_down + 32 * len(cached.assigns)
+    first = [decode(p) for _, p in cached.assigns if decode(p).round == 1]
+    assert len(first) == 3 and all(not m.tensors and m.body[VERSIONS] for m in first)  # built from the task's seed
+    if method == "fedit":  # FedAvg changes every tensor every round: after round 1, all whole
+        assert cached.summary["params_down_total"] == plain.summary["params_down_total"] * 3 // 4
     else:  # alternating rounds: the frozen factor kept, patches of the active one
         assert down < plain_down and cached.summary["params_down_total"] < plain.summary["params_down_total"]
         names = [n for _, p in cached.assigns for n in decode(p).tensors]
@@ -301,10 +322,15 @@ def test_real_fleet_rebuilds_exactly_the_aggregated_model(tmp_path: Path, mosqui
     fleet = ProcessFleet(tmp_path, mosquitto, tiny_model, sizes=[20, 30, 40], method="lora-a2", rounds=3,
                          client_flags=flags, rebuild=False)
     summary = fleet.run()
-    caches: dict[str, dict[str, Version]] = {c: {} for c in flags}
+    caches: dict[str, dict[str, Version]] = {}
     models: dict[int, dict[str, torch.Tensor]] = {}
     for _, msg, _ in fleet.observed:
+        if msg.kind == Kind.TASK:  # each device starts from the initial state it builds from the task's seed
+            task = TaskSpec.from_body(msg.body["task"])
+            initial = versions_of(*WireState.of_model(build_classifier(task)[0], task).initial_fleet_state())
+            caches = {c: dict(initial) for c in flags}
         if msg.kind == Kind.ASSIGN:
+            assert msg.round > 1 or not msg.tensors  # round 1 is the initial state: nothing to send
             versions = parse_versions(msg.body)
             assert versions is not None  # the Python client announces its cache
             tensors, roles = apply_download(caches[msg.client], msg.tensors, msg.roles, versions)
@@ -328,3 +354,18 @@ def test_real_fleet_rebuilds_exactly_the_aggregated_model(tmp_path: Path, mosqui
     names = {n for _, m, _ in fleet.observed if m.kind == Kind.ASSIGN and m.round > 1 for n in m.tensors}
     assert any(n.endswith(PATCH_SUFFIX) for n in names)
     assert "cache miss" not in fleet.logs() and summary["rejected"] == {}
+
+
+def test_a_device_with_another_initial_state_gets_round_one_whole(
+        uncached, tiny_model: str, fleet_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """A device whose own initial state differs from the aggregator's (another torch, another artifact) names another
+    digest: it is sent round 1 whole, misses nothing, and the run is bit-identical."""
+    import edge_client.client as client_module
+
+    monkeypatch.setattr(client_module, "state_digest", lambda versions: "0" * 16)
+    fleet = _run(tmp_path, tiny_model, fleet_data, "fedamole-a2", True, monkeypatch)
+    _same_run(fleet, uncached["fedamole-a2"])
+    assert sum(c.cache_misses for c in fleet.clients.values()) == 0
+    first = [decode(p) for _, p in fleet.assigns if decode(p).round == 1]
+    plain_first = [decode(p) for _, p in uncached["fedamole-a2"].assigns if decode(p).round == 1]
+    assert sorted(len(m.tensors) for m in first) == sorted(len(m.tensors) for m in plain_first)

@@ -31,6 +31,10 @@ from edgemole.protocol.validate import RANKS_ROLE
 VERSIONS = "versions"
 #: status body field by which a device announces that it keeps a download cache
 CAPABILITY = "cache"
+#: status body field by which a device announces that its cache holds exactly the run's initial state (the digest of
+#: :func:`state_digest` over it), which it built itself from the task's seed: the first assignment then carries nothing
+#: that the device could compute
+INITIAL = "initial"
 #: payload names of a patch of tensor ``<name>``: ``<name>@patch`` (the changed slices, the tensor's role) and
 #: ``<name>@index`` (their int64 indices, role ``ranks``); ``@`` never occurs in a model's tensor names
 PATCH_SUFFIX = "@patch"
@@ -66,6 +70,25 @@ def tensor_digest(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{_DTYPE_NAMES[t.dtype]};{','.join(map(str, t.shape))};".encode())
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # torch's layout is the host's: little-endian
     return h.hexdigest()[:16]
+
+
+def versions_of(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str]) -> dict[str, Version]:
+    """Each tensor as a :class:`Version` under its name (sharing the tensors: callers must not change them)."""
+    return {n: Version(t, roles.get(n, ""), tensor_digest(t)) for n, t in tensors.items()}
+
+
+def state_digest(versions: Mapping[str, Version]) -> str:
+    """One digest of a whole state: sha256 over ``<name>\t<role>\t<tensor digest>\n`` by name; 16 hex digits."""
+    lines = "".join(f"{n}\t{v.role}\t{v.digest}\n" for n, v in sorted(versions.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def parse_initial(body: Mapping[str, Any]) -> str | None:
+    """A status body's ``initial`` digest (None when absent); ProtocolError when it is not 16 hex digits."""
+    digest = body.get(INITIAL)
+    if digest is not None and not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+        raise ProtocolError(f"'{INITIAL}' must be 16 lower-case hex digits")
+    return digest
 
 
 def rank_axis(role: str, t: torch.Tensor) -> int | None:
@@ -230,6 +253,10 @@ class DownloadRecord:
 
     def forget(self, client: str) -> None:
         self._held.pop(client, None)
+
+    def seed(self, client: str, versions: Mapping[str, Version]) -> None:
+        """``client`` holds ``versions`` (the run's initial state, which it built itself)."""
+        self._held[client] = dict(versions)
 
     def holds(self, client: str) -> dict[str, Version]:
         return dict(self._held.get(client, {}))
