@@ -26,7 +26,8 @@ def test_precedence_config_then_flag_then_method_default(tmp_path: Path) -> None
     settings, applied = load_settings_with_defaults(None, {"fleet": {"method": "fedamole-a2"}})
     assert (settings.train.lr, settings.a2.b_lr_multiplier) == (0.01, 1.0)  # the method's
     assert settings.train.local_steps == 10  # no method default: the dataclass's
-    assert applied.line() == "fedamole-a2 defaults: train.lr=0.01 a2.b_lr_multiplier=1 amole.reassign_every=2"
+    assert applied.line() == ("fedamole-a2 defaults: train.lr=0.01 a2.b_lr_multiplier=1 amole.reassign_every=2 "
+                              "amole.keep_bonus=1")
 
     config = tmp_path / "c.toml"
     config.write_text('[fleet]\nmethod = "lora-a2"\n[train]\nlr = 0.003\n')
