@@ -334,7 +334,9 @@ class EdgeClient:
             return False
         if self.opts.download_cache:
             remember(self.cache, msg.tensors, msg.roles)
-            self.cache_is_initial = False
+            if self.cache_is_initial:  # a status now would make the aggregator send everything: only the one a
+                self.cache_is_initial = False  # reconnect restores stops naming the initial state
+                self.link.birth = (self.topics.status(self.opts.client_id), self._status_payload("ready"))
         return True
 
     def _check_assignment(self, msg: Message) -> tuple[int, list[str] | None] | None:
