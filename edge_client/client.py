@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from edge_client.alternating import train_alternating
 from edge_client.engines import Batch, TrainingEngine, make_engine
 from edge_client.local_data import LocalData
@@ -401,6 +403,9 @@ class EdgeClient:
         roles: dict = {}
         num_samples = max(before.samples, 1)
         if msg.phase != "eval":
+            # Dropout draws from torch's global generator: seeded here, a round's local work depends only on the task,
+            # the device and the round, not on what else ran in this process before (bench runs many in one).
+            torch.manual_seed(batch_seed(self.task.seed, self.opts.client_id, msg.round))
             if msg.phase == "train":
                 stats = self.engine.train(self._batches(msg.round), steps, train.lr, train.weight_decay, train_roles)
                 tensors, roles = self.engine.get_state(msg.body)

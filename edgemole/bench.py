@@ -278,9 +278,10 @@ def _identity(settings: dict[str, Any], global_test_size: int, per_method: set[s
     # Since the deployed model (docs/deployed-model.md) every device holds out a validation split, which changes
     # what it trains on and what personalised accuracy means: runs recorded before it must not count as done.
     config["device"] = {"val_fraction": ClientOptions.val_fraction}
-    # Since devices build the run's initial state themselves (docs/protocol.md 4.4.1), round 1 downloads nothing:
-    # the accuracy of earlier runs stands, but their bytes down are of another protocol, so they are run again.
-    config["device"]["initial_state"] = True
+    # Since 2026-12-05 devices build the run's initial state themselves (docs/protocol.md 4.4.1: round 1 downloads
+    # nothing) and seed dropout per round (a run no longer depends on what its worker process ran before it): runs
+    # recorded before are run again.
+    config["device"]["behaviour"] = "2026-12-05"
     setup = json.loads(json.dumps(config))  # "auto" C for every method: one setup for the grid
     _legacy_holders(config)
     if config["fleet"]["method"] in EXPERT_METHODS:
