@@ -200,11 +200,12 @@ def fleet_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[tuple[Pat
 
 
 def _run(tmp_path: Path, model: str, data: tuple[list[tuple[Path, Path]], list[str]], method: str, cache: bool,
-         monkeypatch: pytest.MonkeyPatch, clear: tuple[str, int] | None = None, rounds: int = 3) -> Fleet:
+         monkeypatch: pytest.MonkeyPatch, clear: tuple[str, int] | None = None, rounds: int = 3,
+         dropout: bool = False) -> Fleet:
     """One in-memory fleet of three devices (upload ranks 1, 1, 2 of r = 4), recording what every device loaded;
     ``clear`` = (device, round): that device's cache is emptied just before it rebuilds that round's assignment."""
     files, labels = data
-    path = write_config(tmp_path / f"{method}-{cache}.json", model, labels, {"local_steps": 2, "dropout": False},
+    path = write_config(tmp_path / f"{method}-{cache}.json", model, labels, {"local_steps": 2, "dropout": dropout},
                         TINY_AMOLE, method=method, rounds=rounds)
     settings = load_settings(path)
     task = settings.task(labels)
@@ -369,3 +370,14 @@ def test_a_device_with_another_initial_state_gets_round_one_whole(
     first = [decode(p) for _, p in fleet.assigns if decode(p).round == 1]
     plain_first = [decode(p) for _, p in uncached["fedamole-a2"].assigns if decode(p).round == 1]
     assert sorted(len(m.tensors) for m in first) == sorted(len(m.tensors) for m in plain_first)
+
+
+def test_a_run_does_not_depend_on_what_ran_before_it_in_the_process(
+        tiny_model: str, fleet_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """With dropout on, two runs of the same fleet in one process (as a bench worker runs them) are bit-identical:
+    each device seeds dropout from the task, itself and the round, not from the process's history."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = _run(tmp_path / "a", tiny_model, fleet_data, "fedamole-a2", True, monkeypatch, dropout=True)
+    torch.rand(1000)  # whatever else the process did in between
+    second = _run(tmp_path / "b", tiny_model, fleet_data, "fedamole-a2", True, monkeypatch, dropout=True)
+    _same_run(first, second)
