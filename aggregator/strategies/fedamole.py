@@ -83,13 +83,15 @@ class FedAMoLE(Strategy):
         if not any(bool(e.any()) for e in self.embedded.values()):
             xs = [random_assignment(cfg.experts, n, holders, cfg.top_k, cfg.slots, self.rng) for _ in self.modules]
         else:
-            xs = assign_experts_all([self.keeping(m, clients, self.probabilities(m, clients)) for m in self.modules],
-                                    holders, cfg.top_k, cfg.slots)
+            xs = assign_experts_all([self.assignment_scores(m, clients) for m in self.modules], holders, cfg.top_k,
+                                    cfg.slots)
         return {c: {m: np.flatnonzero(x[:, j]).tolist() for m, x in zip(self.modules, xs, strict=True)}
                 for j, c in enumerate(clients)}
 
-    def keeping(self, module: str, clients: Sequence[str], P: np.ndarray) -> np.ndarray:
-        """P with ``amole.keep_bonus * mean(P)`` added for every expert a device holds now (none when 0)."""
+    def assignment_scores(self, module: str, clients: Sequence[str]) -> np.ndarray:
+        """What the assignment maximises for one module: P, plus ``amole.keep_bonus * mean(P)`` for every expert a
+        device holds now (an expert that stays is patched, one that moves arrives whole)."""
+        P = self.probabilities(module, clients)
         if not self.cfg.keep_bonus:
             return P
         held = np.zeros_like(P)
