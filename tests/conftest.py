@@ -153,6 +153,14 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) ->
     return {"lora": out / "lora", "amole": out / "amole"}
 
 
+def initial_versions(task: Any) -> dict:
+    """The run's initial state as a device builds it from ``task`` (docs/protocol.md 4.4.1), as held versions."""
+    from edgemole.model import WireState, build_classifier
+    from edgemole.protocol.delta import versions_of
+
+    return versions_of(*WireState.of_model(build_classifier(task)[0], task).initial_fleet_state())
+
+
 #: the key under which :func:`whole_assignment` keeps the run's initial state among the clients' caches
 INITIAL_STATE = "<initial state>"
 
@@ -166,18 +174,16 @@ def whole_assignment(caches: dict, msg: Any) -> Any:
 
     from edgemole.config import TaskSpec
     from edgemole.errors import EdgemoleError, ProtocolError
-    from edgemole.model import WireState, build_classifier
     from edgemole.protocol import Kind
-    from edgemole.protocol.delta import VERSIONS, apply_download, parse_versions, remember, versions_of
+    from edgemole.protocol.delta import VERSIONS, apply_download, parse_versions, remember
 
     if msg.kind == Kind.TASK and msg.body.get("run") != caches.get(INITIAL_STATE, (None,))[0]:
         try:  # a new run: every cache starts anew (a forged task that does not parse changes nothing, as on a device)
             task = TaskSpec.from_body(msg.body.get("task"))
         except EdgemoleError:
             return msg
-        state = WireState.of_model(build_classifier(task)[0], task).initial_fleet_state()
         caches.clear()
-        caches[INITIAL_STATE] = (msg.body.get("run"), versions_of(*state))
+        caches[INITIAL_STATE] = (msg.body.get("run"), initial_versions(task))
     if msg.kind != Kind.ASSIGN or VERSIONS not in msg.body:
         return msg
     held = caches.setdefault(msg.client, dict(caches.get(INITIAL_STATE, (None, {}))[1]))

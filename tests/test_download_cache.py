@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_AMOLE, write_client_data, write_config
+from conftest import TINY_AMOLE, initial_versions, write_client_data, write_config
 
 from aggregator.service import AggregatorService
 from edge_client.client import ClientOptions, EdgeClient
@@ -17,7 +17,6 @@ from edge_client.engines import make_engine
 from edgemole.config import TaskSpec, load_settings
 from edgemole.errors import ProtocolError
 from edgemole.memory_link import MemoryBroker, MemoryLink
-from edgemole.model import WireState, build_classifier
 from edgemole.protocol import Topics, decode
 from edgemole.protocol.delta import (
     INDEX_SUFFIX,
@@ -327,8 +326,7 @@ def test_real_fleet_rebuilds_exactly_the_aggregated_model(tmp_path: Path, mosqui
     models: dict[int, dict[str, torch.Tensor]] = {}
     for _, msg, _ in fleet.observed:
         if msg.kind == Kind.TASK:  # each device starts from the initial state it builds from the task's seed
-            task = TaskSpec.from_body(msg.body["task"])
-            initial = versions_of(*WireState.of_model(build_classifier(task)[0], task).initial_fleet_state())
+            initial = initial_versions(TaskSpec.from_body(msg.body["task"]))
             caches = {c: dict(initial) for c in flags}
         if msg.kind == Kind.ASSIGN:
             assert msg.round > 1 or not msg.tensors  # round 1 is the initial state: nothing to send
