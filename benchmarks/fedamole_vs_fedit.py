@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from edgemole.config import load_settings
-from edgemole.simulate import simulate
+from fleet.simulate import simulate
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 GRIDS = {

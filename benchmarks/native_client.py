@@ -350,9 +350,9 @@ def worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from edge_client.client import ClientOptions, EdgeClient
     from edge_client.engines import Batch, make_engine
-    from edgemole.memory_link import RecordingLink
     from edgemole.mqtt import Inbound
     from edgemole.protocol import Topics, decode
+    from fleet.memory_link import RecordingLink
 
     imported = time.perf_counter()
     mem_imported = proc_memory()
@@ -551,7 +551,7 @@ def main() -> None:
     if args.binary:
         binary = Path(args.binary)
     else:
-        from edgemole.native import build_native
+        from fleet.native import build_native
 
         with console.status("building the native client (build/native-bench)"):
             binary = build_native(REPO / "build" / "native-bench", targets=("edgemole-device",)) / "edgemole-device"

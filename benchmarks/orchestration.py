@@ -29,7 +29,7 @@ from edgemole.broker import mosquitto_binary, mosquitto_broker
 from edgemole.config import load_settings
 from edgemole.model import build_classifier, trainable_roles, trainable_state
 from edgemole.protocol import Kind, Message, decode, encode
-from edgemole.simulate import simulate
+from fleet.simulate import simulate
 
 FIXED = {"fleet": {"rounds": 3, "seed": 0}, "simulate": {"clients": 4}, "train": {"local_steps": 10}}
 KEYS = ("wall_s", "startup_and_shutdown_s", "rounds_s", "client_compute_s", "aggregate_s", "orchestration_s")

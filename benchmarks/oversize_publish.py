@@ -34,10 +34,10 @@ from edgemole.mqtt import MqttLink
 from edgemole.protocol import Topics, decode
 from edgemole.security import FleetDir, init_broker_dir
 from edgemole.security.run import SecureMosquitto
-from edgemole.simulate import credential_flags
+from fleet.simulate import credential_flags
 
 #: the client with its MQTT 5 Maximum Packet Size removed: what every client did before the limit
-NO_LIMIT = ("import sys, edge_client.client as c; c.packet_limit = lambda n: None; from edgemole.cli import main; "
+NO_LIMIT = ("import sys, edge_client.client as c; c.packet_limit = lambda n: None; from fleet.cli import main; "
             "main(sys.argv[1:])")
 
 
@@ -74,7 +74,7 @@ def measure(mode: str, fd: FleetDir, work: Path, data: Path, size: int) -> dict[
         link.subscribe(topics.status("c0"))
         args = ["client", "--broker", url, "--client-id", "c0", "--data", str(data), "--fleet", "bench",
                 "--threads", "1", *flags]
-        cmd = [sys.executable, "-c", NO_LIMIT, *args] if mode == "no_limit" else [sys.executable, "-m", "edgemole",
+        cmd = [sys.executable, "-c", NO_LIMIT, *args] if mode == "no_limit" else [sys.executable, "-m", "fleet",
                                                                                  *args]
         with open(work / f"client-{mode}.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ,

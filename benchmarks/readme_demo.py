@@ -24,7 +24,7 @@ def run_seed(seed: int, extra: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "edgemole", "simulate", "--seed", str(seed), "--json-out", str(out),
+        subprocess.run([sys.executable, "-m", "fleet", "simulate", "--seed", str(seed), "--json-out", str(out),
                         *extra], check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         summary = json.loads(out.read_text())

@@ -68,7 +68,7 @@ def run_variant(config: dict[str, Any]) -> list[dict[str, Any]]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config, f)
     try:
-        subprocess.run([sys.executable, "-m", "edgemole", "bench", "--config", f.name], check=True)
+        subprocess.run([sys.executable, "-m", "fleet", "bench", "--config", f.name], check=True)
     finally:
         Path(f.name).unlink()
     results = Path(config["bench"]["out"]) / "results.json"

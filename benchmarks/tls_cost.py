@@ -35,7 +35,7 @@ from edgemole.config import load_settings
 from edgemole.mqtt import MqttLink, parse_broker_url
 from edgemole.security import FleetDir, init_broker_dir
 from edgemole.security.run import SecureMosquitto
-from edgemole.simulate import simulate
+from fleet.simulate import simulate
 
 
 class CountingRelay:

@@ -117,10 +117,10 @@ def write_config(path: Path, model: str, labels: list[str], train: dict | None =
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen:
-    """Start ``python -m edgemole ARGS`` as its own process, output to ``log``."""
+    """Start ``python -m fleet ARGS`` as its own process, output to ``log``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "edgemole", *args], stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen([sys.executable, "-m", "fleet", *args], stdout=out, stderr=subprocess.STDOUT,
                                 env=env, cwd=REPO)
 
 

@@ -19,7 +19,7 @@ from aggregator.checkpoint import LATEST, read_checkpoint
 from edgemole.broker import free_port, mosquitto_binary, wait_for_port
 from edgemole.mqtt import MqttLink
 from edgemole.protocol import Kind, Topics, decode
-from edgemole.simulate import stop_processes
+from fleet.simulate import stop_processes
 
 FAULTS = ("aggregator", "broker", "client")
 #: the round in which the fault strikes (of ROUNDS); round 1 is checkpointed before it, so a resume is real

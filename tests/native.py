@@ -19,8 +19,8 @@ from conftest import TINY_AMOLE, spawn, write_client_data, write_config
 
 from aggregator.checkpoint import SERVICE_JSON, STRATEGY_JSON, load_checkpoint
 from edgemole.broker import free_port, mosquitto_binary, wait_for_port
-from edgemole.native import DEFAULT_BUILD, REPO, SOURCE, NativeBuildError, build_native
-from edgemole.simulate import stop_processes
+from fleet.native import DEFAULT_BUILD, REPO, SOURCE, NativeBuildError, build_native
+from fleet.simulate import stop_processes
 
 _BUILT: dict[tuple, Path] = {}
 

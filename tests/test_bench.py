@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from edgemole.bench import (
+from edgemole.errors import BrokerError, ConfigError
+from edgemole.protocol import decode
+from fleet.bench import (
     BenchConfig,
     _identity,
     add_result,
@@ -28,10 +30,8 @@ from edgemole.bench import (
     prepare_out,
     run_one,
 )
-from edgemole.cli import main
-from edgemole.errors import BrokerError, ConfigError
-from edgemole.memory_link import MemoryBroker, MemoryLink
-from edgemole.protocol import decode
+from fleet.cli import main
+from fleet.memory_link import MemoryBroker, MemoryLink
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -286,11 +286,11 @@ def test_in_memory_run_equals_the_mqtt_fleet(tmp_path: Path, tiny_model: str) ->
     common = ["--model", str(model), "--clients", "2", "--rounds", "2", "--local-steps", "2", "--max-length", "16",
               "--samples-per-domain", "20", "--lora-dropout", "0"]
     sim = tmp_path / "sim.json"
-    proc = subprocess.run([sys.executable, "-m", "edgemole", "simulate", *common, "--method", "fedit", "--rank", "2",
+    proc = subprocess.run([sys.executable, "-m", "fleet", "simulate", *common, "--method", "fedit", "--rank", "2",
                            "--seed", "0", "--partition", "dirichlet:0.5", "--threads", "1", "--json-out", str(sim)],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "edgemole", "bench", *common, "--methods", "fedit", "--ranks", "2",
+    proc = subprocess.run([sys.executable, "-m", "fleet", "bench", *common, "--methods", "fedit", "--ranks", "2",
                            "--seeds", "0", "--alphas", "0.5", "--out", str(tmp_path / "b")],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -310,7 +310,7 @@ def test_worker_exits_when_the_bench_process_is_killed():
     parent_code = textwrap.dedent("""
         import subprocess, sys, time
         child = subprocess.Popen([sys.executable, "-c",
-            "import time; from edgemole.bench import exit_with_parent; exit_with_parent(0.05); "
+            "import time; from fleet.bench import exit_with_parent; exit_with_parent(0.05); "
             "print('ready', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "ready"
         print(child.pid, flush=True)

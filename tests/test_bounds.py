@@ -20,14 +20,14 @@ from aggregator.service import AggregatorService
 from aggregator.strategies import FedIT, weighted_average
 from edge_client.client import ClientOptions, EdgeClient
 from edgemole.adapters.lora.a2 import aggregate_slices
-from edgemole.bench import SharedEngine
 from edgemole.config import FleetConfig, check_robust, load_settings
 from edgemole.errors import ConfigError
-from edgemole.memory_link import MemoryBroker, MemoryLink, RecordingLink
 from edgemole.model import WireState, build_classifier
 from edgemole.mqtt import Inbound
 from edgemole.protocol import Kind, Message, Topics, decode, encode
 from edgemole.protocol.messages import json_safe
+from fleet.bench import SharedEngine
+from fleet.memory_link import MemoryBroker, MemoryLink, RecordingLink
 
 METHODS = ["fedit", "ffa-lora", "flexlora", "lora-a2", "fedamole", "fedamole-a2"]
 

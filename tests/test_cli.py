@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgemole.broker import free_port
-from edgemole.cli import main
+from fleet.cli import main
 
 
 def _fail(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 2) -> str:

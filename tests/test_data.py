@@ -584,7 +584,7 @@ def test_partitions_of_a_source_whose_other_column_is_named_label(tmp_path: Path
     """20 Newsgroups has a numeric ``label`` next to ``label_name``; choosing ``label_name`` must still write client
     files that the clients read back with the default text/label keys."""
     from edgemole.config import Settings, from_dict
-    from edgemole.simulate import prepare_partitions
+    from fleet.simulate import prepare_partitions
 
     src = tmp_path / "news.csv"
     rows = ["id,text,label,label_name"] + [f"{i},post {i},{i % 3},group{i % 3}" for i in range(30)]

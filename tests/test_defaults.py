@@ -49,7 +49,7 @@ def test_line_is_empty_without_defaults() -> None:
 
 def test_simulate_prints_the_line(capsys: pytest.CaptureFixture[str]) -> None:
     """The line comes before anything runs (here the run stops at a bad engine, after the settings loaded)."""
-    from edgemole.cli import main
+    from fleet.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["simulate", "--method", "fedamole", "--engine", "warp"])

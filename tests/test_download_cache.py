@@ -16,7 +16,6 @@ from edge_client.client import ClientOptions, EdgeClient
 from edge_client.engines import make_engine
 from edgemole.config import TaskSpec, load_settings
 from edgemole.errors import ProtocolError
-from edgemole.memory_link import MemoryBroker, MemoryLink
 from edgemole.protocol import Topics, decode
 from edgemole.protocol.delta import (
     INDEX_SUFFIX,
@@ -35,6 +34,7 @@ from edgemole.protocol.delta import (
     tensor_digest,
     versions_of,
 )
+from fleet.memory_link import MemoryBroker, MemoryLink
 
 A, B = "m.lora_A", "m.lora_B"
 _CHECK, _DOWNLOAD = EdgeClient._check_assignment, EdgeClient._download

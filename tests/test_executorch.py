@@ -264,8 +264,8 @@ def test_causal_lm_program_trains_on_response_tokens_like_eager(tiny_llama: str,
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
     from executorch.extension.training import TrainingModule
 
-    from edgemole.cli import main
     from export.causal import TrainableCausalLM, build_causal_lm
+    from fleet.cli import main
 
     out = tmp_path / "lm"
     with pytest.raises(SystemExit) as exc:

@@ -17,7 +17,7 @@ from aggregator.strategies import weighted_average
 from aggregator.strategies.flexlora import svd_redistribute
 from edgemole.mqtt import MqttLink
 from edgemole.protocol import Kind, Message, Topics, decode, encode
-from edgemole.simulate import stop_processes
+from fleet.simulate import stop_processes
 
 pytestmark = pytest.mark.mosquitto
 

@@ -21,7 +21,6 @@ from aggregator.strategies import LoRAA2
 from edge_client.client import ClientOptions, EdgeClient
 from edgemole.config import FleetConfig, TaskSpec
 from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
-from edgemole.memory_link import RecordingLink
 from edgemole.mqtt import Inbound
 from edgemole.protocol import (
     PHASES,
@@ -36,6 +35,7 @@ from edgemole.protocol import (
     validate_assignment,
     validate_update,
 )
+from fleet.memory_link import RecordingLink
 
 FUZZ = settings(max_examples=800, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

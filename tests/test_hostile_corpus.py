@@ -26,13 +26,13 @@ from hostile.corpus import BUILDERS, Context, build, manifest, topic
 from aggregator.checkpoint import LATEST, read_checkpoint
 from aggregator.service import AggregatorService
 from edge_client.client import ClientOptions, EdgeClient
-from edgemole.bench import SharedEngine
 from edgemole.config import load_settings
-from edgemole.memory_link import MemoryBroker, MemoryLink
 from edgemole.mqtt import MqttLink
 from edgemole.protocol import Kind, Topics, decode
 from edgemole.protocol.delta import Version
-from edgemole.simulate import stop_processes
+from fleet.bench import SharedEngine
+from fleet.memory_link import MemoryBroker, MemoryLink
+from fleet.simulate import stop_processes
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 

@@ -15,9 +15,9 @@ from native import native_build
 
 from aggregator.strategies.lora_a2 import a2_expectation
 from edge_client.client import ClientOptions, EdgeClient
-from edgemole.memory_link import RecordingLink
 from edgemole.mqtt import Inbound
 from edgemole.protocol import Kind, Message, Topics, decode, encode
+from fleet.memory_link import RecordingLink
 
 FLEET, RUN, CLIENT = "t", "run-1", "dev-0"
 #: the share of the training rows held out to choose the deployed model, the same on both sides (the default)

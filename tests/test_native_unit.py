@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from native import native_build
 
-from edgemole.native import DEFAULT_BUILD, NativeBuildError, build_native
+from fleet.native import DEFAULT_BUILD, NativeBuildError, build_native
 
 UNIT_TESTS = ("test_wire", "test_tokenizer", "test_data", "test_model", "test_net", "test_fuzz")
 

@@ -15,11 +15,11 @@ import aggregator.service as service_module
 from aggregator.checkpoint import LATEST, load_for_resume, read_checkpoint, save_checkpoint
 from aggregator.service import AggregatorService
 from edge_client.client import ClientOptions, EdgeClient
-from edgemole.bench import SharedEngine
 from edgemole.config import load_settings
 from edgemole.errors import EdgemoleError
-from edgemole.memory_link import MemoryBroker, MemoryLink
 from edgemole.protocol import DONE, Kind, Topics, decode
+from fleet.bench import SharedEngine
+from fleet.memory_link import MemoryBroker, MemoryLink
 
 ROUNDS = 4
 

@@ -17,7 +17,7 @@ from edgemole.mqtt import BrokerCredentials, MqttLink
 from edgemole.protocol import Kind, Message, decode, encode
 from edgemole.security import FleetDir, add_device, init_broker_dir, mosquitto_password_hash, revoke_device
 from edgemole.security.run import SecureMosquitto
-from edgemole.simulate import credential_flags, stop_processes
+from fleet.simulate import credential_flags, stop_processes
 
 
 def _link(fd: FleetDir, name: str, *, password: bool = False, **kw: object) -> MqttLink:
@@ -71,7 +71,7 @@ def test_broker_init_writes_private_files_and_refuses_what_it_must(tmp_path: Pat
     assert fd.devices == ["pi-02", "pi-03"] and (d / "revoked/pi-01/client.crt").exists()
     assert "pi-01" not in (d / "broker/acl").read_text() and "pi-01:" not in (d / "broker/passwd").read_text()
     # through the CLI: one line, exit 2 for a second init; --force replaces the CA
-    cli = [sys.executable, "-m", "edgemole", "broker", "init", str(d), "--fleet", "f", "--devices", "x1"]
+    cli = [sys.executable, "-m", "fleet", "broker", "init", str(d), "--fleet", "f", "--devices", "x1"]
     run = subprocess.run(cli, capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stderr.startswith("error: "), run.stderr
     run = subprocess.run([*cli, "--force"], capture_output=True, text=True, cwd=REPO)
@@ -272,7 +272,7 @@ def test_the_raspberry_pi_guides_mosquitto_example_is_what_broker_init_writes(tm
 )
 def test_credential_and_broker_mistakes_give_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                       argv: list[str], needle: str) -> None:
-    from edgemole.cli import main
+    from fleet.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main([a.replace("{tmp}", str(tmp_path)) for a in argv])
@@ -282,7 +282,7 @@ def test_credential_and_broker_mistakes_give_one_line(capsys: pytest.CaptureFixt
 
 
 def test_simulate_secure_dir_needs_an_identity_per_client(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from edgemole.cli import main
+    from fleet.cli import main
 
     init_broker_dir(tmp_path / "d", "lab", ["client-0"])
     with pytest.raises(SystemExit) as exc:

@@ -14,7 +14,7 @@ from conftest import REPO
 def _simulate(tmp: Path, *args: str, timeout: float = 400) -> tuple[dict, subprocess.CompletedProcess]:
     out = tmp / "r.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "edgemole", "simulate", "--json-out", str(out), "--work-dir", str(tmp / "work"),
+        [sys.executable, "-m", "fleet", "simulate", "--json-out", str(out), "--work-dir", str(tmp / "work"),
          *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
     )
@@ -118,7 +118,7 @@ def test_simulate_stops_cleanly_on_sigterm(tmp_path: Path, tiny_model: str) -> N
     import signal
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgemole", "simulate", "--clients", "2", "--rounds", "50", "--model", tiny_model,
+        [sys.executable, "-m", "fleet", "simulate", "--clients", "2", "--rounds", "50", "--model", tiny_model,
          "--local-steps", "1", "--samples-per-domain", "20", "--max-length", "16", "--rank", "2", "--method",
          "fedit", "--work-dir", str(tmp_path / "work")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)

@@ -1,7 +1,7 @@
 """``edgemole simulate``: an emulated fleet on one machine, each role in its own OS process.
 
 The simulator partitions the data, starts a broker (embedded amqtt unless ``--broker`` is given),
-the aggregator and N clients exactly as a user would start them by hand (``python -m edgemole ...``),
+the aggregator and N clients exactly as a user would start them by hand (``python -m fleet ...``),
 then watches the metrics topic to show progress and collects the results.
 """
 
@@ -42,10 +42,10 @@ from edgemole.data.partition import parse_partition
 from edgemole.data.source import default_partition, load_source
 from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
 from edgemole.mqtt import MQTT_VERSION_ENV, BrokerCredentials, MqttLink
-from edgemole.native import find_native_binary
 from edgemole.protocol import Kind, Topics, decode
 from edgemole.protocol.messages import json_safe
-from edgemole.report import plot_run
+from fleet.native import find_native_binary
+from fleet.report import plot_run
 
 
 def _fmt_pct(x: float | None) -> str:
@@ -234,7 +234,7 @@ def _spawn(args: list[str], log_path: Path, threads: int | None) -> subprocess.P
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "edgemole", *args], stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen([sys.executable, "-m", "fleet", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=env, stdin=subprocess.DEVNULL)
 
 

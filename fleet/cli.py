@@ -1,8 +1,8 @@
-"""The ``edgemole`` command line: ``simulate`` (an emulated fleet), ``bench`` (methods compared), ``aggregator`` and
-``client``.
+"""The ``edgemole`` command line (also ``python -m fleet``): ``simulate`` (an emulated fleet), ``bench`` (methods
+compared), ``aggregator``, ``client``, ``export``, ``broker``, ``flash`` and ``fleet status``.
 
 Every user mistake ends as one line ``error: ...`` on stderr and exit status 2. The CLI reaches into the
-role packages (and into ``edgemole.bench``, which imports them) only lazily, in the runner of a command.
+role packages (and into ``fleet.bench``, which imports them) only lazily, in the runner of a command.
 """
 
 from __future__ import annotations
@@ -369,7 +369,7 @@ def _run_simulate(a: argparse.Namespace) -> int:
     from edge_client.engines import ENGINES
     from edgemole.config import EXPERT_METHODS, load_settings_with_defaults
     from edgemole.errors import ConfigError
-    from edgemole.simulate import simulate
+    from fleet.simulate import simulate
 
     if a.secure_dir:  # the fleet and prefix the directory's ACL was written for, unless given
         from edgemole.security import FleetDir
@@ -430,8 +430,8 @@ def _run_broker(a: argparse.Namespace) -> int:
 
 
 def _run_bench(a: argparse.Namespace) -> int:
-    from edgemole.bench import bench, load_bench_settings, parse_list
     from edgemole.errors import ConfigError
+    from fleet.bench import bench, load_bench_settings, parse_list
 
     for dest, flag, instead in (("method", "--method", "--methods"), ("seed", "--seed", "--seeds"),
                                 ("upload_rank", "--upload-rank", "--ranks"),

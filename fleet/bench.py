@@ -4,7 +4,7 @@ is for Dirichlet label skew (the default); any other partition ``simulate`` take
 ``column:NAME``), given as ``[data] partition`` or ``--partition``, is one point of the grid instead.
 
 A run is the fleet's own code (``EdgeClient``, ``AggregatorService``, the strategies, ``edgemole.protocol``) over
-:mod:`edgemole.memory_link`, so accuracy and the bytes on the wire are what an MQTT fleet would see; what it saves is
+:mod:`fleet.memory_link`, so accuracy and the bytes on the wire are what an MQTT fleet would see; what it saves is
 the processes, the broker and the waiting, which lets a grid fit the time budget of DESIGN.md 7a. The clients of a
 run share one engine (one model in memory), and skip the evaluation after local training, which no figure here uses
 (personalised accuracy is the received model's, measured at the start of the next round), so their updates carry two
@@ -12,7 +12,7 @@ metrics fewer. Every method of a (partition, seed) cell sees the same partitions
 defaults (:mod:`edgemole.defaults`) for what the config does not set.
 
 Results are keyed by their whole configuration, so rerunning with a larger grid into the same folder only runs what
-is missing, then rewrites the tables and plots from all runs (:mod:`edgemole.bench_report`).
+is missing, then rewrites the tables and plots from all runs (:mod:`fleet.bench_report`).
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ from edgemole.data.partition import parse_partition
 from edgemole.data.source import load_source
 from edgemole.defaults import METHOD_DEFAULTS, AppliedDefaults, apply_method_defaults, explicit_keys
 from edgemole.errors import ConfigError, EdgemoleError
-from edgemole.memory_link import MemoryBroker, MemoryLink
 from edgemole.mqtt import Inbound
 from edgemole.protocol import Topics, decode
-from edgemole.simulate import _fmt_bytes, _fmt_pct, prepare_partitions, rejected_text
+from fleet.memory_link import MemoryBroker, MemoryLink
+from fleet.simulate import _fmt_bytes, _fmt_pct, prepare_partitions, rejected_text
 
 RESULTS_FILE = "results.json"
 RESULTS_VERSION = 1
@@ -661,7 +661,7 @@ def add_result(out: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
 
 def bench(settings: Settings, cfg: BenchConfig, *, console: Console | None = None) -> list[dict[str, Any]]:
     """Run the grid's missing runs, then write the tables and plots of every run in ``cfg.out``; returns all runs."""
-    from edgemole.bench_report import print_summary, write_reports
+    from fleet.bench_report import print_summary, write_reports
 
     if console is None:
         console = Console()

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemole.config import A2_METHODS, EXPERT_METHODS
-from edgemole.simulate import _fmt_bytes, rejected_text
+from fleet.simulate import _fmt_bytes, rejected_text
 
 RUN_COLUMNS = ("key", "setup", "method", "rank", "lora_r", "alpha", "partition", "seed", "dataset", "clients",
                "rounds", "local_steps", "personalised_accuracy", "personalised_accuracy_std", "received_accuracy",
@@ -166,7 +166,7 @@ def _setup_lines(run: dict[str, Any], methods: set[str], members: Sequence[dict[
     if methods & set(EXPERT_METHODS):
         from edgemole.adapters.amole.config import AMoLEConfig
         from edgemole.config import from_dict
-        from edgemole.simulate import experts_line
+        from fleet.simulate import experts_line
 
         amole = from_dict(AMoLEConfig, c["amole"], "amole")
         lines.append(experts_line(amole, run["clients"], run.get("service", {}).get("rounds", [])))
