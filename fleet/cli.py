@@ -260,6 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("dir", help="directory written by 'edgemole broker init'")
         b.add_argument("device", help="device id")
 
+    _add_flash_parser(sub)
+
+    p = sub.add_parser("fleet", help="what the fleet's devices are doing")
+    fsub = p.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    f = fsub.add_parser("status", help="every device that published a status on the broker: state, last seen, "
+                        "client kind, engine, artifact, last round answered")
+    f.add_argument("--broker", required=True, help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
+    f.add_argument("--fleet", default="default", help="fleet name (default 'default')")
+    f.add_argument("--topic-prefix", default="edgemole", help="topic prefix (default 'edgemole')")
+    f.add_argument("--json", action="store_true", help="print the devices as JSON instead of a table")
+    f.add_argument("--wait", type=float, default=2.0,
+                   help="seconds to collect the broker's retained status messages (default 2)")
+    f.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to keep retrying the broker")
+    _add_credential_flags(f)
+
     p = sub.add_parser("bench", help="compare methods over a grid of ranks, Dirichlet alphas (or one --partition) "
                        "and seeds (in memory)")
     g = p.add_argument_group("grid (also the [bench] section of --config)")
@@ -279,6 +294,86 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_flags(p)
     _add_data_flags(p, simulate=True)
     return parser
+
+
+def _add_flash_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("flash", help="put the client, the artifact, the data and the config on a device, verify "
+                       "them by sha256 and start the client (adb for phones, SSH for boards)")
+    tsub = p.add_subparsers(dest="flash_target", required=True, metavar="TARGET")
+    targets = (
+        ("android", "an Android phone over adb (native client)"),
+        ("board", "a Linux board over SSH (native or Python client)"),
+    )
+    for name, what in targets:
+        t = tsub.add_parser(name, help=what)
+        if name == "android":
+            t.add_argument("--serial", required=True, help="the phone's adb serial (adb devices)")
+            t.add_argument("--adb", default="adb", help="the adb client to use (default: adb on PATH)")
+            t.add_argument("--dir", default="/data/local/tmp/edgemole",
+                           help="folder on the phone (default /data/local/tmp/edgemole)")
+            t.add_argument("--native-dir", help="folder of the Android build of edgemole-device and its .so "
+                           "libraries (devices/native/README.md, NDK); pushed to DIR/bin and DIR/lib")
+        else:
+            t.add_argument("--host", required=True, help="the board's host name or address")
+            t.add_argument("--user", help="SSH user (default: ssh's)")
+            t.add_argument("--port", type=int, help="SSH port (default: ssh's)")
+            t.add_argument("--identity", help="SSH private key (default: ssh's keys or agent)")
+            t.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
+                           help="one more ssh -o option, e.g. StrictHostKeyChecking=accept-new (repeatable)")
+            t.add_argument("--dir", default="/opt/edgemole", help="folder on the board (default /opt/edgemole)")
+            t.add_argument("--client", default="native", choices=("native", "python"),
+                           help="native: edgemole-device (built here, or --native-dir); python: edgemole client "
+                           "(edgemole installed on the board, see --python)")
+            t.add_argument("--native-dir", help="folder of edgemole-device and its libraries for the board's "
+                           "architecture (default: build/native here, with the executorch runtime libraries)")
+            t.add_argument("--python", help="with --client python: the board's Python that has edgemole "
+                           "(default: DIR/venv/bin/python)")
+            t.add_argument("--service", choices=("auto", "systemd", "nohup"), default="auto",
+                           help="how the client runs: a systemd unit (root, systemd running) or nohup with a PID "
+                           "file (default auto: systemd where it can)")
+        t.add_argument("--client-id", required=True, help="the device's id in the fleet")
+        t.add_argument("--artifact", help="folder of 'edgemole export' (program.pte, base.ptd, tokenizer, "
+                       "manifest; needed by the native client and by --engine executorch)")
+        t.add_argument("--data", help="the device's local data file (CSV, JSONL or JSON)")
+        t.add_argument("--test-data", help="the device's local test split")
+        t.add_argument("--broker", help="MQTT broker URL the device connects to (default with --credentials: "
+                       "its device.json's)")
+        t.add_argument("--credentials", help="this device's folder of 'edgemole broker init' "
+                       "(DIR/devices/<id>): CA, certificate, key, password")
+        t.add_argument("--fleet", default=None, help="fleet name (default: the credentials', else 'default')")
+        t.add_argument("--topic-prefix", default=None, help="topic prefix (default 'edgemole')")
+        t.add_argument("--threads", type=int, help="the client's threads")
+        t.add_argument("--upload-rank", type=int, help="the device's upload rank budget r_c")
+        t.add_argument("--engine", default=None, help="Python client's engine: eager (default) or executorch")
+        t.add_argument("--action", default="install", choices=("install", "start", "stop", "status"),
+                       help="install (default: copy what changed, verify, restart the client), start, stop, or "
+                       "status (is the client running, what is installed)")
+        t.add_argument("--no-start", action="store_true", help="install but do not start the client")
+        t.add_argument("--dry-run", action="store_true", help="print every action; touch nothing")
+        t.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_flash(a: argparse.Namespace) -> int:
+    from fleet.flash import run_flash
+
+    return run_flash(a)
+
+
+def _run_fleet(a: argparse.Namespace) -> int:
+    from fleet.status import fleet_status, print_status
+
+    credentials = _credentials(a)
+    if not 0 < a.wait <= 600:
+        from edgemole.errors import ConfigError
+
+        raise ConfigError("--wait must be in (0, 600] seconds")
+    devices = fleet_status(a.broker, a.fleet, a.topic_prefix, credentials=credentials, wait_s=a.wait,
+                           connect_timeout_s=a.connect_timeout)
+    if a.json:
+        print(json.dumps({"fleet": a.fleet, "devices": devices}, indent=2))
+    else:
+        print_status(a.fleet, devices)
+    return 0
 
 
 def _run_aggregator(a: argparse.Namespace) -> int:
@@ -469,13 +564,15 @@ def main(argv: list[str] | None = None) -> None:
     # simulate only: bench's worker pool would wait for its running runs on the way out (they end with their parent)
     if a.command == "simulate" and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
-    a.log_level = a.log_level or ("WARNING" if a.command in ("simulate", "bench", "export", "broker") else "INFO")
+    quiet = ("simulate", "bench", "export", "broker", "flash", "fleet")
+    a.log_level = a.log_level or ("WARNING" if a.command in quiet else "INFO")
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     for noisy in ("torchao", "torch.utils._pytree"):  # optional-kernel notices from executorch's torchao
         logging.getLogger(noisy).setLevel(logging.ERROR)
     runners = {"simulate": _run_simulate, "aggregator": _run_aggregator, "client": _run_client,
-               "bench": _run_bench, "export": _run_export, "broker": _run_broker}
+               "bench": _run_bench, "export": _run_export, "broker": _run_broker, "flash": _run_flash,
+               "fleet": _run_fleet}
     try:
         code = runners[a.command](a)
     except EdgemoleError as exc:
