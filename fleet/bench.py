@@ -65,7 +65,8 @@ from edgemole.errors import ConfigError, EdgemoleError
 from edgemole.mqtt import Inbound
 from edgemole.protocol import Topics, decode
 from fleet.memory_link import MemoryBroker, MemoryLink
-from fleet.simulate import _fmt_bytes, _fmt_pct, prepare_partitions, rejected_text
+from fleet.simulate import prepare_partitions, rejected_text
+from fleet.units import fmt_bytes, fmt_pct
 
 RESULTS_FILE = "results.json"
 RESULTS_VERSION = 1
@@ -712,11 +713,11 @@ def _run_pending(settings: Settings, cfg: BenchConfig, pending: list[RunSpec], r
         def on_round(spec: RunSpec, r: dict[str, Any]) -> None:
             progress.advance(rounds_task)
             progress.update(rounds_task,
-                            description=f"rounds: {spec.label} round {r['round']} acc {_fmt_pct(r['accuracy'])}")
+                            description=f"rounds: {spec.label} round {r['round']} acc {fmt_pct(r['accuracy'])}")
             if plain:
                 console.print(f"{spec.label} round {r['round']} {r['phase']}: {r['answered']}/{r['selected']} "
-                              f"clients, acc {_fmt_pct(r['accuracy'])}, up {_fmt_bytes(r['bytes_up'])}, down "
-                              f"{_fmt_bytes(r['bytes_down'])}", highlight=False, soft_wrap=True)
+                              f"clients, acc {fmt_pct(r['accuracy'])}, up {fmt_bytes(r['bytes_up'])}, down "
+                              f"{fmt_bytes(r['bytes_down'])}", highlight=False, soft_wrap=True)
 
         with progress:
             for record in _execute(pending, cfg.jobs, cfg.threads, on_round, on_start):
@@ -724,8 +725,8 @@ def _run_pending(settings: Settings, cfg: BenchConfig, pending: list[RunSpec], r
                 progress.advance(runs_task)
                 progress.console.print(
                     f"{record['method']} r{record['rank']} {partition_label(record['partition'])} s{record['seed']}: "
-                    f"personalised {_fmt_pct(record['personalised_accuracy'])}, global "
-                    f"{_fmt_pct(record['global_accuracy'])}, up {_fmt_bytes(record['bytes_up'])}, down "
-                    f"{_fmt_bytes(record['bytes_down'])}, {record['local_steps']} local steps, "
+                    f"personalised {fmt_pct(record['personalised_accuracy'])}, global "
+                    f"{fmt_pct(record['global_accuracy'])}, up {fmt_bytes(record['bytes_up'])}, down "
+                    f"{fmt_bytes(record['bytes_down'])}, {record['local_steps']} local steps, "
                     f"{rejected_text(record['service'].get('rejected', {}))}, {record['wall_s']:.0f} s",
                     highlight=False)

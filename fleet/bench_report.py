@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemole.config import A2_METHODS, EXPERT_METHODS
-from fleet.simulate import _fmt_bytes, rejected_text
+from fleet.simulate import rejected_text
+from fleet.units import fmt_bytes
 
 RUN_COLUMNS = ("key", "setup", "method", "rank", "lora_r", "alpha", "partition", "seed", "dataset", "clients",
                "rounds", "local_steps", "personalised_accuracy", "personalised_accuracy_std", "received_accuracy",
@@ -121,8 +122,8 @@ def _cells(row: dict[str, Any], cols: Columns, spread: bool = True) -> list[str]
     return [_pm(row["personalised_acc_mean"], row["personalised_acc_std"], _pct), *secondary,
             _pm(row["global_acc_mean"], row["global_acc_std"], _pct),
             _pm(row["params_up_mean"], cost("params_up"), _fmt_count),
-            _pm(row["bytes_up_mean"], cost("bytes_up"), _fmt_bytes),
-            _pm(row["bytes_down_mean"], cost("bytes_down"), _fmt_bytes), *ranks,
+            _pm(row["bytes_up_mean"], cost("bytes_up"), fmt_bytes),
+            _pm(row["bytes_down_mean"], cost("bytes_down"), fmt_bytes), *ranks,
             _pm(row["wall_s_mean"], cost("wall_s"), lambda s: f"{s:.0f}")]
 
 
@@ -289,7 +290,7 @@ def plot_setup(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], c
             low, high = min(sizes) / 1.5, max(sizes) * 1.5
             ticks = [low * 1.2 * (high / low / 1.44) ** (i / 3) for i in range(4)]
             ax.set_xlim(low, high)
-            ax.set_xticks(ticks, [_fmt_bytes(int(t)) for t in ticks], rotation=20)
+            ax.set_xticks(ticks, [fmt_bytes(int(t)) for t in ticks], rotation=20)
             ax.xaxis.set_minor_locator(NullLocator())
     finish(fig, axes, "accuracy (filled: personalised, hollow: global)", tradeoff_path)
     return [curves_path, tradeoff_path]

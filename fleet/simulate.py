@@ -46,19 +46,7 @@ from edgemole.protocol import Kind, Topics, decode
 from edgemole.protocol.messages import json_safe
 from fleet.native import find_native_binary
 from fleet.report import plot_run
-
-
-def _fmt_pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _fmt_bytes(n: float) -> str:
-    """A byte count for people, in binary units labelled as such (1 MiB = 2^20 bytes); JSON keeps raw bytes."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from fleet.units import fmt_bytes, fmt_pct
 
 
 def rejected_text(rejected: dict[str, int]) -> str:
@@ -144,10 +132,10 @@ EXTRA_ACCURACIES = (("accuracy_trained", "acc trained"), ("accuracy_deployed", "
 
 def round_line(r: dict[str, Any]) -> str:
     """One plain line of a round record, for logs (output that is not a terminal)."""
-    extra = "".join(f", {col} {_fmt_pct(r.get(key))}" for key, col in EXTRA_ACCURACIES if key in r)
+    extra = "".join(f", {col} {fmt_pct(r.get(key))}" for key, col in EXTRA_ACCURACIES if key in r)
     return (f"round {r['round']} {r['phase']}: {len(r['answered'])}/{len(r['selected'])} clients, acc in "
-            f"{_fmt_pct(r['accuracy_before'])}, acc local {_fmt_pct(r['accuracy_after_local'])}{extra}, "
-            f"up {_fmt_bytes(r['bytes_up'])}, down {_fmt_bytes(r['bytes_down'])}, {r['wall_s']:.0f} s")
+            f"{fmt_pct(r['accuracy_before'])}, acc local {fmt_pct(r['accuracy_after_local'])}{extra}, "
+            f"up {fmt_bytes(r['bytes_up'])}, down {fmt_bytes(r['bytes_down'])}, {r['wall_s']:.0f} s")
 
 
 class _Display:
@@ -178,12 +166,12 @@ class _Display:
         for r in self.records:
             table.add_row(
                 str(r["round"]), r["phase"], f"{len(r['answered'])}/{len(r['selected'])}",
-                _fmt_pct(r["accuracy_before"]), _fmt_pct(r["accuracy_after_local"]),
-                *(_fmt_pct(r.get(key)) for key, _ in extra),
+                fmt_pct(r["accuracy_before"]), fmt_pct(r["accuracy_after_local"]),
+                *(fmt_pct(r.get(key)) for key, _ in extra),
                 "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
                 f"{r['experts_per_module_mean']:.1f}/{r['distinct_architectures']}" if "distinct_architectures" in r
                 else "-",
-                _fmt_bytes(r["bytes_up"]), _fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.0f}",
+                fmt_bytes(r["bytes_up"]), fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.0f}",
             )
         return table
 
@@ -440,12 +428,12 @@ def simulate(settings: Settings, *, broker: str | None = None, json_out: str | N
     final = summary["final"]
     console.print()
     console.print(
-        f"final personalised accuracy {_fmt_pct(summary['final_personalised_accuracy'])} "
-        f"(± {_fmt_pct(summary['final_personalised_accuracy_std'])} over {len(final['answered'])} clients), "
-        f"uploaded {_fmt_bytes(summary['bytes_up_total'])}, downloaded {_fmt_bytes(summary['bytes_down_total'])}, "
+        f"final personalised accuracy {fmt_pct(summary['final_personalised_accuracy'])} "
+        f"(± {fmt_pct(summary['final_personalised_accuracy_std'])} over {len(final['answered'])} clients), "
+        f"uploaded {fmt_bytes(summary['bytes_up_total'])}, downloaded {fmt_bytes(summary['bytes_down_total'])}, "
         f"{wall:.0f} s on {broker_kind}", highlight=False
     )
-    others = [f"{what} {_fmt_pct(summary[key])}" for key, what in (
+    others = [f"{what} {fmt_pct(summary[key])}" for key, what in (
         ("final_received_accuracy", "received"), ("final_trained_accuracy", "trained")) if summary.get(key) is not None]
     if others:
         console.print("final accuracy of the " + ", ".join(others) + " model (means over clients; personalised: "
