@@ -217,8 +217,8 @@ class Installer:
             return
         run, log, pid = (shlex.quote(p) for p in (self.spec.path("run.sh"), self.log_file, self.pid_file))
         # every descriptor of the background client is redirected, so that ssh / adb shell return at once
-        self.transport.check(f"cd {shlex.quote(self.spec.root)} && nohup sh {run} >> {log} 2>&1 < /dev/null & "
-                             f"echo $! > {pid}", "starting the client")
+        self.transport.check(f"cd {shlex.quote(self.spec.root)} || exit 1; nohup sh {run} >> {log} 2>&1 < /dev/null "
+                             f"& echo $! > {pid}", "starting the client")
         res = self.transport.shell(f'sleep 2; kill -0 "$(cat {pid})" 2>/dev/null')
         if res.returncode != 0:
             tail = self.transport.shell(f"tail -n 1 {log}").out.strip()
