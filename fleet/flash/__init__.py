@@ -78,10 +78,13 @@ def run_flash(a: argparse.Namespace) -> int:
                 for n, step in enumerate(steps, 1):
                     print(f"  {n:2d}. {step}")
             return 0
-        if install:
-            result = installer.install(start=not a.no_start)
-        else:
-            result = {"start": installer.start, "stop": installer.stop, "status": installer.status}[a.action]()
+        try:
+            if install:
+                result = installer.install(start=not a.no_start)
+            else:
+                result = {"start": installer.start, "stop": installer.stop, "status": installer.status}[a.action]()
+        finally:
+            transport.close()
     if a.json:
         print(json.dumps(result, indent=2))
     else:
