@@ -39,6 +39,7 @@ from edgemole.protocol.delta import (
     versions_of,
 )
 from edgemole.protocol.messages import json_safe
+from edgemole.protocol.validate import check_status_fields
 
 log = logging.getLogger("edgemole.aggregator")
 
@@ -156,6 +157,7 @@ class AggregatorService:
             if msg.body.get("state") not in (*LIVE_STATES, "offline", "error"):
                 raise ProtocolError(f"unknown state {msg.body.get('state')!r}")
             initial = parse_initial(msg.body)
+            check_status_fields(msg.body)
         except ProtocolError as exc:
             self._reject("status", f"from {client}: {exc}")
             return

@@ -6,8 +6,11 @@ serving. Work happens in the main thread while paho's thread keeps the connectio
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import signal
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from edgemole.adapters.amole.model import EMBEDDING_ROLE
 from edgemole.adapters.amole.rsea import privatize
 from edgemole.adapters.lora.a2 import TRAIN_A, TRAIN_B, active_factor, adapter_prefixes
 from edgemole.adapters.lora.flex import OWN_RANK, leading_ranks, truncate_ranks
+from edgemole.artifact import MANIFEST_FILE
 from edgemole.config import TaskSpec
 from edgemole.errors import ConfigError, EdgemoleError, ProtocolError
 from edgemole.mqtt import RECONNECTED, BrokerCredentials, Inbound, Link, MqttLink, packet_limit
@@ -145,16 +149,34 @@ class EdgeClient:
             opts.broker,
             self.topics.device_mqtt_id(opts.client_id),
             clean_session=False,
-            will=(self.topics.status(opts.client_id), self._status_payload("offline")),
+            will=(self.topics.status(opts.client_id), self._status_payload("offline", will=True)),
             credentials=opts.credentials,
             identity=opts.client_id,  # refused when it is not the credential's name
             max_packet_bytes=packet_limit(opts.max_message_bytes),
         )
 
     # -- messages ------------------------------------------------------------------------------
-    def _status_payload(self, state: str, error: str = "") -> bytes:
+    @functools.cached_property
+    def artifact_digest(self) -> str | None:
+        """The first 16 hex digits of the sha256 of the artifact's manifest.json (the status's ``artifact``): which
+        program this device trains with; None with the eager engine, or when the manifest cannot be read (the engine
+        then reports the broken artifact)."""
+        if self.opts.engine != "executorch" or self.opts.artifact is None:
+            return None
+        try:
+            return hashlib.sha256((Path(self.opts.artifact) / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
+        except OSError:
+            return None
+
+    def _status_payload(self, state: str, error: str = "", *, will: bool = False) -> bytes:
+        """The status message (docs/protocol.md 4.2); ``will``: the last will, written at connect time, so without
+        the device's clock (``time_unix``)."""
         body = {"state": state, "num_train": self.data.num_train, "num_test": self.data.num_test}
         body["engine"] = self.opts.engine
+        if not will:
+            body["time_unix"] = round(time.time(), 3)
+        if self.artifact_digest is not None:
+            body["artifact"] = self.artifact_digest
         if self.opts.download_cache:
             body[CAPABILITY] = True
             if self.cache_is_initial:

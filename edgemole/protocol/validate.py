@@ -7,8 +7,10 @@ message against that expectation instead of trusting anything the sender declare
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -147,6 +149,20 @@ def validate_update(
     ):
         raise ProtocolError("metrics must be an object of finite numbers")
     check_tensors(msg, expected)
+
+
+#: a status body's optional ``artifact``: the first 16 hex digits of the sha256 of the device's manifest.json
+_ARTIFACT_DIGEST = re.compile(r"[0-9a-f]{16}")
+
+
+def check_status_fields(body: Mapping[str, Any]) -> None:
+    """The optional status fields ``time_unix`` (a finite number) and ``artifact`` (16 lower-case hex digits),
+    when present (docs/protocol.md 4.2); ProtocolError otherwise."""
+    if "time_unix" in body and not finite_number(body["time_unix"]):
+        raise ProtocolError("'time_unix' must be a finite number")
+    artifact = body.get("artifact")
+    if "artifact" in body and not (isinstance(artifact, str) and _ARTIFACT_DIGEST.fullmatch(artifact)):
+        raise ProtocolError("'artifact' must be 16 lower-case hex digits")
 
 
 def validate_assignment(

@@ -122,17 +122,23 @@ DeviceClient::DeviceClient(DeviceConfig config, std::unique_ptr<Link> link)
   manifest_ = read_manifest(config_.artifact);
   verify_files(manifest_);
   tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_file(config_.artifact + "/tokenizer/tokenizer.json"));
-  link_ = link ? std::move(link) : make_mqtt_link(config_, topics_, status_payload("offline"));
+  link_ = link ? std::move(link) : make_mqtt_link(config_, topics_, status_payload("offline", "", true));
 }
 
 DeviceClient::~DeviceClient() = default;
 
-std::vector<std::uint8_t> DeviceClient::status_payload(const std::string& state, const std::string& error) const {
+std::vector<std::uint8_t> DeviceClient::status_payload(const std::string& state, const std::string& error,
+                                                       bool last_will) const {
   json body = {{"state", state},
                {"num_train", data_.num_train()},
                {"num_test", data_.num_test()},
                {"engine", "executorch"},
                {"client", "native"}};
+  body["artifact"] = manifest_.digest;
+  if (!last_will) {
+    const auto now = std::chrono::system_clock::now().time_since_epoch();
+    body["time_unix"] = static_cast<double>(std::chrono::duration_cast<std::chrono::milliseconds>(now).count()) / 1000;
+  }
   if (!error.empty()) body["error"] = error.substr(0, 500);
   if (!run_id_.empty()) body["run"] = run_id_;
   Message msg;

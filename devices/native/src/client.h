@@ -97,7 +97,10 @@ class DeviceClient {
   const Topics& topics() const { return topics_; }
   Engine* engine() { return engine_.get(); }
   LocalData& data() { return data_; }
-  std::vector<std::uint8_t> status_payload(const std::string& state, const std::string& error = "") const;
+  // The status message (docs/protocol.md 4.2); `last_will`: the one the broker publishes when the connection is
+  // lost, written at connect time, so without the device's clock (`time_unix`).
+  std::vector<std::uint8_t> status_payload(const std::string& state, const std::string& error = "",
+                                           bool last_will = false) const;
 
  private:
   // What was last sent: kept until the next round of the run opens, re-sent when it may have been lost.

@@ -56,6 +56,7 @@ Manifest read_manifest(const std::string& directory) {
   }
   Manifest m;
   m.directory = directory;
+  m.digest = digest_file(path).sha256_hex.substr(0, 16);
   try {
     m.model = raw.at("model").get<std::string>();
     m.task = raw.at("task").get<std::string>();

@@ -32,6 +32,9 @@ struct FileEntry {
 
 struct Manifest {
   std::string directory;
+  // The first 16 hex digits of manifest.json's sha256: which artifact the device trains with (its status's
+  // `artifact`, docs/protocol.md 4.2).
+  std::string digest;
   std::string model, task, adapter;
   std::int64_t num_labels = 0;
   nlohmann::json config;  // the adapter settings the graph bakes in
