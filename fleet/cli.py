@@ -370,7 +370,8 @@ def _run_fleet(a: argparse.Namespace) -> int:
     devices = fleet_status(a.broker, a.fleet, a.topic_prefix, credentials=credentials, wait_s=a.wait,
                            connect_timeout_s=a.connect_timeout)
     if a.json:
-        print(json.dumps({"fleet": a.fleet, "devices": devices}, indent=2))
+        print(json.dumps({"fleet": a.fleet, "devices": devices, "rejected": getattr(devices, "rejected", [])},
+                         indent=2))
     else:
         print_status(a.fleet, devices)
     return 0

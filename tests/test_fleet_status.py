@@ -162,6 +162,7 @@ def test_fleet_status_of_python_and_native_clients(tmp_path: Path, mosquitto: st
         assert list(devices) == ["nat-0", "py-0", "py-et"]  # sorted; x and y are not devices
         assert proc.stderr.count("rejected the status on") == 2, proc.stderr
         assert f"{TOPICS.base}/clients/x/status" in proc.stderr and "does not match topic client" in proc.stderr
+        assert sorted(r["topic"].rsplit("/", 2)[1] for r in out["rejected"]) == ["x", "y"]
         for name, kind, engine, art in (("nat-0", "native", "executorch", digest), ("py-0", "python", "eager", None),
                                         ("py-et", "python", "executorch", digest)):
             d = devices[name]
@@ -204,7 +205,7 @@ def test_an_empty_fleet_and_the_observer_publishes_nothing(tmp_path: Path, mosqu
         assert proc.returncode == 0, proc.stderr
         assert "no device has published a status on edgemole/t" in proc.stdout
         proc = _cli("--broker", mosquitto, "--fleet", FLEET, "--topic-prefix", "site1/em", "--json", "--wait", "0.5")
-        assert json.loads(proc.stdout) == {"fleet": FLEET, "devices": []}
+        assert json.loads(proc.stdout) == {"fleet": FLEET, "devices": [], "rejected": []}
         assert spy.receive(1.0) is None  # no status, no will, nothing retained
     finally:
         spy.close()
