@@ -320,14 +320,15 @@ def _add_flash_parser(sub: argparse._SubParsersAction) -> None:
             t.add_argument("--identity", help="SSH private key (default: ssh's keys or agent)")
             t.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
                            help="one more ssh -o option, e.g. StrictHostKeyChecking=accept-new (repeatable)")
-            t.add_argument("--dir", default="/opt/edgemole", help="folder on the board (default /opt/edgemole)")
+            t.add_argument("--dir", default="/srv/edgemole", help="folder on the board (default /srv/edgemole)")
             t.add_argument("--client", default="native", choices=("native", "python"),
                            help="native: edgemole-device (built here, or --native-dir); python: edgemole client "
                            "(edgemole installed on the board, see --python)")
             t.add_argument("--native-dir", help="folder of edgemole-device and its libraries for the board's "
                            "architecture (default: build/native here, with the executorch runtime libraries)")
             t.add_argument("--python", help="with --client python: the board's Python that has edgemole "
-                           "(default: DIR/venv/bin/python)")
+                           "(default /opt/edgemole/bin/python, the environment devices/raspberry-pi/provision.sh "
+                           "makes)")
             t.add_argument("--service", choices=("auto", "systemd", "nohup"), default="auto",
                            help="how the client runs: a systemd unit (root, systemd running) or nohup with a PID "
                            "file (default auto: systemd where it can)")
@@ -344,7 +345,8 @@ def _add_flash_parser(sub: argparse._SubParsersAction) -> None:
         t.add_argument("--topic-prefix", default=None, help="topic prefix (default 'edgemole')")
         t.add_argument("--threads", type=int, help="the client's threads")
         t.add_argument("--upload-rank", type=int, help="the device's upload rank budget r_c")
-        t.add_argument("--engine", default=None, help="Python client's engine: eager (default) or executorch")
+        if name == "board":
+            t.add_argument("--engine", default=None, help="with --client python: eager (default) or executorch")
         t.add_argument("--action", default="install", choices=("install", "start", "stop", "status"),
                        help="install (default: copy what changed, verify, restart the client), start, stop, or "
                        "status (is the client running, what is installed)")

@@ -252,3 +252,12 @@ def test_bad_flags_are_one_line(phone_kit: dict[str, Path], args: list[str], exp
         else:
             base += [flag, value]
     assert expected in _one_error(_flash(base))
+
+
+def test_client_kind_flags_that_do_not_fit_are_one_line(phone_kit: dict[str, Path]) -> None:
+    base = ["board", "--host", "h", "--client-id", "pi-1", "--data", str(phone_kit["data"]), "--broker",
+            "mqtt://10.0.0.1:1883", "--dry-run"]
+    line = _one_error(_flash([*base, "--client", "python", "--native-dir", str(phone_kit["native"])]))
+    assert "--native-dir is for --client native" in line
+    line = _one_error(_flash([*base, "--artifact", str(phone_kit["artifact"]), "--python", "/usr/bin/python3"]))
+    assert "--python is for --client python" in line

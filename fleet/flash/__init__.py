@@ -31,7 +31,8 @@ def spec_from_args(a: argparse.Namespace) -> DeviceSpec:
         client="native" if android else a.client, broker=a.broker, fleet=a.fleet, topic_prefix=a.topic_prefix,
         artifact=_path(a.artifact), data=_path(a.data), test_data=_path(a.test_data),
         credentials=_path(a.credentials), native_dir=_path(a.native_dir),
-        python=None if android else a.python, engine=a.engine, threads=a.threads, upload_rank=a.upload_rank)
+        python=None if android else a.python, engine=getattr(a, "engine", None), threads=a.threads,
+        upload_rank=a.upload_rank)
 
 
 def transport_from_args(a: argparse.Namespace) -> Transport:
@@ -44,8 +45,12 @@ def _service(a: argparse.Namespace, transport: Transport, dry_run: bool) -> str:
     """systemd or nohup: a phone has no systemd; ``auto`` on a board asks it (root and systemd running)."""
     if a.flash_target == "android" or a.service == "nohup":
         return "nohup"
-    if a.service == "systemd" or dry_run:
-        return "systemd" if a.service == "systemd" else "nohup"
+    if a.service == "systemd":
+        return "systemd"
+    if dry_run:
+        print("note: --service auto is decided on the board (systemd where it runs as root with systemd, else "
+              "nohup); this plan shows nohup", file=sys.stderr)
+        return "nohup"
     transport.connect()
     probe = transport.shell('[ "$(id -u)" = 0 ] && [ -d /run/systemd/system ]')
     return "systemd" if probe.returncode == 0 else "nohup"
@@ -85,8 +90,8 @@ def run_flash(a: argparse.Namespace) -> int:
                 result = {"start": installer.start, "stop": installer.stop, "status": installer.status}[a.action]()
         finally:
             transport.close()
-    if a.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(json.dumps(result))
+    try:
+        print(json.dumps(result, indent=2 if a.json else None))
+    except BrokenPipeError:  # e.g. '| head': the reader has what it wanted
+        sys.stderr.close()
     return 0

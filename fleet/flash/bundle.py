@@ -1,11 +1,11 @@
 """What ``edgemole flash`` puts on a device: every file with its place in the device's folder, mode and sha256.
 
-The device folder (``--dir``, e.g. ``/opt/edgemole`` on a board, ``/data/local/tmp/edgemole`` on a phone)::
+The device folder (``--dir``, ``/srv/edgemole`` on a board, ``/data/local/tmp/edgemole`` on a phone by default)::
 
     artifact/      manifest.json, program.pte, base.ptd, tokenizer/...   (edgemole export; not inference.onnx)
     bin/, lib/     edgemole-device and the ExecuTorch runtime libraries   (native client)
     data/          train.<ext>, test.<ext>                                (the device's own data)
-    credentials/   ca.crt, client.crt, client.key, password               (edgemole broker init)
+    credentials/   ca.crt, client.crt, client.key                         (edgemole broker init)
     device.json    the native client's config   |   client.env  the Python client's environment
     run.sh         the launcher both services start
     run/, log/     PID file, client.log; state/: the deployed model
@@ -32,7 +32,10 @@ from edgemole.mqtt import parse_broker_url
 NATIVE_BINARY = "edgemole-device"
 RUNTIME_LIBRARIES = ("libexecutorch.so", "libexecutorch_threadpool.so", "libexecutorch_kernels_optimized.so",
                      "libexecutorch_backend_xnnpack.so")
-CREDENTIAL_FILES = {"ca.crt": "0644", "client.crt": "0644", "client.key": "0600", "password": "0600"}
+#: the certificate identity of 'edgemole broker init' (the password listener's password stays off the device)
+CREDENTIAL_FILES = {"ca.crt": "0644", "client.crt": "0644", "client.key": "0600"}
+#: the Python environment devices/raspberry-pi/provision.sh installs
+DEFAULT_PYTHON = "/opt/edgemole/bin/python"
 CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: ELF e_machine of a binary -> the architecture names a device reports (uname -m, Android ABIs)
 ELF_MACHINES = {0x3E: ("x86_64", "x86_64"), 0xB7: ("aarch64", "arm64-v8a"), 0x28: ("armv7l", "armeabi-v7a"),
@@ -111,6 +114,10 @@ class DeviceSpec:
         if needs_artifact and self.artifact is None:
             which = "native client" if self.client == "native" else "Python client with --engine executorch"
             raise ConfigError(f"the {which} needs --artifact (the folder of 'edgemole export')")
+        if self.client == "python" and self.native_dir is not None:
+            raise ConfigError("--native-dir is for --client native")
+        if self.client == "native" and self.python is not None:
+            raise ConfigError("--python is for --client python")
         if self.client == "native" and self.native_dir is None and self.target == "android":
             raise ConfigError("flash android needs --native-dir: the Android (NDK) build of edgemole-device and its "
                               "libraries (devices/native/README.md)")
@@ -239,7 +246,7 @@ def build_bundle(spec: DeviceSpec, staging: Path, service: str) -> list[Item]:
                                                        ("EDGEMOLE_MQTT_KEY_FILE", "client.key")) if name in creds})
         if spec.threads is not None:
             env["OMP_NUM_THREADS"] = str(spec.threads)
-        command = [spec.python or spec.path("venv/bin/python"), "-m", "fleet", "client", "--broker", spec.broker,
+        command = [spec.python or DEFAULT_PYTHON, "-m", "fleet", "client", "--broker", spec.broker,
                    "--client-id", spec.client_id, "--data", train, "--fleet", spec.fleet, "--topic-prefix",
                    spec.topic_prefix, "--engine", spec.engine or "eager", "--keep-serving"]
         if test:

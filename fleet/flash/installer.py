@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from fleet.flash.bundle import NATIVE_BINARY, DeviceSpec, Item, elf_machine
+from fleet.flash.bundle import DEFAULT_PYTHON, NATIVE_BINARY, DeviceSpec, Item, elf_machine
 from fleet.flash.transport import FlashError, Transport
 from fleet.units import fmt_bytes
 
-#: seconds a stopped client has to exit after SIGTERM before it is killed (it finishes the round in hand)
-STOP_WAIT_S = 30
+#: seconds a stopped client has to exit after SIGTERM before it is killed: it finishes the round in hand, which takes
+#: minutes on a slow board (as the systemd unit's TimeoutStopSec)
+STOP_WAIT_S = 180
 #: free space kept on the device beyond what the push needs (the .part copies sit beside the old files)
 SPACE_MARGIN = 16 * 2**20
 
@@ -103,7 +104,7 @@ class Installer:
         return f"systemd unit {self.spec.unit_name}" if self.service == "systemd" else f"PID file {self.pid_file}"
 
     def _python(self) -> str:
-        return self.spec.python or self.spec.path("venv/bin/python")
+        return self.spec.python or DEFAULT_PYTHON
 
     # -- install -------------------------------------------------------------------------------
     def install(self, start: bool) -> dict[str, Any]:
@@ -154,7 +155,7 @@ class Installer:
                 want = uname
             if not ok:
                 raise FlashError(f"{self.transport.name}: the device is {got}, the native client is built for "
-                                 f"{want} (give --native-dir with a {want} build)")
+                                 f"{want} (give --native-dir with a build for {want})")
         else:
             py = self._python()
             res = self.transport.shell(f"{shlex.quote(py)} -m fleet --version")
@@ -254,7 +255,11 @@ class Installer:
 
     def status(self) -> dict[str, Any]:
         self.transport.connect()
-        log_tail = self.transport.shell(f"tail -n 5 {shlex.quote(self.log_file)} 2>/dev/null").out.splitlines()
+        if self.service == "systemd":  # the unit logs to the journal
+            log = f"journalctl -u {self.spec.unit_name} -n 5 --no-pager -o cat 2>/dev/null"
+        else:
+            log = f"tail -n 5 {shlex.quote(self.log_file)} 2>/dev/null"
+        log_tail = self.transport.shell(log).out.splitlines()
         out = {"device": self.transport.name, "client_id": self.spec.client_id, "running": self._running(),
                "service": self.service, "log_tail": log_tail}
         if self.items:  # the flags describe a bundle: say which of its files the device lacks or has otherwise
