@@ -320,6 +320,9 @@ def _add_flash_parser(sub: argparse._SubParsersAction) -> None:
             t.add_argument("--identity", help="SSH private key (default: ssh's keys or agent)")
             t.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
                            help="one more ssh -o option, e.g. StrictHostKeyChecking=accept-new (repeatable)")
+            t.add_argument("--sudo", action="store_true",
+                           help="run the board's commands with 'sudo -n' (a user that may sudo without a password, "
+                           "where root cannot log in)")
             t.add_argument("--dir", default="/srv/edgemole", help="folder on the board (default /srv/edgemole)")
             t.add_argument("--client", default="native", choices=("native", "python"),
                            help="native: edgemole-device (built here, or --native-dir); python: edgemole client "

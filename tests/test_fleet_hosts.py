@@ -1,10 +1,10 @@
 """A fleet of separate hosts (issue 24): the broker and the aggregator on a hub namespace, three boards in their own
 namespaces reached only over the hub's bridge, each running sshd. The boards are provisioned with ``edgemole flash
-board`` over SSH (the native client on two, the Python client on one), ``edgemole fleet status`` lists them, three
-rounds of fedamole-a2 run through Mosquitto, then one board's link is cut for a round (it completes at its deadline
-without the board) and restored: the board answers a later round. (After a 15 s cut the broker's TCP retransmits to the
-board with a backed-off timer, about 10 s after the link returns, so the round right after the cut may close without
-it too; two rounds follow the cut.)
+board`` over SSH (the native client on two, the Python client with ``--sudo`` on one), ``edgemole fleet status``
+lists them, three rounds of fedamole-a2 run through Mosquitto, then one board's link is cut for a round (it
+completes at its deadline without the board) and restored: the board answers a later round. (After a 15 s cut the
+broker's TCP retransmits to the board with a backed-off timer, about 10 s after the link returns, so the round
+right after the cut may close without it too; two rounds follow the cut.)
 
 Traffic stays inside the namespaces the harness made (tests/netns.py), which it removes even when the test fails.
 """
@@ -103,8 +103,8 @@ def test_flashed_fleet_of_separate_hosts(tmp_path: Path, tiny_model: str, tiny_a
                     "--data", str(train), "--test-data", str(test), "--threads", "1", "--json"]
             if KINDS[k] == "native":
                 argv += ["--artifact", str(artifact)]
-            else:
-                argv += ["--python", sys.executable, "--engine", "eager"]
+            else:  # and through sudo, as on a board where root cannot log in
+                argv += ["--python", sys.executable, "--engine", "eager", "--sudo"]
             out = open(tmp_path / f"flash-b{k}.json", "w")  # noqa: SIM115 - closed with the process below
             return hub.popen([*argv, *extra], stdout=out, stderr=open(tmp_path / f"flash-b{k}.log", "a"))  # noqa: SIM115
 

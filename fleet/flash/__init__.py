@@ -38,7 +38,8 @@ def spec_from_args(a: argparse.Namespace) -> DeviceSpec:
 def transport_from_args(a: argparse.Namespace) -> Transport:
     if a.flash_target == "android":
         return AdbTransport(a.serial, adb=a.adb)
-    return SshTransport(a.host, user=a.user, port=a.port, identity=a.identity, options=list(a.ssh_option))
+    return SshTransport(a.host, user=a.user, port=a.port, identity=a.identity, options=list(a.ssh_option),
+                        sudo=a.sudo)
 
 
 def _service(a: argparse.Namespace, transport: Transport, dry_run: bool) -> str:

@@ -130,6 +130,9 @@ class SshTransport(Transport):
     port: int | None = None
     identity: str | None = None
     options: list[str] = field(default_factory=list)
+    #: run every command through ``sudo -n`` (a user that may sudo without a password, e.g. Raspberry Pi OS's first
+    #: user, where root cannot log in)
+    sudo: bool = False
     ssh: str = "ssh"
     name: str = field(init=False)
 
@@ -156,6 +159,8 @@ class SshTransport(Transport):
         return argv
 
     def _argv(self, command: str) -> list[str]:
+        if self.sudo:
+            command = f"sudo -n sh -c {shlex.quote(command)}"
         return [*self._base(), "--", self.host, command]
 
     def close(self) -> None:
@@ -167,9 +172,12 @@ class SshTransport(Transport):
             raise FlashError(f"{self.name}: no '{self.ssh}' client (Debian: apt-get install openssh-client)")
         if self.identity and not Path(self.identity).is_file():
             raise FlashError(f"--identity {self.identity}: no such file")
-        res = _run(self._argv("echo edgemole-ok"), self.name)
+        res = _run([*self._base(), "--", self.host, "echo edgemole-ok"], self.name)
         if res.returncode != 0 or "edgemole-ok" not in res.out:
             raise FlashError(f"{self.name}: SSH failed: {_tool_line(res.out)}")
+        if self.sudo and _run(self._argv("true"), self.name).returncode != 0:
+            raise FlashError(f"{self.name}: sudo asks for a password (or is missing): let this user sudo without one "
+                             "(NOPASSWD) or log in as root")
 
     def shell(self, command: str) -> Result:
         res = _run(self._argv(command), self.name)
