@@ -1,4 +1,4 @@
-"""The package layout is the architecture (README "Layout"): the core ``edgemole`` imports no role and no tooling,
+"""The package layout is the architecture (README "Architecture"): the core ``edgemole`` imports no role and no tooling,
 no role imports another role or the tooling. Checked on the source's import statements, including imports inside
 functions, so a lazy import cannot hide a dependency."""
 
