@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_AMOLE, write_client_data, write_config
+from conftest import TINY_AMOLE, _require_mosquitto, write_client_data, write_config
 from native import native_build
 from netns import NetnsFleet, require_namespaces
 
@@ -65,10 +65,7 @@ def _wait_for(predicate, timeout: float, what: str, logs) -> None:  # noqa: ANN0
 
 def test_flashed_fleet_of_separate_hosts(tmp_path: Path, tiny_model: str, tiny_artifacts: dict[str, Path]) -> None:
     require_namespaces()
-    if mosquitto_binary() is None:
-        if __import__("os").environ.get("CI"):
-            pytest.fail("mosquitto is not installed but CI is set")
-        pytest.skip("mosquitto not installed")
+    _require_mosquitto()
     native_build()  # edgemole-device in build/native, which flash ships with the wheel's runtime libraries
     artifact = tiny_artifacts["amole"]
     files, labels = write_client_data(tmp_path, [40, 40, 40])
