@@ -31,7 +31,7 @@ from edgemole.mqtt import RECONNECTED, BrokerCredentials, Inbound, Link, MqttLin
 from edgemole.protocol import DONE, Kind, Message, Topics, decode, encode, validate_update
 from edgemole.protocol.delta import (
     CAPABILITY,
-    VERSIONS,
+    MODEL,
     DownloadRecord,
     Version,
     parse_initial,
@@ -257,13 +257,13 @@ class AggregatorService:
 
     def _assignment_payload(self, client: str, msg: Message) -> tuple[bytes, int]:
         """An assignment as it goes on the wire, and the tensor elements it carries. A device that announced its
-        download cache (status ``cache: true``) gets only what it does not hold, with the ``versions`` of the whole
+        download cache (status ``cache: true``) gets only what it does not hold, with the digest of the whole
         model (docs/protocol.md 4.4.1); any other device gets every tensor, as always."""
         if self.status.get(client, {}).get(CAPABILITY) is not True:
             self._downloads.forget(client)
         else:
-            tensors, roles, versions = self._downloads.encode(client, msg.tensors, msg.roles)
-            msg = replace(msg, body={**msg.body, VERSIONS: versions}, tensors=tensors, roles=roles)
+            tensors, roles, model = self._downloads.encode(client, msg.tensors, msg.roles)
+            msg = replace(msg, body={**msg.body, MODEL: model}, tensors=tensors, roles=roles)
         return encode(msg), sum(t.numel() for t in msg.tensors.values())
 
     def _on_reconnected(self) -> None:

@@ -46,7 +46,7 @@ from edgemole.protocol.delta import (
     CacheMiss,
     Version,
     apply_download,
-    parse_versions,
+    parse_model_digest,
     remember,
     state_digest,
     versions_of,
@@ -334,16 +334,19 @@ class EdgeClient:
             self._on_assignment(self.pending)
 
     def _download(self, msg: Message) -> bool:
-        """Rebuild an assignment that carries ``versions`` (docs/protocol.md 4.4.1) into the whole model, in place, from
-        the cache, and remember what was received. False when it cannot be: on a cache miss the cache is cleared and a
-        ``ready`` status makes the aggregator send everything; a malformed payload is rejected like a bad assignment."""
+        """Rebuild an assignment sent by version (body ``model``, docs/protocol.md 4.4.1) into the whole model, in
+        place, from the cache and the names the body implies, and remember what was received. False when it cannot
+        be: on a cache miss the cache is cleared and a ``ready`` status makes the aggregator send everything; a
+        malformed payload is rejected like a bad assignment."""
         if msg.body.get("run") != self.run_id or msg.client != self.opts.client_id or msg.round <= self.last_round:
             return True  # not one to apply (another run's, a stale one): the validator rejects it, nothing is cleared
         try:
-            versions = parse_versions(msg.body)
-            if versions is None:
+            model = parse_model_digest(msg.body)
+            if model is None:
                 return True
-            msg.tensors, msg.roles = apply_download(self.cache, msg.tensors, msg.roles, versions)
+            assert self.engine is not None
+            names = self.engine.expected_state(msg.body)
+            msg.tensors, msg.roles = apply_download(self.cache, msg.tensors, msg.roles, names, model)
         except CacheMiss as exc:
             self.cache_misses += 1
             log.warning("round %d: cache miss (%s): asking for the whole model again (misses so far: %d)", msg.round,

@@ -283,6 +283,10 @@ def _identity(settings: dict[str, Any], global_test_size: int, per_method: set[s
     # nothing) and seed dropout per round (a run no longer depends on what its worker process ran before it): runs
     # recorded before are run again.
     config["device"]["behaviour"] = "2026-12-05"
+    # Since 2026-12-05 (later) an assignment sent by version carries one digest of the whole model instead of a digest
+    # per kept tensor (docs/protocol.md 4.4.1): the same models, fewer bytes down. Runs recorded before keep their
+    # bytes under their own setup, never averaged with these.
+    config["device"]["download"] = "model-digest"
     setup = json.loads(json.dumps(config))  # "auto" C for every method: one setup for the grid
     _legacy_holders(config)
     if config["fleet"]["method"] in EXPERT_METHODS:

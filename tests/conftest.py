@@ -153,12 +153,19 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) ->
     return {"lora": out / "lora", "amole": out / "amole"}
 
 
-def initial_versions(task: Any) -> dict:
-    """The run's initial state as a device builds it from ``task`` (docs/protocol.md 4.4.1), as held versions."""
+def task_wire(task: Any) -> Any:
+    """The :class:`~edgemole.model.WireState` of a model built from ``task`` as a device builds it: its initial
+    state, and the tensor names an assignment body implies (``assignment_spec``)."""
     from edgemole.model import WireState, build_classifier
+
+    return WireState.of_model(build_classifier(task)[0], task)
+
+
+def initial_versions(task: Any, wire: Any = None) -> dict:
+    """The run's initial state as a device builds it from ``task`` (docs/protocol.md 4.4.1), as held versions."""
     from edgemole.protocol.delta import versions_of
 
-    return versions_of(*WireState.of_model(build_classifier(task)[0], task).initial_fleet_state())
+    return versions_of(*(wire or task_wire(task)).initial_fleet_state())
 
 
 #: the key under which :func:`whole_assignment` keeps the run's initial state among the clients' caches
@@ -175,7 +182,7 @@ def whole_assignment(caches: dict, msg: Any) -> Any:
     from edgemole.config import TaskSpec
     from edgemole.errors import EdgemoleError, ProtocolError
     from edgemole.protocol import Kind
-    from edgemole.protocol.delta import VERSIONS, apply_download, parse_versions, remember
+    from edgemole.protocol.delta import MODEL, apply_download, parse_model_digest, remember
 
     if msg.kind == Kind.TASK and msg.body.get("run") != caches.get(INITIAL_STATE, (None,))[0]:
         try:  # a new run: every cache starts anew (a forged task that does not parse changes nothing, as on a device)
@@ -183,13 +190,16 @@ def whole_assignment(caches: dict, msg: Any) -> Any:
         except EdgemoleError:
             return msg
         caches.clear()
-        caches[INITIAL_STATE] = (msg.body.get("run"), initial_versions(task))
-    if msg.kind != Kind.ASSIGN or VERSIONS not in msg.body:
+        wire = task_wire(task)
+        caches[INITIAL_STATE] = (msg.body.get("run"), initial_versions(task, wire), wire)
+    if msg.kind != Kind.ASSIGN or MODEL not in msg.body or INITIAL_STATE not in caches:
         return msg
-    held = caches.setdefault(msg.client, dict(caches.get(INITIAL_STATE, (None, {}))[1]))
+    _, initial, wire = caches[INITIAL_STATE]
+    held = caches.setdefault(msg.client, dict(initial))
     try:
-        tensors, roles = apply_download(held, msg.tensors, msg.roles, parse_versions(msg.body) or {})
+        names = wire.assignment_spec(msg.body)
+        tensors, roles = apply_download(held, msg.tensors, msg.roles, names, parse_model_digest(msg.body) or "")
     except ProtocolError:  # a forged or stale one: as the device would, leave it as it is
         return msg
     remember(held, tensors, roles)
-    return replace(msg, body={k: v for k, v in msg.body.items() if k != VERSIONS}, tensors=tensors, roles=roles)
+    return replace(msg, body={k: v for k, v in msg.body.items() if k != MODEL}, tensors=tensors, roles=roles)

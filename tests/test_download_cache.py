@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_AMOLE, initial_versions, write_client_data, write_config
+from conftest import TINY_AMOLE, initial_versions, task_wire, write_client_data, write_config
 
 from aggregator.service import AggregatorService
 from edge_client.client import ClientOptions, EdgeClient
@@ -20,15 +20,15 @@ from edgemole.protocol import Topics, decode
 from edgemole.protocol.delta import (
     INDEX_SUFFIX,
     INITIAL,
+    MODEL,
     PATCH_SUFFIX,
-    VERSIONS,
     CacheMiss,
     DownloadRecord,
     Version,
     apply_download,
     encode_download,
     parse_initial,
-    parse_versions,
+    parse_model_digest,
     remember,
     state_digest,
     tensor_digest,
@@ -80,19 +80,19 @@ def test_keep_patch_and_full() -> None:
     new[A][[1, 5]] += 1.0  # two rows of A: a patch
     new[B][:, 2] = -0.0 * new[B][:, 2].abs()  # one column of B, changed in sign bits only: a patch
     new["head.bias"] += 1  # no rank axis: whole
-    payload, roles, versions = encode_download(new, ROLES, _held(old))
+    payload, roles, model = encode_download(new, ROLES, _held(old))
     assert set(payload) == {A + PATCH_SUFFIX, A + INDEX_SUFFIX, B + PATCH_SUFFIX, B + INDEX_SUFFIX, "head.bias"}
     assert payload[A + INDEX_SUFFIX].tolist() == [1, 5] and payload[A + PATCH_SUFFIX].shape == (2, 64)
     assert payload[B + INDEX_SUFFIX].tolist() == [2] and payload[B + PATCH_SUFFIX].shape == (64, 1)
     assert roles[A + PATCH_SUFFIX] == "lora_A" and roles[B + INDEX_SUFFIX] == "ranks"
-    assert versions == {n: tensor_digest(new[n]) for n in (A, B)}  # the whole head is its own proof
-    out, out_roles = apply_download(_held(old), payload, roles, versions)
+    assert model == state_digest(versions_of(new, ROLES))  # one digest of the whole model, whatever travels
+    out, out_roles = apply_download(_held(old), payload, roles, set(new), model)
     assert _bits(out) == _bits(new) and out_roles == ROLES
     # the same model again: nothing travels, and the rebuilt tensors are copies, not the cache's
     held = _held(new)
-    payload, roles, versions = encode_download(new, ROLES, held)
-    assert payload == {} and versions == _bits(new)
-    out, _ = apply_download(held, payload, roles, versions)
+    payload, roles, model = encode_download(new, ROLES, held)
+    assert payload == {} and model == state_digest(versions_of(new, ROLES))
+    out, _ = apply_download(held, payload, roles, set(new), model)
     out[A].add_(1)
     assert held[A].digest == tensor_digest(held[A].tensor)
     # nothing held, or most slices changed: whole tensors under their own names
@@ -113,46 +113,52 @@ def test_a_tiny_slice_travels_whole_when_a_patch_would_be_larger() -> None:
 def test_missing_or_mismatching_tensors_are_a_cache_miss() -> None:
     old, new = _model(0), _model(0)
     new[A][3] += 1
-    payload, roles, versions = encode_download(new, ROLES, _held(old))
-    with pytest.raises(CacheMiss, match="no held version"):
-        apply_download({}, payload, roles, versions)  # a device that lost its cache (restart)
+    payload, roles, model = encode_download(new, ROLES, _held(old))
     with pytest.raises(CacheMiss, match="neither sent nor held"):
-        apply_download({}, {}, {}, {B: versions[B]})
+        apply_download({}, payload, roles, set(new), model)  # a device that lost its cache (restart)
+    with pytest.raises(CacheMiss, match="neither sent nor held"):
+        apply_download({}, {}, {}, {B}, model)
     stale = _held(_model(1))
     with pytest.raises(CacheMiss, match="does not match"):
-        apply_download(stale, payload, roles, versions)  # a cache that is not what the aggregator thinks
+        apply_download(stale, payload, roles, set(new), model)  # a cache that is not what the aggregator thinks
     with pytest.raises(CacheMiss, match="no held version"):
         patch = {n: payload[n] for n in (A + PATCH_SUFFIX, A + INDEX_SUFFIX)}
-        apply_download({B: _held(old)[B]}, patch, roles, {A: versions[A]})
+        apply_download({B: _held(old)[B]}, patch, roles, {A, B}, model)
+    with pytest.raises(CacheMiss, match="does not match"):
+        apply_download(_held(old), payload, roles, set(new), "0" * 16)  # the aggregator meant another model
+    # the body implies a model with a tensor more than the aggregator's (held from an earlier round): the digest tells
+    with pytest.raises(CacheMiss, match="does not match"):
+        apply_download({**_held(old), "x.bias": _held({"x.bias": torch.zeros(2)})["x.bias"]}, payload, roles,
+                       {*new, "x.bias"}, model)
 
 
 @pytest.mark.parametrize("mutate, needle", [
-    (lambda p, v: p.update({"x" + PATCH_SUFFIX: torch.zeros(1), "x" + INDEX_SUFFIX: torch.tensor([0])}),
-     "either whole"),  # a patch of a tensor not in 'versions'
-    (lambda p, v: p.pop(A + INDEX_SUFFIX), "either whole"),
-    (lambda p, v: p.update({A: torch.zeros(8, 64)}), "either whole"),
-    (lambda p, v: p.update({A + INDEX_SUFFIX: torch.tensor([3, 3])}), "increasing"),
-    (lambda p, v: p.update({A + INDEX_SUFFIX: torch.tensor([3, 8])}), "increasing"),
-    (lambda p, v: p.update({A + INDEX_SUFFIX: torch.tensor([3.0])}), "increasing"),
-    (lambda p, v: p.update({A + PATCH_SUFFIX: torch.zeros(1, 63)}), "has shape"),
-    (lambda p, v: v.update({"head.bias": "0" * 16}), "either whole"),
+    (lambda p: p.update({"x" + PATCH_SUFFIX: torch.zeros(1), "x" + INDEX_SUFFIX: torch.tensor([0])}),
+     "either whole"),  # a patch of a tensor the model does not have
+    (lambda p: p.update({"x.bias": torch.zeros(1)}), "either whole"),  # a whole one likewise
+    (lambda p: p.pop(A + INDEX_SUFFIX), "either whole"),
+    (lambda p: p.update({A: torch.zeros(8, 64)}), "either whole"),
+    (lambda p: p.update({A + INDEX_SUFFIX: torch.tensor([3, 3])}), "increasing"),
+    (lambda p: p.update({A + INDEX_SUFFIX: torch.tensor([3, 8])}), "increasing"),
+    (lambda p: p.update({A + INDEX_SUFFIX: torch.tensor([3.0])}), "increasing"),
+    (lambda p: p.update({A + PATCH_SUFFIX: torch.zeros(1, 63)}), "has shape"),
 ])
 def test_malformed_payloads_are_protocol_errors(mutate, needle: str) -> None:  # noqa: ANN001
     old = _model()
     new = {**old, A: old[A].clone(), "head.bias": old["head.bias"] + 1}
     new[A][3] += 1
-    payload, roles, versions = encode_download(new, ROLES, _held(old))
-    mutate(payload, versions)
+    payload, roles, model = encode_download(new, ROLES, _held(old))
+    mutate(payload)
     with pytest.raises(ProtocolError, match=needle) as exc:
-        apply_download(_held(old), payload, roles, versions)
+        apply_download(_held(old), payload, roles, set(new), model)
     assert not isinstance(exc.value, CacheMiss)  # a re-send would not help: rejected, not recovered
 
 
-@pytest.mark.parametrize("body", [{VERSIONS: []}, {VERSIONS: "x"}, {VERSIONS: {A: "XYZ"}}, {VERSIONS: {A: 1}}])
-def test_bad_versions_field(body: dict) -> None:
+@pytest.mark.parametrize("body", [{MODEL: []}, {MODEL: "x"}, {MODEL: "A" * 16}, {MODEL: 1}, {MODEL: {A: "0" * 16}}])
+def test_bad_model_field(body: dict) -> None:
     with pytest.raises(ProtocolError, match="16 lower-case hex"):
-        parse_versions(body)
-    assert parse_versions({}) is None and parse_versions({VERSIONS: {}}) == {}
+        parse_model_digest(body)
+    assert parse_model_digest({}) is None and parse_model_digest({MODEL: "0" * 16}) == "0" * 16
 
 
 def test_record_shares_one_copy_and_is_safe_from_later_changes() -> None:
@@ -278,13 +284,13 @@ def test_cached_fleet_is_bit_identical_and_downloads_less(method: str, uncached,
     plain = uncached[method]
     _same_run(cached, plain)
     assert len(cached.received) == 3 * 4  # 3 devices x (3 rounds + the final evaluation)
-    assert all(decode(p).body.get(VERSIONS) is None for _, p in plain.assigns)  # no capability: nothing changes
-    assert all(VERSIONS in decode(p).body for _, p in cached.assigns)
+    assert all(decode(p).body.get(MODEL) is None for _, p in plain.assigns)  # no capability: nothing changes
+    assert all(MODEL in decode(p).body for _, p in cached.assigns)
     assert sum(c.cache_misses for c in cached.clients.values()) == 0
     assert all(c.cache_is_initial is False for c in cached.clients.values())
     down, plain_down = cached.summary["bytes_down_total"], plain.summary["bytes_down_total"]
     first = [decode(p) for _, p in cached.assigns if decode(p).round == 1]
-    assert len(first) == 3 and all(not m.tensors and m.body[VERSIONS] for m in first)  # built from the task's seed
+    assert len(first) == 3 and all(not m.tensors and m.body[MODEL] for m in first)  # built from the task's seed
     if method == "fedit":  # FedAvg changes every tensor every round: after round 1, all whole
         assert cached.summary["params_down_total"] == plain.summary["params_down_total"] * 3 // 4
     else:  # alternating rounds: the frozen factor kept, patches of the active one
@@ -303,7 +309,8 @@ def test_a_device_that_lost_its_cache_gets_everything_and_the_run_is_unchanged(
     third = [decode(p) for t, p in fleet.assigns if t.endswith("/c1/assign") and decode(p).round == 3]
     assert len(third) == 2  # the delta it could not rebuild, then everything again
     delta, whole = third
-    assert delta.body[VERSIONS] and whole.body[VERSIONS] == {}
+    assert delta.body[MODEL] == whole.body[MODEL]  # the same model, the second time all of it
+    assert not any(n.endswith(PATCH_SUFFIX) for n in whole.tensors)
     assert set(whole.tensors) == set(fleet.received[("c1", 3, whole.phase)][0])
 
 
@@ -311,7 +318,7 @@ def test_a_device_that_lost_its_cache_gets_everything_and_the_run_is_unchanged(
 @pytest.mark.mosquitto
 def test_real_fleet_rebuilds_exactly_the_aggregated_model(tmp_path: Path, mosquitto: str, tiny_model: str) -> None:
     """lora-a2 with client processes over Mosquitto: an observer that rebuilds every device's assignments from their
-    versions gets, each round, exactly the previous model plus the aggregated slices of the devices' updates."""
+    model digest gets, each round, exactly the previous model plus the aggregated slices of the devices' updates."""
     from test_fleet_mosquitto import Fleet as ProcessFleet
 
     from aggregator.robust import robust_average
@@ -326,13 +333,15 @@ def test_real_fleet_rebuilds_exactly_the_aggregated_model(tmp_path: Path, mosqui
     models: dict[int, dict[str, torch.Tensor]] = {}
     for _, msg, _ in fleet.observed:
         if msg.kind == Kind.TASK:  # each device starts from the initial state it builds from the task's seed
-            initial = initial_versions(TaskSpec.from_body(msg.body["task"]))
+            wire = task_wire(TaskSpec.from_body(msg.body["task"]))
+            initial = initial_versions(None, wire)
             caches = {c: dict(initial) for c in flags}
         if msg.kind == Kind.ASSIGN:
             assert msg.round > 1 or not msg.tensors  # round 1 is the initial state: nothing to send
-            versions = parse_versions(msg.body)
-            assert versions is not None  # the Python client announces its cache
-            tensors, roles = apply_download(caches[msg.client], msg.tensors, msg.roles, versions)
+            model_digest = parse_model_digest(msg.body)
+            assert model_digest is not None  # the Python client announces its cache
+            tensors, roles = apply_download(caches[msg.client], msg.tensors, msg.roles,
+                                            wire.assignment_spec(msg.body), model_digest)
             remember(caches[msg.client], tensors, roles)
             model = models.setdefault(msg.round, tensors)
             assert _bits(model) == _bits(tensors)  # every device of a round: the same global model

@@ -3,10 +3,12 @@
 Content-addressed, so that no version counter has to survive a restart. Every tensor of the model travels in one of
 three ways. Whole: the tensor under its name, as without a cache. Kept (the device holds that digest under that
 name): nothing. Patched (the device holds an older version of the same shape, and only some slices along the rank
-axis changed, as after a LoRA-A2 round): the changed slices and their indices. Every kept or patched tensor is named
-in the assignment's ``versions`` with the digest of its bytes; the device rebuilds it from its cache and checks the
-digest, so each round proves the rebuilt model bit-identical to the one the aggregator meant. A tensor missing from
-the cache, or one that does not match, is a :class:`CacheMiss`: the device clears its cache and asks for everything.
+axis changed, as after a LoRA-A2 round): the changed slices and their indices. The assignment names no tensor it
+does not carry: the device knows the model's names from the assignment body (the tensors section 7.2 expects), and
+the body's ``model`` is one digest of the whole model (:func:`state_digest`), which the device checks after
+rebuilding, so each round proves the rebuilt model bit-identical to the one the aggregator meant. A tensor missing
+from the cache, or a rebuilt model that does not match, is a :class:`CacheMiss`: the device clears its cache and
+asks for everything.
 
 Both sides call this module only: the aggregator through :class:`DownloadRecord`, the device through
 :func:`apply_download` and :func:`remember`.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import weakref
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, NamedTuple
 
 import torch
@@ -27,8 +29,8 @@ from edgemole.errors import ProtocolError
 from edgemole.protocol.messages import WIRE_DTYPES
 from edgemole.protocol.validate import RANKS_ROLE
 
-#: assignment body field: tensor name -> digest, for every tensor of the device's model
-VERSIONS = "versions"
+#: assignment body field of an assignment sent by version: the :func:`state_digest` of the device's whole model
+MODEL = "model"
 #: status body field by which a device announces that it keeps a download cache
 CAPABILITY = "cache"
 #: status body field by which a device announces that its cache holds exactly the run's initial state (the digest of
@@ -79,8 +81,7 @@ def versions_of(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str]) -
 
 def state_digest(versions: Mapping[str, Version]) -> str:
     """One digest of a whole state: sha256 over ``<name>\t<role>\t<tensor digest>\n`` by name; 16 hex digits."""
-    lines = "".join(f"{n}\t{v.role}\t{v.digest}\n" for n, v in sorted(versions.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+    return _model_digest({n: v.digest for n, v in versions.items()}, {n: v.role for n, v in versions.items()})
 
 
 def parse_initial(body: Mapping[str, Any]) -> str | None:
@@ -113,19 +114,25 @@ def patch_pays(t: torch.Tensor, axis: int, changed: int) -> bool:
 
 
 def encode_download(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
-                    held: Mapping[str, Version]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
-    """What an assignment carries to a device that holds ``held``: (payload tensors, their roles, versions).
+                    held: Mapping[str, Version]) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """What an assignment carries to a device that holds ``held``: (payload tensors, their roles, the model's
+    :func:`state_digest`).
 
     A tensor whose digest and role the device holds under its name is kept (not sent); one of which the device holds
-    an older version of the same shape, dtype and role is patched when :func:`patch_pays`; any other is sent whole.
-    ``versions`` names every kept or patched tensor with its digest (a whole one needs none: it is its own proof)."""
+    an older version of the same shape, dtype and role is patched when :func:`patch_pays`; any other is sent whole."""
     payload, payload_roles, digests = _plan(tensors, roles, held)
-    return payload, payload_roles, {n: d for n, d in digests.items() if n not in payload}
+    return payload, payload_roles, _model_digest(digests, roles)
+
+
+def _model_digest(digests: Mapping[str, str], roles: Mapping[str, str]) -> str:
+    """:func:`state_digest` from the tensor digests already computed."""
+    lines = "".join(f"{n}\t{roles.get(n, '')}\t{d}\n" for n, d in sorted(digests.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
 
 
 def _plan(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
           held: Mapping[str, Version]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
-    """:func:`encode_download` with the digests of all ``tensors``."""
+    """:func:`encode_download` with the digest of each of ``tensors``."""
     payload: dict[str, torch.Tensor] = {}
     payload_roles: dict[str, str] = {}
     digests: dict[str, str] = {}
@@ -149,33 +156,33 @@ def _plan(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
     return payload, payload_roles, digests
 
 
-def parse_versions(body: Mapping[str, Any]) -> dict[str, str] | None:
-    """An assignment body's ``versions`` (None when the assignment carries full tensors without it)."""
-    versions = body.get(VERSIONS)
-    if versions is None:
-        return None
-    if not isinstance(versions, dict) or not all(
-            isinstance(d, str) and _DIGEST.fullmatch(d) for d in versions.values()):
-        raise ProtocolError(f"'{VERSIONS}' must map tensor names to 16 lower-case hex digits")
-    return versions
+def parse_model_digest(body: Mapping[str, Any]) -> str | None:
+    """An assignment body's ``model`` digest (None when the assignment carries every tensor whole, without it)."""
+    digest = body.get(MODEL)
+    if digest is not None and not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+        raise ProtocolError(f"'{MODEL}' must be 16 lower-case hex digits")
+    return digest
 
 
 def apply_download(cache: Mapping[str, Version], tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
-                   versions: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The whole model (tensors and roles, by name) from the device's ``cache`` and an assignment's payload: its
-    whole tensors, and those of ``versions`` patched or kept; never shares storage with the cache. Raises
-    :class:`CacheMiss` when a tensor of ``versions`` is not held, or one rebuilt does not match its digest, and
-    :class:`ProtocolError` for a malformed payload."""
+                   names: Iterable[str], model: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The whole model (tensors and roles, by name) from the device's ``cache`` and an assignment's payload: the
+    tensors ``names`` (the model's, as the assignment body implies them), each sent whole, patched or kept; never
+    shares storage with the cache. Raises :class:`CacheMiss` when a kept or patched tensor is not held, or the
+    rebuilt model's :func:`state_digest` is not ``model``, and :class:`ProtocolError` for a malformed payload."""
+    names = set(names)
     for name in tensors:
         base, suffix = _split(name)
-        if (base in versions) != bool(suffix) or (suffix and base in tensors) or \
+        if base not in names or (suffix and base in tensors) or \
                 (base + PATCH_SUFFIX in tensors) != (base + INDEX_SUFFIX in tensors):
-            raise ProtocolError(f"payload tensor {name!r}: a tensor must travel either whole (and not be in "
-                                f"'{VERSIONS}') or as a patch of one in '{VERSIONS}' with its index")
-    out = {n: t for n, t in tensors.items() if n not in versions and not _split(n)[1]}
-    out_roles = {n: roles.get(n, "") for n in out}
-    for name, digest in versions.items():
-        if name + PATCH_SUFFIX in tensors:
+            raise ProtocolError(f"payload tensor {name!r}: a tensor of the model must travel either whole or as a "
+                                "patch with its index")
+    out: dict[str, torch.Tensor] = {}
+    out_roles: dict[str, str] = {}
+    for name in sorted(names):
+        if name in tensors:
+            out[name], out_roles[name] = tensors[name], roles.get(name, "")
+        elif name + PATCH_SUFFIX in tensors:
             out_roles[name] = roles.get(name + PATCH_SUFFIX, "")
             out[name] = _patched(cache.get(name), name, tensors[name + PATCH_SUFFIX], tensors[name + INDEX_SUFFIX],
                                  out_roles[name])
@@ -183,9 +190,9 @@ def apply_download(cache: Mapping[str, Version], tensors: Mapping[str, torch.Ten
             out[name], out_roles[name] = cache[name].tensor.clone(), cache[name].role
         else:
             raise CacheMiss(f"tensor {name!r} is neither sent nor held")
-        if tensor_digest(out[name]) != digest:
-            raise CacheMiss(f"tensor {name!r} does not match its version {digest}")
-    return dict(sorted(out.items())), dict(sorted(out_roles.items()))
+    if state_digest(versions_of(out, out_roles)) != model:
+        raise CacheMiss(f"the rebuilt model does not match its digest {model}")
+    return out, out_roles
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -244,12 +251,12 @@ class DownloadRecord:
         self._pool: MutableMapping[str, torch.Tensor] = weakref.WeakValueDictionary()
 
     def encode(self, client: str, tensors: Mapping[str, torch.Tensor],
-               roles: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+               roles: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
         """:func:`encode_download` against what ``client`` holds, which then becomes ``tensors``."""
         held = self._held.setdefault(client, {})
         payload, payload_roles, digests = _plan(tensors, roles, held)
         remember(held, tensors, roles, digests, self._pool)
-        return payload, payload_roles, {n: d for n, d in digests.items() if n not in payload}
+        return payload, payload_roles, _model_digest(digests, roles)
 
     def forget(self, client: str) -> None:
         self._held.pop(client, None)
