@@ -45,6 +45,10 @@ VARIANTS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
                                                  "amole": {"reassign_every": 2, "keep_bonus": bonus}}
            for bonus in (1.0, 2.0, 3.0, 10.0)},
         "lr0.01-b1-k1": {"train": {"lr": 0.01}, "a2": {"b_lr_multiplier": 1.0}, "amole": {"top_k": 1}},
+        # the chosen options (edgemole/defaults.py) at other rates: the rate is what 20 Newsgroups is sensitive to
+        **{f"lr{lr:g}-b1-reassign2-keep1": {"train": {"lr": lr}, "a2": {"b_lr_multiplier": 1.0},
+                                           "amole": {"reassign_every": 2, "keep_bonus": 1.0}}
+           for lr in (0.0025, 0.005, 0.01)},
         "lr0.01-b1-steps16": {"train": {"lr": 0.01, "local_steps": 16}, "a2": {"b_lr_multiplier": 1.0}},
     },
 }

@@ -215,6 +215,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if tp is typing.Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table/object, got {_brief(value)}")
+        key_type, value_type = typing.get_args(tp)
+        return {_coerce(k, key_type, where): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where} must be a list, got {_brief(value)}")

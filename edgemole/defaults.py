@@ -8,8 +8,10 @@ method's entry here, the dataclass default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from edgemole.errors import ConfigError
 
 #: the settings a method may have a default for: ``section.name`` as in the config file
 TUNABLE = ("train.lr", "train.local_steps", "a2.b_lr_multiplier", "amole.holders", "amole.top_k",
@@ -37,15 +39,21 @@ class AppliedDefaults:
     method: str
     applied: dict[str, Any] = field(default_factory=dict)
     explicit: list[str] = field(default_factory=list)
+    #: settings a bench config gives this method alone (``[bench.method_settings]``): over defaults and shared values
+    configured: dict[str, Any] = field(default_factory=dict)
 
     def line(self) -> str:
         """One line, e.g. ``fedamole-a2 defaults: train.lr=0.01 a2.b_lr_multiplier=1 (set in config:
         train.local_steps)``; empty when the method has no defaults."""
-        if not self.applied and not self.explicit:
+        if not self.applied and not self.explicit and not self.configured:
             return ""
-        values = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.applied.items())
-        text = f"{self.method} defaults: {values or 'none applied'}"
-        return text + (f" (set in config: {' '.join(self.explicit)})" if self.explicit else "")
+        text = f"{self.method} defaults: {_values(self.applied) or 'none applied'}"
+        text += f" (set in config: {' '.join(self.explicit)})" if self.explicit else ""
+        return text + (f"; for this method in the bench config: {_values(self.configured)}" if self.configured else "")
+
+
+def _values(settings: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
 
 
 def explicit_keys(data: dict[str, Any]) -> set[str]:
@@ -68,3 +76,28 @@ def apply_method_defaults(data: dict[str, Any], method: str, explicit: set[str] 
             section_dict[name] = value
             report.applied[key] = value
     return report
+
+
+def flatten_settings(where: str, settings: Any) -> dict[str, Any]:
+    """``{"train": {"lr": 0.01}}`` or ``{"train.lr": 0.01}`` (TOML writes either) as ``{"train.lr": 0.01}``; a
+    ConfigError unless every key is ``section.name`` of a config section (values are checked where they are used)."""
+    from edgemole.config import Settings
+
+    sections = {f.name for f in fields(Settings)}
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value
+
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where} must be a table of section.name = value")
+    walk("", settings)
+    for key in flat:
+        if key.count(".") != 1 or key.split(".")[0] not in sections:
+            raise ConfigError(f"{where}: '{key}' is not section.name of a config section "
+                              f"({', '.join(sorted(sections))})")
+    return flat

@@ -60,7 +60,13 @@ from edgemole.config import (
 from edgemole.data import JSONL_KEYS, TextDataset, load_table, write_jsonl
 from edgemole.data.partition import parse_partition
 from edgemole.data.source import load_source
-from edgemole.defaults import METHOD_DEFAULTS, AppliedDefaults, apply_method_defaults, explicit_keys
+from edgemole.defaults import (
+    METHOD_DEFAULTS,
+    AppliedDefaults,
+    apply_method_defaults,
+    explicit_keys,
+    flatten_settings,
+)
 from edgemole.errors import ConfigError, EdgemoleError
 from edgemole.mqtt import Inbound
 from edgemole.protocol import Topics, decode
@@ -106,6 +112,9 @@ class BenchConfig:
     jobs: int = 1
     #: torch threads per process (a run, or a worker)
     threads: int = 1
+    #: method -> settings for that method alone (``section.name`` -> value, or nested tables), over its defaults and
+    #: over the shared sections and flags: e.g. a data set's own learning rates (benchmarks/compare_20news.toml)
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: ``section.name`` of every setting the config file or a flag gave (filled by :func:`load_bench_settings`):
     #: those win over the method defaults of each run
     explicit: set[str] = field(default_factory=set, init=False, repr=False)
@@ -120,6 +129,10 @@ class BenchConfig:
             setattr(self, name, list(dict.fromkeys(values)))
         for method in self.methods:
             strategy_class(method)
+        for method in self.method_settings:
+            strategy_class(method)
+        self.method_settings = {m: flatten_settings(f"bench.method_settings.{m}", v)
+                                for m, v in self.method_settings.items()}
         if not all(1 <= r <= 256 for r in self.ranks):
             raise ConfigError(f"bench.ranks must be in [1, 256], got {self.ranks}")
         if not all(math.isfinite(a) and a > 0 for a in self.alphas or DEFAULT_ALPHAS):
@@ -219,12 +232,17 @@ def grid_partitions(base: Settings, bench: BenchConfig) -> list[tuple[str, float
 
 
 def run_settings(base: Settings, method: str, rank: int, partition: str, seed: int,
-                 explicit: set[str] | None = None) -> tuple[Settings, AppliedDefaults]:
-    """``base`` with the grid's point applied, and ``method``'s defaults where ``explicit`` (the settings the config
-    file or flags gave) has no value; the grid rank is ``a2.upload_rank`` for LoRA-A2 methods, else ``lora.r``.
-    Built through :func:`from_dict` so that every value is validated again."""
+                 explicit: set[str] | None = None,
+                 method_settings: dict[str, Any] | None = None) -> tuple[Settings, AppliedDefaults]:
+    """``base`` with the grid's point applied, ``method``'s defaults where ``explicit`` (the settings the config
+    file or flags gave) has no value, and ``method_settings`` (the bench config's for this method) over all of them;
+    the grid rank is ``a2.upload_rank`` for LoRA-A2 methods, else ``lora.r``. Built through :func:`from_dict` so
+    that every value is validated again."""
     d = base.to_dict()
     applied = apply_method_defaults(d, method, explicit if explicit is not None else set())
+    for key, value in (method_settings or {}).items():
+        section, name = key.split(".", 1)
+        d[section][name] = applied.configured[key] = value
     d["fleet"].update(method=method, seed=seed, min_clients=d["simulate"]["clients"],
                       round_deadline_s=IN_MEMORY_DEADLINE_S, wait_clients_s=IN_MEMORY_DEADLINE_S)
     d["data"]["partition"] = partition
@@ -310,19 +328,21 @@ def plan_runs(base: Settings, bench: BenchConfig) -> list[RunSpec]:
     # every setting some method has a default for, unless the config sets it: the same for every grid, so that the
     # setups of grids of other methods (run into the same folder) agree
     per_method = {k for defaults in METHOD_DEFAULTS.values() for k in defaults} - bench.explicit
+    per_method |= {k for settings in bench.method_settings.values() for k in settings}
     specs = []
     for partition, alpha in partitions:
         for seed in bench.seeds:
             for method in bench.methods:
                 for rank in bench.ranks:
-                    built, applied = run_settings(base, method, rank, partition, seed, bench.explicit)
+                    built, applied = run_settings(base, method, rank, partition, seed, bench.explicit,
+                                                  bench.method_settings.get(method))
                     if method in EXPERT_METHODS:
                         am = built.amole
                         feasible_holders(am.experts, built.simulate.clients, am.holders, am.top_k, am.slots)
                     settings = built.to_dict()
                     key, setup = _identity(settings, bench.global_test_size, per_method)
                     specs.append(RunSpec(method, rank, alpha, seed, settings, key, setup, bench.global_test_size,
-                                         bench.threads, partition, dict(applied.applied)))
+                                         bench.threads, partition, {**applied.applied, **applied.configured}))
     return specs
 
 
@@ -330,7 +350,8 @@ def defaults_lines(base: Settings, bench: BenchConfig) -> list[str]:
     """One line per method of the grid saying which of its defaults apply (and which the config sets)."""
     lines = []
     for method in bench.methods:
-        line = run_settings(base, method, bench.ranks[0], "iid", 0, bench.explicit)[1].line()
+        line = run_settings(base, method, bench.ranks[0], "iid", 0, bench.explicit,
+                            bench.method_settings.get(method))[1].line()
         if line:
             lines.append(line)
     return lines

@@ -23,6 +23,7 @@ from fleet.bench import (
     BenchConfig,
     _identity,
     add_result,
+    defaults_lines,
     load_bench_settings,
     load_results,
     plan_runs,
@@ -387,3 +388,35 @@ def test_keys_of_earlier_runs_stay_and_method_defaults_decide_per_run() -> None:
     settings, cfg = load_bench_settings(None, {"a2": {"b_lr_multiplier": 3.0}}, {"methods": ["lora-a2"]})
     (spec,) = plan_runs(settings, cfg)
     assert spec.settings["a2"]["b_lr_multiplier"] == 3.0 and spec.settings["train"]["lr"] == 0.02  # a flag wins
+
+
+def test_a_bench_config_sets_a_method_its_own_values(tmp_path: Path) -> None:
+    """``[bench.method_settings]`` (a data set's own rates, as in compare_20news.toml): over the method's defaults
+    and the shared sections, for that method only, dotted or nested, and in the run's record; the setup is shared."""
+    path = tmp_path / "b.toml"
+    path.write_text(textwrap.dedent("""
+        [train]
+        local_steps = 4
+        [bench]
+        methods = ["fedit", "lora-a2", "fedamole"]
+        [bench.method_settings]
+        fedit = { "train.lr" = 0.01 }
+        lora-a2 = { train = { lr = 0.005, local_steps = 6 } }
+    """))
+    specs = {s.method: s for s in plan_runs(*load_bench_settings(path, {}, {}))}
+    assert specs["fedit"].settings["train"]["lr"] == 0.01 and specs["fedit"].method_defaults == {"train.lr": 0.01}
+    assert specs["lora-a2"].settings["train"] | {"lr": 0, "local_steps": 0} == specs["fedit"].settings["train"] | {
+        "lr": 0, "local_steps": 0}
+    assert (specs["lora-a2"].settings["train"]["lr"], specs["lora-a2"].settings["train"]["local_steps"]) == (0.005, 6)
+    assert specs["lora-a2"].settings["a2"]["b_lr_multiplier"] == 1.0  # its other defaults still apply
+    assert specs["fedamole"].settings["train"]["lr"] == 0.005 and specs["fedamole"].settings["train"][
+        "local_steps"] == 4  # another method: untouched
+    assert len({s.setup for s in specs.values()}) == 1
+    assert "for this method in the bench config: train.lr=0.005 train.local_steps=6" in "\n".join(
+        defaults_lines(*load_bench_settings(path, {}, {})))
+    for bad, needle in (('fedit = { "lr" = 0.01 }', "not section.name"), ('fedit = { "nope.lr" = 1 }', "not section"),
+                        ('nope = { "train.lr" = 0.01 }', "nope"), ('fedit = { "train.nope" = 1 }', "train.nope"),
+                        ('fedit = { "train.lr" = "fast" }', "train.lr")):
+        path.write_text(f"[bench]\nmethods = [\"fedit\"]\n[bench.method_settings]\n{bad}\n")
+        with pytest.raises(ConfigError, match=needle):
+            plan_runs(*load_bench_settings(path, {}, {}))
