@@ -343,13 +343,13 @@ def test_bench_runs_a_column_partition_and_records_it(tmp_path: Path, tiny_model
               "--partition", "column:domain", "--global-test-size", "20", "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
     assert exc.value.code == 0, err
-    assert "partition column:domain" in out and "fedit defaults: train.lr=0.02" in out
+    assert "partition column:domain" in out and "fedit defaults: train.lr=0.01" in out
     assert "fedit r2 column:domain s0 round 1 train: 3/3 clients, acc" in out  # not a terminal: a line per round
     assert "messages: 0 rejected" in out
     (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert run["partition"] == "column:domain" and run["alpha"] is None
     assert run["config"]["data"]["partition"] == "column:domain"
-    assert run["method_defaults"] == {"train.lr": 0.02} and run["config"]["train"]["lr"] == 0.02
+    assert run["method_defaults"] == {"train.lr": 0.01} and run["config"]["train"]["lr"] == 0.01
     assert all(name.startswith(f"client-{i}-") for i, name in enumerate(run["data"]["clients"]))  # the domain
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| fedit | 2 | column:domain | 1 |" in md and "partition `column:domain`" in md
@@ -387,7 +387,7 @@ def test_keys_of_earlier_runs_stay_and_method_defaults_decide_per_run() -> None:
     assert len({s.setup for s in specs.values()}) == 1  # per-method values do not split the comparison
     settings, cfg = load_bench_settings(None, {"a2": {"b_lr_multiplier": 3.0}}, {"methods": ["lora-a2"]})
     (spec,) = plan_runs(settings, cfg)
-    assert spec.settings["a2"]["b_lr_multiplier"] == 3.0 and spec.settings["train"]["lr"] == 0.02  # a flag wins
+    assert spec.settings["a2"]["b_lr_multiplier"] == 3.0 and spec.settings["train"]["lr"] == 0.01  # a flag wins
 
 
 def test_a_bench_config_sets_a_method_its_own_values(tmp_path: Path) -> None:

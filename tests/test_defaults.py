@@ -40,7 +40,7 @@ def test_precedence_config_then_flag_then_method_default(tmp_path: Path) -> None
     assert applied.line() == "lora-a2 defaults: none applied (set in config: train.lr a2.b_lr_multiplier)"
 
     settings, _ = load_settings_with_defaults(None, {"fleet": {"method": "fedit"}})
-    assert settings.train.lr == 0.02 and settings.a2.b_lr_multiplier == 5.0  # fedit has no B multiplier default
+    assert settings.train.lr == 0.01 and settings.a2.b_lr_multiplier == 5.0  # fedit has no B multiplier default
 
 
 def test_line_is_empty_without_defaults() -> None:
