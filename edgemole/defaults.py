@@ -21,10 +21,11 @@ TUNABLE = ("train.lr", "train.local_steps", "a2.b_lr_multiplier", "amole.holders
 #: learning-rate ablation); ``section.name`` -> value. fedit, flexlora and lora-a2 train at 0.01: on the deployed
 #: model (docs/deployed-model.md) it beat 0.02 on BANKING77 (fedit: 91.1 against 76.9% over 3 seeds) and 0.02 and
 #: 0.005 on 20 Newsgroups, where 0.02 left the shared adapter at chance; 0.02 had been chosen on the received and
-#: global figures, before devices deployed the model they train. fedamole-a2 keeps an expert's holders for a B round and the A
-#: round after it (``reassign_every`` 2): the same or better accuracy in the sweep, and the A round's assignment then
-#: carries only what changed (docs/protocol.md 4.4.1) instead of whole new experts; and its reverse selection favours
-#: an expert's current holders (``keep_bonus`` 1: +1.3 points deployed over 0 on two seeds, 17% less download).
+#: global figures, before devices deployed the model they train. fedamole-a2 keeps an expert's holders for a B
+#: round and the A round after it (``reassign_every`` 2): the same or better accuracy in the sweep, and the A round's
+#: assignment then carries only what changed (docs/protocol.md 4.4.1) instead of whole new experts; and its reverse
+#: selection favours an expert's current holders (``keep_bonus`` 1: +1.3 points deployed over 0 on two seeds, 17%
+#: less download).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "fedit": {"train.lr": 0.01},
     "ffa-lora": {"train.lr": 0.02},  # not swept on the deployed model (it is not in issue 23's comparison)
