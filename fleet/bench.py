@@ -113,7 +113,7 @@ class BenchConfig:
     #: torch threads per process (a run, or a worker)
     threads: int = 1
     #: method -> settings for that method alone (``section.name`` -> value, or nested tables), over its defaults and
-    #: over the shared sections and flags: e.g. a data set's own learning rates (benchmarks/compare_20news.toml)
+    #: over the shared sections and flags: e.g. a data set's own learning rates
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: ``section.name`` of every setting the config file or a flag gave (filled by :func:`load_bench_settings`):
     #: those win over the method defaults of each run

@@ -391,7 +391,7 @@ def test_keys_of_earlier_runs_stay_and_method_defaults_decide_per_run() -> None:
 
 
 def test_a_bench_config_sets_a_method_its_own_values(tmp_path: Path) -> None:
-    """``[bench.method_settings]`` (a data set's own rates, as in compare_20news.toml): over the method's defaults
+    """``[bench.method_settings]`` (e.g. a data set's own rates): over the method's defaults
     and the shared sections, for that method only, dotted or nested, and in the run's record; the setup is shared."""
     path = tmp_path / "b.toml"
     path.write_text(textwrap.dedent("""
