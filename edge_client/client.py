@@ -346,7 +346,7 @@ class EdgeClient:
                 return True
             assert self.engine is not None
             names = self.engine.expected_state(msg.body)
-            msg.tensors, msg.roles = apply_download(self.cache, msg.tensors, msg.roles, names, model)
+            msg.tensors, msg.roles, digests = apply_download(self.cache, msg.tensors, msg.roles, names, model)
         except CacheMiss as exc:
             self.cache_misses += 1
             log.warning("round %d: cache miss (%s): asking for the whole model again (misses so far: %d)", msg.round,
@@ -360,7 +360,7 @@ class EdgeClient:
             self._publish_status("error", f"round {msg.round}: {exc}")
             return False
         if self.opts.download_cache:
-            remember(self.cache, msg.tensors, msg.roles)
+            remember(self.cache, msg.tensors, msg.roles, digests)
             if self.cache_is_initial:  # a status now would make the aggregator send everything: only the one a
                 self.cache_is_initial = False  # reconnect restores stops naming the initial state
                 self.link.birth = (self.topics.status(self.opts.client_id), self._status_payload("ready"))

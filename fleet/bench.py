@@ -127,9 +127,7 @@ class BenchConfig:
             if not values:
                 raise ConfigError(f"bench.{name} must not be empty")
             setattr(self, name, list(dict.fromkeys(values)))
-        for method in self.methods:
-            strategy_class(method)
-        for method in self.method_settings:
+        for method in [*self.methods, *self.method_settings]:
             strategy_class(method)
         self.method_settings = {m: flatten_settings(f"bench.method_settings.{m}", v)
                                 for m, v in self.method_settings.items()}

@@ -198,8 +198,9 @@ def whole_assignment(caches: dict, msg: Any) -> Any:
     held = caches.setdefault(msg.client, dict(initial))
     try:
         names = wire.assignment_spec(msg.body)
-        tensors, roles = apply_download(held, msg.tensors, msg.roles, names, parse_model_digest(msg.body) or "")
+        tensors, roles, digests = apply_download(held, msg.tensors, msg.roles, names,
+                                                 parse_model_digest(msg.body) or "")
     except ProtocolError:  # a forged or stale one: as the device would, leave it as it is
         return msg
-    remember(held, tensors, roles)
+    remember(held, tensors, roles, digests)
     return replace(msg, body={k: v for k, v in msg.body.items() if k != MODEL}, tensors=tensors, roles=roles)

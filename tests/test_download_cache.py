@@ -86,13 +86,13 @@ def test_keep_patch_and_full() -> None:
     assert payload[B + INDEX_SUFFIX].tolist() == [2] and payload[B + PATCH_SUFFIX].shape == (64, 1)
     assert roles[A + PATCH_SUFFIX] == "lora_A" and roles[B + INDEX_SUFFIX] == "ranks"
     assert model == state_digest(versions_of(new, ROLES))  # one digest of the whole model, whatever travels
-    out, out_roles = apply_download(_held(old), payload, roles, set(new), model)
-    assert _bits(out) == _bits(new) and out_roles == ROLES
+    out, out_roles, digests = apply_download(_held(old), payload, roles, set(new), model)
+    assert _bits(out) == _bits(new) == digests and out_roles == ROLES
     # the same model again: nothing travels, and the rebuilt tensors are copies, not the cache's
     held = _held(new)
     payload, roles, model = encode_download(new, ROLES, held)
     assert payload == {} and model == state_digest(versions_of(new, ROLES))
-    out, _ = apply_download(held, payload, roles, set(new), model)
+    out, _, _ = apply_download(held, payload, roles, set(new), model)
     out[A].add_(1)
     assert held[A].digest == tensor_digest(held[A].tensor)
     # nothing held, or most slices changed: whole tensors under their own names
@@ -340,9 +340,9 @@ def test_real_fleet_rebuilds_exactly_the_aggregated_model(tmp_path: Path, mosqui
             assert msg.round > 1 or not msg.tensors  # round 1 is the initial state: nothing to send
             model_digest = parse_model_digest(msg.body)
             assert model_digest is not None  # the Python client announces its cache
-            tensors, roles = apply_download(caches[msg.client], msg.tensors, msg.roles,
-                                            wire.assignment_spec(msg.body), model_digest)
-            remember(caches[msg.client], tensors, roles)
+            tensors, roles, digests = apply_download(caches[msg.client], msg.tensors, msg.roles,
+                                                  wire.assignment_spec(msg.body), model_digest)
+            remember(caches[msg.client], tensors, roles, digests)
             model = models.setdefault(msg.round, tensors)
             assert _bits(model) == _bits(tensors)  # every device of a round: the same global model
     assert sorted(models) == [1, 2, 3, 4]

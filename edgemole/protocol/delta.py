@@ -165,11 +165,12 @@ def parse_model_digest(body: Mapping[str, Any]) -> str | None:
 
 
 def apply_download(cache: Mapping[str, Version], tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
-                   names: Iterable[str], model: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The whole model (tensors and roles, by name) from the device's ``cache`` and an assignment's payload: the
-    tensors ``names`` (the model's, as the assignment body implies them), each sent whole, patched or kept; never
-    shares storage with the cache. Raises :class:`CacheMiss` when a kept or patched tensor is not held, or the
-    rebuilt model's :func:`state_digest` is not ``model``, and :class:`ProtocolError` for a malformed payload."""
+                   names: Iterable[str], model: str) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    """The whole model (tensors, roles and tensor digests, by name: the digests for :func:`remember`) from the
+    device's ``cache`` and an assignment's payload: the tensors ``names`` (the model's, as the assignment body implies
+    them), each sent whole, patched or kept; never shares storage with the cache. Raises :class:`CacheMiss` when a
+    kept or patched tensor is not held, or the rebuilt model's :func:`state_digest` is not ``model``, and
+    :class:`ProtocolError` for a malformed payload."""
     names = set(names)
     for name in tensors:
         base, suffix = _split(name)
@@ -190,9 +191,10 @@ def apply_download(cache: Mapping[str, Version], tensors: Mapping[str, torch.Ten
             out[name], out_roles[name] = cache[name].tensor.clone(), cache[name].role
         else:
             raise CacheMiss(f"tensor {name!r} is neither sent nor held")
-    if state_digest(versions_of(out, out_roles)) != model:
+    digests = {n: tensor_digest(t) for n, t in out.items()}
+    if _model_digest(digests, out_roles) != model:
         raise CacheMiss(f"the rebuilt model does not match its digest {model}")
-    return out, out_roles
+    return out, out_roles, digests
 
 
 def _split(name: str) -> tuple[str, str]:
