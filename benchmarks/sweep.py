@@ -23,6 +23,16 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+#: fedamole-a2's defaults (edgemole/defaults.py) written out, since the sweep bases set every swept setting
+FEDAMOLE_A2_DEFAULTS = {"train": {"lr": 0.01}, "a2": {"b_lr_multiplier": 1.0},
+                        "amole": {"reassign_every": 2, "keep_bonus": 1.0}}
+
+
+def _with(base: dict[str, dict[str, Any]], change: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``base`` with ``change`` merged in, section by section."""
+    return {s: {**base.get(s, {}), **change.get(s, {})} for s in {*base, *change}}
+
+
 #: method -> variant name -> settings changed from the base config ({section: {key: value}})
 VARIANTS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "fedit": {f"lr{lr:g}": {"train": {"lr": lr}} for lr in (0.005, 0.01, 0.02, 0.04)},
@@ -50,6 +60,12 @@ VARIANTS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
                                            "amole": {"reassign_every": 2, "keep_bonus": 1.0}}
            for lr in (0.0025, 0.005, 0.01)},
         "lr0.01-b1-steps16": {"train": {"lr": 0.01, "local_steps": 16}, "a2": {"b_lr_multiplier": 1.0}},
+        # why the expert methods fine-tune worse on 20 Newsgroups (docs/results.md): the defaults plus one change
+        "default-weighted": _with(FEDAMOLE_A2_DEFAULTS, {"amole": {"sample_weighted": True}}),
+        # r_c x 12 modules >= every rank a device holds: no rank selection, alternation only
+        "default-allranks": _with(FEDAMOLE_A2_DEFAULTS, {"bench": {"ranks": [28]}}),
+        "default-lr0.02": _with(FEDAMOLE_A2_DEFAULTS, {"train": {"lr": 0.02}}),
+        "default-steps16": _with(FEDAMOLE_A2_DEFAULTS, {"train": {"local_steps": 16}}),
     },
 }
 
