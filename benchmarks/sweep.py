@@ -35,7 +35,8 @@ def _with(base: dict[str, dict[str, Any]], change: dict[str, dict[str, Any]]) ->
 
 #: method -> variant name -> settings changed from the base config ({section: {key: value}})
 VARIANTS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
-    "fedit": {f"lr{lr:g}": {"train": {"lr": lr}} for lr in (0.005, 0.01, 0.02, 0.04)},
+    "fedit": {**{f"lr{lr:g}": {"train": {"lr": lr}} for lr in (0.005, 0.01, 0.02, 0.04)},
+              "lr0.01-steps16": {"train": {"lr": 0.01, "local_steps": 16}}},
     "flexlora": {f"lr{lr:g}": {"train": {"lr": lr}} for lr in (0.005, 0.01, 0.02)},
     "lora-a2": {
         **{f"lr{lr:g}-b1": {"train": {"lr": lr}, "a2": {"b_lr_multiplier": 1.0}} for lr in (0.005, 0.01, 0.02, 0.04)},
@@ -66,6 +67,8 @@ VARIANTS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
         "default-allranks": _with(FEDAMOLE_A2_DEFAULTS, {"bench": {"ranks": [28]}}),
         "default-lr0.02": _with(FEDAMOLE_A2_DEFAULTS, {"train": {"lr": 0.02}}),
         "default-steps16": _with(FEDAMOLE_A2_DEFAULTS, {"train": {"local_steps": 16}}),
+        # every device holds every expert (E = M = 4, C = 10 devices): no personal expert sets, all else the same
+        "default-allhold": _with(FEDAMOLE_A2_DEFAULTS, {"amole": {"experts": 4, "slots": 4, "holders": 10}}),
     },
 }
 
