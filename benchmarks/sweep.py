@@ -42,7 +42,8 @@ VARIANTS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
         **{f"lr{lr:g}-b1": {"train": {"lr": lr}, "a2": {"b_lr_multiplier": 1.0}} for lr in (0.005, 0.01, 0.02, 0.04)},
         "lr0.005-b5": {"train": {"lr": 0.005}, "a2": {"b_lr_multiplier": 5.0}},
     },
-    "fedamole": {f"lr{lr:g}": {"train": {"lr": lr}} for lr in (0.0025, 0.005, 0.01)},
+    "fedamole": {**{f"lr{lr:g}": {"train": {"lr": lr}} for lr in (0.0025, 0.005, 0.01)},
+                 "lr0.005-steps16": {"train": {"lr": 0.005, "local_steps": 16}}},
     "fedamole-a2": {
         **{f"lr{lr:g}-b1": {"train": {"lr": lr}, "a2": {"b_lr_multiplier": 1.0}} for lr in (0.005, 0.01, 0.02)},
         "lr0.005-b5": {"train": {"lr": 0.005}, "a2": {"b_lr_multiplier": 5.0}},
