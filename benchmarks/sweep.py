@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "lora-a2": {
         **{f"lr{lr:g}-b1": {"train": {"lr": lr}, "a2": {"b_lr_multiplier": 1.0}} for lr in (0.005, 0.01, 0.02, 0.04)},
         "lr0.005-b5": {"train": {"lr": 0.005}, "a2": {"b_lr_multiplier": 5.0}},
+        "lr0.01-b1-steps16": {"train": {"lr": 0.01, "local_steps": 16}, "a2": {"b_lr_multiplier": 1.0}},
     },
     "fedamole": {**{f"lr{lr:g}": {"train": {"lr": lr}} for lr in (0.0025, 0.005, 0.01)},
                  "lr0.005-steps16": {"train": {"lr": 0.005, "local_steps": 16}}},
