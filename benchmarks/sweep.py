@@ -23,9 +23,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-#: fedamole-a2's defaults (edgemole/defaults.py) written out, since the sweep bases set every swept setting
-FEDAMOLE_A2_DEFAULTS = {"train": {"lr": 0.01}, "a2": {"b_lr_multiplier": 1.0},
-                        "amole": {"reassign_every": 2, "keep_bonus": 1.0}}
+from edgemole.defaults import METHOD_DEFAULTS
+
+#: fedamole-a2's defaults (edgemole/defaults.py) as config sections: the sweep bases set every swept setting
+#: explicitly, so a variant "the defaults plus one change" must write them out
+FEDAMOLE_A2_DEFAULTS: dict[str, dict[str, Any]] = {}
+for _key, _value in METHOD_DEFAULTS["fedamole-a2"].items():
+    _section, _name = _key.split(".", 1)
+    FEDAMOLE_A2_DEFAULTS.setdefault(_section, {})[_name] = _value
 
 
 def _with(base: dict[str, dict[str, Any]], change: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
