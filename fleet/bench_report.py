@@ -23,12 +23,14 @@ from fleet.simulate import rejected_text
 from fleet.units import fmt_bytes
 
 RUN_COLUMNS = ("key", "setup", "method", "rank", "lora_r", "alpha", "partition", "seed", "dataset", "clients",
-               "rounds", "local_steps", "personalised_accuracy", "personalised_accuracy_std", "received_accuracy",
+               "rounds", "local_steps", "personalised_accuracy", "personalised_accuracy_std",
+               "personalised_accuracy_by_example", "received_accuracy",
                "trained_accuracy", "global_accuracy", "global_accuracy_std", "params_up", "params_down", "bytes_up",
                "bytes_down", "ranks_uploaded_mean", "ranks_held_mean", "rejected", "wall_s", "finished_at")
 #: per-run figures summarised over seeds, as (name in the summary, key in the run record); the received and
 #: trained accuracies and the rank figures are absent from older records (and for most methods)
-METRICS = (("personalised_acc", "personalised_accuracy"), ("received_acc", "received_accuracy"),
+METRICS = (("personalised_acc", "personalised_accuracy"), ("by_example_acc", "personalised_accuracy_by_example"),
+           ("received_acc", "received_accuracy"),
            ("trained_acc", "trained_accuracy"), ("global_acc", "global_accuracy"), ("params_up", "params_up"),
            ("bytes_up", "bytes_up"), ("bytes_down", "bytes_down"), ("ranks_up", "ranks_uploaded_mean"),
            ("ranks_held", "ranks_held_mean"), ("wall_s", "wall_s"))
@@ -38,6 +40,22 @@ GROUP = ("setup", "dataset", "method", "rank", "lora_r", "partition", "alpha")
 def run_partition(run: dict[str, Any]) -> str:
     """A run's partition (records from before partitions other than Dirichlet have it in their config only)."""
     return run.get("partition") or run["config"]["data"]["partition"]
+
+
+def by_example_accuracy(run: dict[str, Any]) -> float | None:
+    """The deployed models' accuracy over all test examples of the fleet (each client weighted by its test split),
+    beside the per-client mean: a client with one or two test rows moves the mean by 1/clients, but this by little.
+    Derived from the final round's per-client metrics, so older records have it too (None where they lack them)."""
+    clients = run.get("service", {}).get("final", {}).get("clients", {}).values()
+    pairs = [(m.get("acc_deployed", m["acc_before"]), m["num_test"]) for m in clients
+             if "acc_before" in m and m.get("num_test")]
+    total = sum(n for _, n in pairs)
+    return sum(acc * n for acc, n in pairs) / total if total else None
+
+
+def with_derived(run: dict[str, Any]) -> dict[str, Any]:
+    """The run record with the figures that are derived from it (see :func:`by_example_accuracy`)."""
+    return {**run, "personalised_accuracy_by_example": by_example_accuracy(run)}
 
 
 def _order(alpha: float | None, partition: str) -> tuple:
@@ -54,7 +72,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (setup, method, rank, alpha) with mean and std over seeds; ordered by setup, alpha (large
     first), method (as first run) and rank (large first), whatever order parallel runs finished in."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for run in runs:
+    for run in map(with_derived, runs):
         groups.setdefault(tuple(run_partition(run) if k == "partition" else run[k] for k in GROUP), []).append(run)
     rows = []
     for key, members in groups.items():
@@ -108,6 +126,7 @@ class Columns:
 
     def headers(self) -> tuple[str, ...]:
         return ("method", "rank", "alpha" if self.dirichlet_only else "partition", "seeds", "personalised acc %",
+                "by example %",
                 *(("received %", "trained %") if self.secondary else ()), "global acc %", "params up",
                 "bytes up", "bytes down", *(("ranks up/held",) if self.ranks else ()), "wall s")
 
@@ -119,7 +138,8 @@ def _cells(row: dict[str, Any], cols: Columns, spread: bool = True) -> list[str]
     secondary = [_pm(row.get("received_acc_mean"), row.get("received_acc_std"), _pct),
                  _pm(row.get("trained_acc_mean"), row.get("trained_acc_std"), _pct)] if cols.secondary else []
     ranks = [_ranks(row)] if cols.ranks else []
-    return [_pm(row["personalised_acc_mean"], row["personalised_acc_std"], _pct), *secondary,
+    return [_pm(row["personalised_acc_mean"], row["personalised_acc_std"], _pct),
+            _pm(row["by_example_acc_mean"], row["by_example_acc_std"], _pct), *secondary,
             _pm(row["global_acc_mean"], row["global_acc_std"], _pct),
             _pm(row["params_up_mean"], cost("params_up"), _fmt_count),
             _pm(row["bytes_up_mean"], cost("bytes_up"), fmt_bytes),
@@ -196,13 +216,14 @@ def write_markdown(path: Path, runs: Sequence[dict[str, Any]], rows: Sequence[di
                                           *_cells(row, cols)]) + " |")
         out.append("")
     out += ["Mean ± sample standard deviation over seeds. Personalised accuracy: each client's final (deployed) model "
-            "on its own test split, mean over clients; received % and trained %, where recorded: the model as "
-            "received and after local training. Global accuracy: the aggregated model on the global test set (expert "
+            "on its own test split, mean over clients; by example %: the same models on all clients' test examples "
+            "together (each client weighted by its test split); received % and trained %, where recorded: the model as"
+            " received and after local training. Global accuracy: the aggregated model on the global test set (expert "
             "methods: mean over clients of each client's model). Bytes are payloads on the wire (assignments down, "
-            "updates up, every round and the final evaluation; clients skip the evaluation after local training, "
-            "so updates carry two metrics fewer than in `edgemole simulate`), in binary units (1 MiB = 2^20 bytes); "
-            "params up counts every uploaded tensor element. Rank `u/r` of lora-a2 and fedamole-a2: upload budget u "
-            "of LoRA rank r; ranks up/held: ranks a device uploaded per update / ranks it held (LoRA rank x its "
+            "updates up, every round and the final evaluation; clients skip the evaluation after local training, so "
+            "updates carry two metrics fewer than in `edgemole simulate`), in binary units (1 MiB = 2^20 bytes); "
+            "params up counts every uploaded tensor element. Rank `u/r` of lora-a2 and fedamole-a2: upload budget u of"
+            " LoRA rank r; ranks up/held: ranks a device uploaded per update / ranks it held (LoRA rank x its "
             "adapters), means over devices and rounds.", ""]
     path.write_text("\n".join(out))
     return path
@@ -299,7 +320,7 @@ def plot_setup(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], c
 def write_reports(out: Path, runs: Sequence[dict[str, Any]]) -> list[Path]:
     """results.csv, summary.csv, summary.md and the plots (per setup when there are several) in ``out``."""
     rows = summarize(runs)
-    written = [_write_csv(out / "results.csv", RUN_COLUMNS, runs),
+    written = [_write_csv(out / "results.csv", RUN_COLUMNS, [with_derived(r) for r in runs]),
                _write_csv(out / "summary.csv", [*GROUP, "seeds", *(f"{n}_{s}" for n, _ in METRICS
                                                                     for s in ("mean", "std"))], rows),
                write_markdown(out / "summary.md", runs, rows)]

@@ -31,6 +31,7 @@ from fleet.bench import (
     prepare_out,
     run_one,
 )
+from fleet.bench_report import by_example_accuracy, summarize
 from fleet.cli import main
 from fleet.memory_link import MemoryBroker, MemoryLink
 
@@ -152,7 +153,8 @@ def test_bench_writes_results_and_extends_them(tmp_path: Path, tiny_model: str,
     fedamole = [r for r in runs if r["method"] == "fedamole"]
     assert all(r["global_accuracy_std"] is not None for r in fedamole)  # one model per client
     with open(folder / "results.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 4
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and all(0 <= float(r["personalised_accuracy_by_example"]) <= 1 for r in rows)
     with open(folder / "summary.csv") as fh:
         summary = list(csv.DictReader(fh))
     assert [(r["method"], r["seeds"]) for r in summary] == [("fedit", "2"), ("fedamole", "2")]
@@ -169,6 +171,19 @@ def test_bench_writes_results_and_extends_them(tmp_path: Path, tiny_model: str,
     a2 = [r for r in again if r["method"] == "lora-a2"]
     assert len(a2) == 2 and all(r["config"]["a2"]["upload_rank"] == 2 and r["lora_r"] == 4 for r in a2)
     assert "| lora-a2 | 2/4 | 0.5 | 2 |" in (folder / "summary.md").read_text()
+
+
+def test_by_example_accuracy_weights_each_client_by_its_test_split() -> None:
+    """A one-row client counts once among all test rows, not as a tenth of the mean; the deployed model's figure is
+    used, the received one where a client deployed nothing else (as the aggregator's mean does)."""
+    clients = {"tiny": {"acc_before": 0.0, "acc_deployed": 1.0, "num_test": 1},
+               "large": {"acc_before": 0.5, "num_test": 3}, "silent": {"num_test": 0}}
+    assert by_example_accuracy({"service": {"final": {"clients": clients}}}) == pytest.approx((1.0 + 1.5) / 4)
+    assert by_example_accuracy({"key": "older record"}) is None
+    record = {"setup": "s", "dataset": "d", "method": "fedit", "rank": 8, "lora_r": 8, "partition": "dirichlet:0.1",
+              "alpha": 0.1, "personalised_accuracy": 0.9, "service": {"final": {"clients": clients}}}
+    row = summarize([record])[0]
+    assert row["by_example_acc_mean"] == pytest.approx(0.625) and row["personalised_acc_mean"] == 0.9
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
