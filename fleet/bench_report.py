@@ -44,7 +44,8 @@ def run_partition(run: dict[str, Any]) -> str:
 
 def by_example_accuracy(run: dict[str, Any]) -> float | None:
     """The deployed models' accuracy over all test examples of the fleet (each client weighted by its test split),
-    beside the per-client mean: a client with one or two test rows moves the mean by 1/clients, but this by little.
+    beside the per-client mean: a client with one or two test rows can move that mean by 1/clients, this figure only
+    by its share of the fleet's test rows.
     Derived from the final round's per-client metrics, so older records have it too (None where they lack them)."""
     clients = run.get("service", {}).get("final", {}).get("clients", {}).values()
     pairs = [(m.get("acc_deployed", m["acc_before"]), m["num_test"]) for m in clients
