@@ -61,6 +61,12 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
         return None, None
 
 
+def deployed_accuracy(metrics: dict[str, Any]) -> float:
+    """A device's accuracy on the model it serves: a device that does not choose (the native client, or one without
+    a kept model) deploys what it received. ``metrics`` must hold ``acc_before``."""
+    return metrics.get("acc_deployed", metrics["acc_before"])
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -391,9 +397,8 @@ class AggregatorService:
         acc_before, acc_before_std = stat("acc_before")
         acc_after, acc_after_std = stat("acc_after")
         acc_trained, acc_trained_std = stat("acc_trained")
-        # a device that does not choose (the native client, or one without a kept model) deploys what it received
-        acc_deployed, acc_deployed_std = _mean_std([u.metrics.get("acc_deployed", u.metrics["acc_before"])
-                                                    for u in updates if "acc_before" in u.metrics])
+        acc_deployed, acc_deployed_std = _mean_std([deployed_accuracy(u.metrics) for u in updates
+                                                    if "acc_before" in u.metrics])
         loss, _ = stat("train_loss")
         return json_safe({  # device metrics are finite one by one; their sums may not be
             "round": rnd,

@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from aggregator.service import deployed_accuracy
 from edgemole.config import A2_METHODS, EXPERT_METHODS
 from fleet.simulate import rejected_text
 from fleet.units import fmt_bytes
@@ -48,7 +49,7 @@ def by_example_accuracy(run: dict[str, Any]) -> float | None:
     by its share of the fleet's test rows.
     Derived from the final round's per-client metrics, so older records have it too (None where they lack them)."""
     clients = run.get("service", {}).get("final", {}).get("clients", {}).values()
-    pairs = [(m.get("acc_deployed", m["acc_before"]), m["num_test"]) for m in clients
+    pairs = [(deployed_accuracy(m), m["num_test"]) for m in clients
              if "acc_before" in m and m.get("num_test")]
     total = sum(n for _, n in pairs)
     return sum(acc * n for acc, n in pairs) / total if total else None
