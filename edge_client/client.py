@@ -97,6 +97,14 @@ def batch_seed(task_seed: int, client_id: str, round_: int) -> int:
     return (task_seed * 1_000_003 + round_ * 7_919 + zlib.crc32(client_id.encode())) % (2**63)
 
 
+def deploys_trained(val_acc_trained: float, val_acc_received: float) -> bool:
+    """Whether a device deploys the model it kept from its last training rather than the one it received
+    (docs/deployed-model.md): the more accurate on the validation split, and on a tie the trained one. Ties are the
+    rule on a small validation split that both models get (nearly) all right, and there the trained model, fitted to
+    the device's own data, was the better one on test (docs/results.md, "Ties on the validation split")."""
+    return val_acc_trained >= val_acc_received
+
+
 class EdgeClient:
     """One device of the fleet."""
 
@@ -473,9 +481,9 @@ class EdgeClient:
 
     def _deployment_metrics(self, received: dict, body: dict) -> dict:
         """Test accuracy of the model this device kept from its last training (``acc_trained``) and of the model
-        it deploys (``acc_deployed``): of the received and the kept one, the one more accurate on the validation
-        split (the received one on a tie, or when there is no kept model or no validation split). Leaves the
-        received model loaded, which is what the round trains from."""
+        it deploys (``acc_deployed``): of the received and the kept one, the one :func:`deploys_trained` picks
+        (the received one when there is no kept model or no validation split). Leaves the received model loaded,
+        which is what the round trains from."""
         assert self.engine is not None and self.task is not None
         size = self.task.train.eval_batch_size
         metrics: dict = {"eval_s": 0.0}
@@ -488,7 +496,7 @@ class EdgeClient:
         kept = self.engine.evaluate(self.data.test_batches(size))
         self.engine.set_state(received, body)
         val_received = self.engine.evaluate(self.data.val_batches(size))
-        use_trained = val_trained.accuracy > val_received.accuracy
+        use_trained = deploys_trained(val_trained.accuracy, val_received.accuracy)
         metrics.update(acc_trained=kept.accuracy, val_acc_trained=val_trained.accuracy,
                        val_acc_received=val_received.accuracy, deployed_trained=float(use_trained),
                        eval_s=val_trained.seconds + kept.seconds + val_received.seconds)

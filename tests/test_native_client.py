@@ -14,7 +14,7 @@ from conftest import TINY_AMOLE, tiny_task, write_client_data
 from native import native_build
 
 from aggregator.strategies.lora_a2 import a2_expectation
-from edge_client.client import ClientOptions, EdgeClient
+from edge_client.client import ClientOptions, EdgeClient, deploys_trained
 from edgemole.mqtt import Inbound
 from edgemole.protocol import Kind, Message, Topics, decode, encode
 from fleet.memory_link import RecordingLink
@@ -179,6 +179,16 @@ TWO_ROUNDS = [
 ]
 
 
+@pytest.mark.parametrize("val_trained, val_received, expected", [(0.9, 0.8, True), (0.8, 0.9, False),
+                                                                  (1.0, 1.0, True), (0.0, 0.0, True)])
+def test_the_trained_model_is_deployed_when_at_least_as_accurate_on_validation(val_trained: float,
+                                                                              val_received: float,
+                                                                              expected: bool) -> None:
+    """The rule both clients follow (docs/deployed-model.md): a tie deploys the trained model, the one fitted to the
+    device's own data (ties are the norm on small validation splits that both models get right)."""
+    assert deploys_trained(val_trained, val_received) is expected
+
+
 @pytest.mark.parametrize("method, first, second, upload_rank, choice", TWO_ROUNDS,
                          ids=[f"{c[0]}-{c[1][0]}-then-{c[2][0]}" for c in TWO_ROUNDS])
 def test_second_round_chooses_the_deployed_model_as_python_does(tmp_path: Path, tiny_model: str,
@@ -204,7 +214,7 @@ def test_second_round_chooses_the_deployed_model_as_python_does(tmp_path: Path, 
     assert metrics["deployed_trained"] == choice
     chosen = metrics["acc_trained"] if metrics["deployed_trained"] else metrics["acc_before"]
     assert metrics["acc_deployed"] == chosen
-    assert (metrics["val_acc_trained"] > metrics["val_acc_received"]) == bool(metrics["deployed_trained"])
+    assert deploys_trained(metrics["val_acc_trained"], metrics["val_acc_received"]) == bool(metrics["deployed_trained"])
 
 
 def test_bad_assignment_is_reported_and_changes_nothing(tmp_path: Path, tiny_model: str,

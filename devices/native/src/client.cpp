@@ -504,7 +504,8 @@ bool DeviceClient::choose_deployed(const TensorMap& received, const json& body, 
   const EvalStats kept = engine_->evaluate(data_.test, batches_of(all_rows(data_.num_test()), size));
   engine_->set_state(received, body);
   const EvalStats val_received = engine_->evaluate(data_.val, val);
-  const bool use_trained = val_trained.accuracy > val_received.accuracy;  // a tie deploys the received model
+  // The more accurate on validation; a tie deploys the trained model (edge_client.client.deploys_trained).
+  const bool use_trained = val_trained.accuracy >= val_received.accuracy;
   metrics["acc_trained"] = kept.accuracy;
   metrics["val_acc_trained"] = val_trained.accuracy;
   metrics["val_acc_received"] = val_received.accuracy;

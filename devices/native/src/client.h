@@ -122,7 +122,7 @@ class DeviceClient {
   void resend_kept(const std::string& why);
   void reject(const std::string& what, const std::string& reason);
   // Of the received model and the one kept from the last training, the one to deploy (docs/deployed-model.md):
-  // true for the kept one, only when it is strictly more accurate on the validation split. Sets eval_s in `metrics`
+  // true for the kept one when it is at least as accurate on the validation split. Sets eval_s in `metrics`
   // and, with a kept model and a validation split, acc_trained, val_acc_trained, val_acc_received and
   // deployed_trained. Leaves the received model loaded (what the round trains from).
   bool choose_deployed(const TensorMap& received, const nlohmann::json& body, nlohmann::json& metrics);
