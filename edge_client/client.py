@@ -101,7 +101,7 @@ def deploys_trained(val_acc_trained: float, val_acc_received: float) -> bool:
     """Whether a device deploys the model it kept from its last training rather than the one it received
     (docs/deployed-model.md): the more accurate on the validation split, and on a tie the trained one. Ties are the
     rule on a small validation split that both models get (nearly) all right, and there the trained model, fitted to
-    the device's own data, was the better one on test (docs/results.md, "Ties on the validation split")."""
+    the device's own data, was more often the better one on test (docs/deployed-model.md, "Why this rule")."""
     return val_acc_trained >= val_acc_received
 
 
