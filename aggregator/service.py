@@ -62,8 +62,8 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def deployed_accuracy(metrics: dict[str, Any]) -> float:
-    """A device's accuracy on the model it serves: a device that does not choose (the native client, or one without
-    a kept model) deploys what it received. ``metrics`` must hold ``acc_before``."""
+    """A device's accuracy on the model it serves (docs/deployed-model.md): ``acc_deployed``, which both clients
+    report; a record without it (an older client or run) counts as deploying what it received, ``acc_before``."""
     return metrics.get("acc_deployed", metrics["acc_before"])
 
 

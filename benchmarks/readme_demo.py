@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aggregator.service import deployed_accuracy
+
 
 def run_seed(seed: int, extra: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
@@ -31,7 +33,7 @@ def run_seed(seed: int, extra: list[str]) -> dict[str, Any]:
     summary = summary.get("aggregator", summary)
     final = summary["final"]
     clients = final["clients"]
-    deployed = {c: m.get("acc_deployed", m["acc_before"]) for c, m in clients.items()}
+    deployed = {c: deployed_accuracy(m) for c, m in clients.items()}
     curve = summary["accuracy_curve"]
     return {
         "seed": seed,
