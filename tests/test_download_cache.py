@@ -14,6 +14,7 @@ from conftest import TINY_AMOLE, initial_versions, task_wire, write_client_data,
 from aggregator.service import AggregatorService
 from edge_client.client import ClientOptions, EdgeClient
 from edge_client.engines import make_engine
+from edgemole.adapters.amole.model import ROUTER_ROLE
 from edgemole.config import TaskSpec, load_settings
 from edgemole.errors import ProtocolError
 from edgemole.protocol import Topics, decode
@@ -84,7 +85,7 @@ def test_keep_patch_and_full() -> None:
     assert set(payload) == {A + PATCH_SUFFIX, A + INDEX_SUFFIX, B + PATCH_SUFFIX, B + INDEX_SUFFIX, "head.bias"}
     assert payload[A + INDEX_SUFFIX].tolist() == [1, 5] and payload[A + PATCH_SUFFIX].shape == (2, 64)
     assert payload[B + INDEX_SUFFIX].tolist() == [2] and payload[B + PATCH_SUFFIX].shape == (64, 1)
-    assert roles[A + PATCH_SUFFIX] == "lora_A" and roles[B + INDEX_SUFFIX] == "ranks"
+    assert set(roles) == {"head.bias"}  # a patch and its index carry no role: the tensor keeps the one it is held with
     assert model == state_digest(versions_of(new, ROLES))  # one digest of the whole model, whatever travels
     out, out_roles, digests = apply_download(_held(old), payload, roles, set(new), model)
     assert _bits(out) == _bits(new) == digests and out_roles == ROLES
@@ -152,6 +153,27 @@ def test_malformed_payloads_are_protocol_errors(mutate, needle: str) -> None:  #
     with pytest.raises(ProtocolError, match=needle) as exc:
         apply_download(_held(old), payload, roles, set(new), model)
     assert not isinstance(exc.value, CacheMiss)  # a re-send would not help: rejected, not recovered
+
+
+@pytest.mark.parametrize("role_of", [A + PATCH_SUFFIX, A + INDEX_SUFFIX])
+def test_a_role_given_for_a_patch_is_rejected(role_of: str) -> None:
+    old = _model()
+    new = {**old, A: old[A].clone()}
+    new[A][3] += 1
+    payload, roles, model = encode_download(new, ROLES, _held(old))
+    with pytest.raises(ProtocolError, match="carry no role"):
+        apply_download(_held(old), payload, {**roles, role_of: "lora_A"}, set(new), model)
+
+
+def test_a_patch_against_a_version_held_with_another_role_is_a_cache_miss() -> None:
+    old = _model()
+    new = {**old, A: old[A].clone()}
+    new[A][3] += 1
+    payload, roles, model = encode_download(new, ROLES, _held(old))
+    held = _held(old)
+    held[A] = held[A]._replace(role=ROUTER_ROLE)  # held with another role (same rank axis) than the aggregator meant
+    with pytest.raises(CacheMiss, match="does not match"):
+        apply_download(held, payload, roles, set(new), model)
 
 
 @pytest.mark.parametrize("body", [{MODEL: []}, {MODEL: "x"}, {MODEL: "A" * 16}, {MODEL: 1}, {MODEL: {A: "0" * 16}}])

@@ -27,7 +27,6 @@ import torch
 from edgemole.adapters.amole.model import ROUTER_ROLE
 from edgemole.errors import ProtocolError
 from edgemole.protocol.messages import WIRE_DTYPES
-from edgemole.protocol.validate import RANKS_ROLE
 
 #: assignment body field of an assignment sent by version: the :func:`state_digest` of the device's whole model
 MODEL = "model"
@@ -37,8 +36,10 @@ CAPABILITY = "cache"
 #: :func:`state_digest` over it), which it built itself from the task's seed: the first assignment then carries nothing
 #: that the device could compute
 INITIAL = "initial"
-#: payload names of a patch of tensor ``<name>``: ``<name>@patch`` (the changed slices, the tensor's role) and
-#: ``<name>@index`` (their int64 indices, role ``ranks``); ``@`` never occurs in a model's tensor names
+#: payload names of a patch of tensor ``<name>``: ``<name>@patch`` (the changed slices) and ``<name>@index`` (their
+#: int64 indices); ``@`` never occurs in a model's tensor names. Neither carries a role: the patched tensor keeps the
+#: role the device holds it with (a patch is only sent against a held version of the same role), and the names of
+#: the roles of a patch would be a third of an alternating round's header
 PATCH_SUFFIX = "@patch"
 INDEX_SUFFIX = "@index"
 #: upper estimate of the header bytes a patch adds over sending its tensor whole (the index tensor's entry)
@@ -150,7 +151,6 @@ def _plan(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
                 index = torch.as_tensor(changed, dtype=torch.int64)
                 payload[name + PATCH_SUFFIX] = t.index_select(axis, index)
                 payload[name + INDEX_SUFFIX] = index
-                payload_roles.update({name + PATCH_SUFFIX: role, name + INDEX_SUFFIX: RANKS_ROLE})
                 continue
         payload[name], payload_roles[name] = t, role
     return payload, payload_roles, digests
@@ -178,15 +178,20 @@ def apply_download(cache: Mapping[str, Version], tensors: Mapping[str, torch.Ten
                 (base + PATCH_SUFFIX in tensors) != (base + INDEX_SUFFIX in tensors):
             raise ProtocolError(f"payload tensor {name!r}: a tensor of the model must travel either whole or as a "
                                 "patch with its index")
+        if suffix and name in roles:
+            raise ProtocolError(f"payload tensor {name!r}: a patch and its index carry no role (the patched tensor "
+                                "keeps the role it is held with)")
     out: dict[str, torch.Tensor] = {}
     out_roles: dict[str, str] = {}
     for name in sorted(names):
         if name in tensors:
             out[name], out_roles[name] = tensors[name], roles.get(name, "")
         elif name + PATCH_SUFFIX in tensors:
-            out_roles[name] = roles.get(name + PATCH_SUFFIX, "")
-            out[name] = _patched(cache.get(name), name, tensors[name + PATCH_SUFFIX], tensors[name + INDEX_SUFFIX],
-                                 out_roles[name])
+            old = cache.get(name)
+            if old is None:
+                raise CacheMiss(f"patch of {name!r}: no held version")
+            out[name], out_roles[name] = _patched(old, name, tensors[name + PATCH_SUFFIX],
+                                                  tensors[name + INDEX_SUFFIX]), old.role
         elif name in cache:
             out[name], out_roles[name] = cache[name].tensor.clone(), cache[name].role
         else:
@@ -204,13 +209,11 @@ def _split(name: str) -> tuple[str, str]:
     return name, ""
 
 
-def _patched(old: Version | None, name: str, patch: torch.Tensor, index: torch.Tensor, role: str) -> torch.Tensor:
-    """The held version of ``name`` with the patch's slices written at ``index`` along its role's rank axis."""
-    if old is None or old.role != role:
-        raise CacheMiss(f"patch of {name!r}: no held version with role {role!r}")
-    axis = rank_axis(role, old.tensor)
+def _patched(old: Version, name: str, patch: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The held version of ``name`` with the patch's slices written at ``index`` along its held role's rank axis."""
+    axis = rank_axis(old.role, old.tensor)
     if axis is None:
-        raise ProtocolError(f"patch of {name!r}: role {role!r} has no rank axis")
+        raise ProtocolError(f"patch of {name!r}: its held role {old.role!r} has no rank axis")
     n, k = old.tensor.shape[axis], index.numel()
     expected = tuple(k if d == axis else s for d, s in enumerate(old.tensor.shape))
     if index.dtype != torch.int64 or index.dim() != 1 or not 0 < k <= n or \
