@@ -28,9 +28,12 @@ shift 2
 case "$1" in
   get-state) echo "${FAKE_STATE:-device}"; [ "${FAKE_STATE:-device}" = device ] ;;
   shell)
+    # a chatty login shell: a warning on stderr before every command's answer
+    if [ -n "$FAKE_NOISE" ]; then echo "pyenv: cannot rehash: /root/.pyenv/shims isn't writable" >&2; fi
     case "$2" in
       "getprop ro.product.cpu.abi") echo "${FAKE_ABI:-arm64-v8a}" ;;
-      df*) if [ -n "$FAKE_FREE_KB" ]; then echo "/dev/block/dm-5 1000 10 $FAKE_FREE_KB 1% /data"; else sh -c "$2"; fi ;;
+      df*) if [ -n "$FAKE_FREE_KB" ]; then echo "Filesystem 1K-blocks Used Available Use% Mounted on"
+             echo "/dev/block/dm-5 1000 10 $FAKE_FREE_KB 1% /data"; else sh -c "$2"; fi ;;
       *) sh -c "$2" ;;
     esac ;;
   push) cp "$2" "$3" && if [ -n "$FAKE_CORRUPT" ]; then echo corrupt >> "$3"; fi ;;
@@ -122,6 +125,16 @@ def test_android_install_verifies_skips_what_matches_and_never_resends_the_base(
     second = json.loads(_flash(_android(phone_kit, "--no-start", "--json")).stdout)
     assert second["pushed"] == ["data/train.csv"]
     assert "artifact/base.ptd" in second["skipped"] and "bin/edgemole-device" in second["skipped"]
+
+
+def test_warnings_a_login_shell_prints_on_stderr_are_not_read_as_answers(phone_kit: dict[str, Path]) -> None:
+    """A board's profile may print on every command (in CI: pyenv's rehash racing another SSH session); flash reads
+    only the commands' own output, and still names a real fault."""
+    proc = _flash(_android(phone_kit, "--no-start", "--json"), env={"FAKE_NOISE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "artifact/base.ptd" in json.loads(proc.stdout)["pushed"]
+    line = _one_error(_flash(_android(phone_kit), env={"FAKE_NOISE": "1", "FAKE_FREE_KB": "100"}))
+    assert "no space: 100.0 KiB free" in line, line
 
 
 def test_android_hash_mismatch_after_push_installs_nothing(phone_kit: dict[str, Path]) -> None:

@@ -176,13 +176,14 @@ class Installer:
         return hashes
 
     def _check_space(self, needed: int) -> None:
-        out = self.transport.check(f"df -k {shlex.quote(self.spec.root)} | tail -n 1", "reading the free space")
-        fields = out.split()
-        try:
-            free = int(fields[3]) * 1024
-        except (IndexError, ValueError):
+        # -P: one line per file system even where its name is long (toybox, busybox and coreutils all take it); the
+        # last line whose fourth field is a number is ours, whatever a login shell printed before it
+        out = self.transport.check(f"df -Pk {shlex.quote(self.spec.root)}", "reading the free space")
+        rows = [f for f in (ln.split() for ln in out.splitlines()) if len(f) >= 4 and f[3].isdigit()]
+        if not rows:
             raise FlashError(f"{self.transport.name}: cannot read the free space from df: "
-                             f"{out.strip()[:200]}") from None
+                             f"{' '.join(out.split())[:200] or 'no output'}")
+        free = int(rows[-1][3]) * 1024
         if free < needed + SPACE_MARGIN:
             raise FlashError(f"{self.transport.name}: no space: {fmt_bytes(free)} free in {self.spec.root}, "
                              f"{fmt_bytes(needed + SPACE_MARGIN)} needed")

@@ -28,8 +28,18 @@ class FlashError(EdgemoleError):
 
 @dataclass
 class Result:
+    """A remote command's exit status and its output. Only ``out`` (stdout) is ever parsed: a board's login shell
+    may print to stderr on any command (a profile's warnings, a pyenv rehash racing another session), and that must
+    not be read as the command's answer."""
+
     returncode: int
     out: str
+    err: str = ""
+
+    @property
+    def text(self) -> str:
+        """Everything the command printed, for error messages."""
+        return "\n".join(part for part in (self.out, self.err) if part)
 
 
 def _tool_line(text: str) -> str:
@@ -66,18 +76,17 @@ class Transport(ABC):
         """``command``'s output, or a :class:`FlashError` saying ``what`` failed and why."""
         res = self.shell(command)
         if res.returncode != 0:
-            raise FlashError(f"{self.name}: {what} failed: {_tool_line(res.out)}")
+            raise FlashError(f"{self.name}: {what} failed: {_tool_line(res.text)}")
         return res.out
 
 
 def _run(argv: list[str], name: str, stdin: Path | None = None) -> Result:
     try:
         with open(stdin, "rb") if stdin else open(os.devnull, "rb") as source:
-            proc = subprocess.run(argv, stdin=source, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  timeout=COMMAND_TIMEOUT_S, check=False)
+            proc = subprocess.run(argv, stdin=source, capture_output=True, timeout=COMMAND_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         raise FlashError(f"{name}: no answer within {COMMAND_TIMEOUT_S:.0f} s ({shlex.join(argv[:4])} ...)") from None
-    return Result(proc.returncode, proc.stdout.decode("utf-8", "replace"))
+    return Result(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
 
 
 @dataclass
@@ -101,15 +110,15 @@ class AdbTransport(Transport):
         state = res.out.strip().splitlines()[-1].strip() if res.out.strip() else ""
         if res.returncode == 0 and state == "device":
             return
-        text = res.out.lower()
+        text = res.text.lower()
         if "unauthorized" in text or state == "unauthorized":
             raise FlashError(f"{self.name}: unauthorized: accept the USB debugging prompt on the phone, then retry")
         if "cannot connect to daemon" in text or "cannot start server" in text:
-            raise FlashError(f"{self.name}: no adb server: {_tool_line(res.out)}")
+            raise FlashError(f"{self.name}: no adb server: {_tool_line(res.text)}")
         if "not found" in text or "no devices" in text:
             raise FlashError(f"{self.name}: no such device (adb devices lists the connected ones; is USB "
                              "debugging on?)")
-        raise FlashError(f"{self.name}: not ready ({state or _tool_line(res.out)})")
+        raise FlashError(f"{self.name}: not ready ({state or _tool_line(res.text)})")
 
     def shell(self, command: str) -> Result:
         # adb shell passes the exit status of the command through since Android 7 (shell protocol v2)
@@ -118,7 +127,7 @@ class AdbTransport(Transport):
     def push(self, local: Path, remote: str) -> None:
         res = _run(self._argv("push", str(local), remote), self.name)
         if res.returncode != 0:
-            raise FlashError(f"{self.name}: copying {local.name} failed: {_tool_line(res.out)}")
+            raise FlashError(f"{self.name}: copying {local.name} failed: {_tool_line(res.text)}")
 
 
 @dataclass
@@ -174,7 +183,7 @@ class SshTransport(Transport):
             raise FlashError(f"--identity {self.identity}: no such file")
         res = _run([*self._base(), "--", self.host, "echo edgemole-ok"], self.name)
         if res.returncode != 0 or "edgemole-ok" not in res.out:
-            raise FlashError(f"{self.name}: SSH failed: {_tool_line(res.out)}")
+            raise FlashError(f"{self.name}: SSH failed: {_tool_line(res.text)}")
         if self.sudo and _run(self._argv("true"), self.name).returncode != 0:
             raise FlashError(f"{self.name}: sudo asks for a password (or is missing): let this user sudo without one "
                              "(NOPASSWD) or log in as root")
@@ -182,11 +191,11 @@ class SshTransport(Transport):
     def shell(self, command: str) -> Result:
         res = _run(self._argv(command), self.name)
         if res.returncode == 255:  # ssh's own failure (connection lost, refused), not the command's
-            raise FlashError(f"{self.name}: SSH failed: {_tool_line(res.out)}")
+            raise FlashError(f"{self.name}: SSH failed: {_tool_line(res.text)}")
         return res
 
     def push(self, local: Path, remote: str) -> None:
         # through ssh's stdin, so a board needs no scp/sftp subsystem
         res = _run(self._argv(f"cat > {shlex.quote(remote)}"), self.name, stdin=local)
         if res.returncode != 0:
-            raise FlashError(f"{self.name}: copying {local.name} failed: {_tool_line(res.out)}")
+            raise FlashError(f"{self.name}: copying {local.name} failed: {_tool_line(res.text)}")
