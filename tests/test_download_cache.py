@@ -19,10 +19,9 @@ from edgemole.config import TaskSpec, load_settings
 from edgemole.errors import ProtocolError
 from edgemole.protocol import Topics, decode
 from edgemole.protocol.delta import (
-    INDEX_SUFFIX,
     INITIAL,
     MODEL,
-    PATCH_SUFFIX,
+    PATCH_MARK,
     CacheMiss,
     DownloadRecord,
     Version,
@@ -30,6 +29,7 @@ from edgemole.protocol.delta import (
     encode_download,
     parse_initial,
     parse_model_digest,
+    patch_pays,
     remember,
     state_digest,
     tensor_digest,
@@ -82,10 +82,9 @@ def test_keep_patch_and_full() -> None:
     new[B][:, 2] = -0.0 * new[B][:, 2].abs()  # one column of B, changed in sign bits only: a patch
     new["head.bias"] += 1  # no rank axis: whole
     payload, roles, model = encode_download(new, ROLES, _held(old))
-    assert set(payload) == {A + PATCH_SUFFIX, A + INDEX_SUFFIX, B + PATCH_SUFFIX, B + INDEX_SUFFIX, "head.bias"}
-    assert payload[A + INDEX_SUFFIX].tolist() == [1, 5] and payload[A + PATCH_SUFFIX].shape == (2, 64)
-    assert payload[B + INDEX_SUFFIX].tolist() == [2] and payload[B + PATCH_SUFFIX].shape == (64, 1)
-    assert set(roles) == {"head.bias"}  # a patch and its index carry no role: the tensor keeps the one it is held with
+    assert set(payload) == {A + "@1,5", B + "@2", "head.bias"}  # one entry per patch, its slice indices in its name
+    assert torch.equal(payload[A + "@1,5"], new[A][[1, 5]]) and torch.equal(payload[B + "@2"], new[B][:, [2]])
+    assert set(roles) == {"head.bias"}  # a patch carries no role: the tensor keeps the one it is held with
     assert model == state_digest(versions_of(new, ROLES))  # one digest of the whole model, whatever travels
     out, out_roles, digests = apply_download(_held(old), payload, roles, set(new), model)
     assert _bits(out) == _bits(new) == digests and out_roles == ROLES
@@ -105,10 +104,13 @@ def test_keep_patch_and_full() -> None:
 
 
 def test_a_tiny_slice_travels_whole_when_a_patch_would_be_larger() -> None:
-    old = {A: torch.zeros(4, 2)}
-    new = {A: torch.ones(4, 2) * torch.tensor([[1.0], [0], [0], [0]])}
+    old = {A: torch.zeros(4, 1, dtype=torch.float16)}  # 2-byte slices: the indices in the name cost more
+    new = {A: torch.tensor([[0.0], [0], [1], [1]], dtype=torch.float16)}
     payload, _, _ = encode_download(new, ROLES, _held(old))
     assert set(payload) == {A}
+    # the rule: slices plus the name's index text below the whole tensor; 4-byte slices pay from one slice of two
+    assert patch_pays(torch.zeros(2, 1), 0, [1]) and not patch_pays(torch.zeros(2, 1), 0, [0, 1])
+    assert not patch_pays(torch.zeros(4, 1, dtype=torch.float16), 0, [2, 3])
 
 
 def test_missing_or_mismatching_tensors_are_a_cache_miss() -> None:
@@ -123,7 +125,7 @@ def test_missing_or_mismatching_tensors_are_a_cache_miss() -> None:
     with pytest.raises(CacheMiss, match="does not match"):
         apply_download(stale, payload, roles, set(new), model)  # a cache that is not what the aggregator thinks
     with pytest.raises(CacheMiss, match="no held version"):
-        patch = {n: payload[n] for n in (A + PATCH_SUFFIX, A + INDEX_SUFFIX)}
+        patch = {n: t for n, t in payload.items() if n.startswith(A + PATCH_MARK)}
         apply_download({B: _held(old)[B]}, patch, roles, {A, B}, model)
     with pytest.raises(CacheMiss, match="does not match"):
         apply_download(_held(old), payload, roles, set(new), "0" * 16)  # the aggregator meant another model
@@ -133,36 +135,46 @@ def test_missing_or_mismatching_tensors_are_a_cache_miss() -> None:
                        {*new, "x.bias"}, model)
 
 
+def _renamed(payload: dict, name: str) -> None:
+    payload[name] = payload.pop(A + "@3")
+
+
 @pytest.mark.parametrize("mutate, needle", [
-    (lambda p: p.update({"x" + PATCH_SUFFIX: torch.zeros(1), "x" + INDEX_SUFFIX: torch.tensor([0])}),
-     "either whole"),  # a patch of a tensor the model does not have
-    (lambda p: p.update({"x.bias": torch.zeros(1)}), "either whole"),  # a whole one likewise
-    (lambda p: p.pop(A + INDEX_SUFFIX), "either whole"),
-    (lambda p: p.update({A: torch.zeros(8, 64)}), "either whole"),
-    (lambda p: p.update({A + INDEX_SUFFIX: torch.tensor([3, 3])}), "increasing"),
-    (lambda p: p.update({A + INDEX_SUFFIX: torch.tensor([3, 8])}), "increasing"),
-    (lambda p: p.update({A + INDEX_SUFFIX: torch.tensor([3.0])}), "increasing"),
-    (lambda p: p.update({A + PATCH_SUFFIX: torch.zeros(1, 63)}), "has shape"),
+    (lambda p: p.update({"x@0": torch.zeros(1)}), "travel once"),  # a patch of a tensor the model does not have
+    (lambda p: p.update({"x.bias": torch.zeros(1)}), "travel once"),  # a whole one likewise
+    (lambda p: p.update({A: torch.zeros(8, 64)}), "travel once"),  # whole and patched
+    (lambda p: p.update({A + "@4": torch.zeros(1, 64)}), "travel once"),  # patched twice
+    (lambda p: _renamed(p, A + "@3,3"), "increasing"),
+    (lambda p: _renamed(p, A + "@4,3"), "increasing"),
+    (lambda p: _renamed(p, A + "@3,8"), "not below the held size 8"),
+    (lambda p: _renamed(p, A + "@"), "slice indices"),
+    (lambda p: _renamed(p, A + "@03"), "slice indices"),
+    (lambda p: _renamed(p, A + "@-1"), "slice indices"),
+    (lambda p: _renamed(p, A + "@3.0"), "slice indices"),
+    (lambda p: _renamed(p, A + "@3@3"), "slice indices"),
+    (lambda p: _renamed(p, A + "@" + "9" * 400), "slice indices"),
+    (lambda p: p.update({A + "@3": torch.zeros(1, 63)}), "has shape"),
+    (lambda p: p.update({A + "@3": torch.zeros(1, 64, dtype=torch.float16)}), "has shape"),
 ])
 def test_malformed_payloads_are_protocol_errors(mutate, needle: str) -> None:  # noqa: ANN001
     old = _model()
     new = {**old, A: old[A].clone(), "head.bias": old["head.bias"] + 1}
     new[A][3] += 1
     payload, roles, model = encode_download(new, ROLES, _held(old))
+    assert A + "@3" in payload
     mutate(payload)
     with pytest.raises(ProtocolError, match=needle) as exc:
         apply_download(_held(old), payload, roles, set(new), model)
     assert not isinstance(exc.value, CacheMiss)  # a re-send would not help: rejected, not recovered
 
 
-@pytest.mark.parametrize("role_of", [A + PATCH_SUFFIX, A + INDEX_SUFFIX])
-def test_a_role_given_for_a_patch_is_rejected(role_of: str) -> None:
+def test_a_role_given_for_a_patch_is_rejected() -> None:
     old = _model()
     new = {**old, A: old[A].clone()}
     new[A][3] += 1
     payload, roles, model = encode_download(new, ROLES, _held(old))
-    with pytest.raises(ProtocolError, match="carry no role"):
-        apply_download(_held(old), payload, {**roles, role_of: "lora_A"}, set(new), model)
+    with pytest.raises(ProtocolError, match="carries no role"):
+        apply_download(_held(old), payload, {**roles, A + "@3": "lora_A"}, set(new), model)
 
 
 def test_a_patch_against_a_version_held_with_another_role_is_a_cache_miss() -> None:
@@ -318,7 +330,7 @@ def test_cached_fleet_is_bit_identical_and_downloads_less(method: str, uncached,
     else:  # alternating rounds: the frozen factor kept, patches of the active one
         assert down < plain_down and cached.summary["params_down_total"] < plain.summary["params_down_total"]
         names = [n for _, p in cached.assigns for n in decode(p).tensors]
-        assert any(n.endswith(PATCH_SUFFIX) for n in names)
+        assert any(PATCH_MARK in n for n in names)
     print(f"{method}: bytes down {plain.summary['bytes_down_total']} -> {cached.summary['bytes_down_total']}")
 
 
@@ -332,7 +344,7 @@ def test_a_device_that_lost_its_cache_gets_everything_and_the_run_is_unchanged(
     assert len(third) == 2  # the delta it could not rebuild, then everything again
     delta, whole = third
     assert delta.body[MODEL] == whole.body[MODEL]  # the same model, the second time all of it
-    assert not any(n.endswith(PATCH_SUFFIX) for n in whole.tensors)
+    assert not any(PATCH_MARK in n for n in whole.tensors)
     assert set(whole.tensors) == set(fleet.received[("c1", 3, whole.phase)][0])
 
 
@@ -382,7 +394,7 @@ def test_real_fleet_rebuilds_exactly_the_aggregated_model(tmp_path: Path, mosqui
                                                                                 for u in updates])
         assert _bits(models[rnd + 1]) == _bits(expected), rnd
     names = {n for _, m, _ in fleet.observed if m.kind == Kind.ASSIGN and m.round > 1 for n in m.tensors}
-    assert any(n.endswith(PATCH_SUFFIX) for n in names)
+    assert any(PATCH_MARK in n for n in names)
     assert "cache miss" not in fleet.logs() and summary["rejected"] == {}
 
 

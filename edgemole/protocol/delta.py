@@ -3,12 +3,12 @@
 Content-addressed, so that no version counter has to survive a restart. Every tensor of the model travels in one of
 three ways. Whole: the tensor under its name, as without a cache. Kept (the device holds that digest under that
 name): nothing. Patched (the device holds an older version of the same shape, and only some slices along the rank
-axis changed, as after a LoRA-A2 round): the changed slices and their indices. The assignment names no tensor it
-does not carry: the device knows the model's names from the assignment body (the tensors section 7.2 expects), and
-the body's ``model`` is one digest of the whole model (:func:`state_digest`), which the device checks after
-rebuilding, so each round proves the rebuilt model bit-identical to the one the aggregator meant. A tensor missing
-from the cache, or a rebuilt model that does not match, is a :class:`CacheMiss`: the device clears its cache and
-asks for everything.
+axis changed, as after a LoRA-A2 round): the changed slices, under a name that lists their indices. The assignment
+names no tensor it does not carry: the device knows the model's names from the assignment body (the tensors section
+7.2 expects), and the body's ``model`` is one digest of the whole model (:func:`state_digest`), which the device
+checks after rebuilding, so each round proves the rebuilt model bit-identical to the one the aggregator meant. A
+tensor missing from the cache, or a rebuilt model that does not match, is a :class:`CacheMiss`: the device clears
+its cache and asks for everything.
 
 Both sides call this module only: the aggregator through :class:`DownloadRecord`, the device through
 :func:`apply_download` and :func:`remember`.
@@ -20,6 +20,7 @@ import hashlib
 import re
 import weakref
 from collections.abc import Iterable, Mapping, MutableMapping
+from itertools import pairwise
 from typing import Any, NamedTuple
 
 import torch
@@ -36,19 +37,19 @@ CAPABILITY = "cache"
 #: :func:`state_digest` over it), which it built itself from the task's seed: the first assignment then carries nothing
 #: that the device could compute
 INITIAL = "initial"
-#: payload names of a patch of tensor ``<name>``: ``<name>@patch`` (the changed slices) and ``<name>@index`` (their
-#: int64 indices); ``@`` never occurs in a model's tensor names. Neither carries a role: the patched tensor keeps the
-#: role the device holds it with (a patch is only sent against a held version of the same role), and the names of
-#: the roles of a patch would be a third of an alternating round's header
-PATCH_SUFFIX = "@patch"
-INDEX_SUFFIX = "@index"
-#: upper estimate of the header bytes a patch adds over sending its tensor whole (the index tensor's entry)
-PATCH_HEADER_BYTES = 160
+#: a patch of tensor ``<name>`` travels as one payload tensor named ``<name>@<i0>,<i1>,...``: the changed slices,
+#: and in the name their indices along the rank axis (``@`` never occurs in a model's tensor names). It carries no
+#: role: the patched tensor keeps the role the device holds it with (a patch is only sent against a held version of
+#: the same role). One header entry per patch: a separate index tensor was, on fedamole-a2's 20 Newsgroups runs, more
+#: than half of the bytes beyond the values (docs/protocol.md 4.4.1)
+PATCH_MARK = "@"
 #: rank axis of a tensor by its role: rows of A and of a router (r, d_in), columns of B (d_out, r)
 RANK_AXIS = {"lora_A": 0, ROUTER_ROLE: 0, "lora_B": 1}
 
 _DTYPE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
 _DIGEST = re.compile(r"[0-9a-f]{16}")
+#: a patch's slice indices in its name: canonical decimal (no sign, no leading zero), comma-separated
+_INDEX_TEXT = re.compile(r"(0|[1-9][0-9]{0,8})(,(0|[1-9][0-9]{0,8}))*")
 
 
 class CacheMiss(ProtocolError):
@@ -106,12 +107,32 @@ def changed_slices(old: torch.Tensor, new: torch.Tensor, axis: int) -> list[int]
     return torch.nonzero((rows(old) != rows(new)).any(dim=1)).flatten().tolist()
 
 
-def patch_pays(t: torch.Tensor, axis: int, changed: int) -> bool:
-    """A patch of ``changed`` of the tensor's slices (with one int64 index each and one more header entry) is sent
-    only when it is smaller than the whole tensor."""
+def patch_name(name: str, index: list[int]) -> str:
+    """The payload name of a patch of ``name`` at the (increasing) slice indices ``index``."""
+    return f"{name}{PATCH_MARK}{','.join(map(str, index))}"
+
+
+def split_payload_name(name: str) -> tuple[str, list[int] | None]:
+    """A payload tensor's model name and, for a patch, its slice indices (None for a tensor sent whole). Form and
+    order of the indices are checked here, their range against the held tensor in :func:`apply_download`."""
+    base, mark, text = name.partition(PATCH_MARK)
+    if not mark:
+        return name, None
+    if not _INDEX_TEXT.fullmatch(text):
+        raise ProtocolError(f"payload tensor {name!r}: a patch's name must end in '{PATCH_MARK}' and its slice "
+                            "indices, e.g. '@1,5'")
+    index = [int(i) for i in text.split(",")]
+    if any(b <= a for a, b in pairwise(index)):
+        raise ProtocolError(f"payload tensor {name!r}: a patch's slice indices must be increasing")
+    return base, index
+
+
+def patch_pays(t: torch.Tensor, axis: int, changed: list[int]) -> bool:
+    """A patch of the slices ``changed`` is sent only when it is smaller than the whole tensor: its slices plus the
+    indices in its name (its header entry is otherwise the whole tensor's)."""
     n = t.shape[axis]
     slice_bytes = t.numel() // n * t.element_size()
-    return 0 < changed < n and changed * (slice_bytes + 8) + PATCH_HEADER_BYTES < n * slice_bytes
+    return 0 < len(changed) < n and len(changed) * slice_bytes + len(patch_name("", changed)) < n * slice_bytes
 
 
 def encode_download(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
@@ -147,10 +168,8 @@ def _plan(tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
         if old is not None and axis is not None and old.role == role and old.tensor.shape == t.shape \
                 and old.tensor.dtype == t.dtype:
             changed = changed_slices(old.tensor, t, axis)
-            if patch_pays(t, axis, len(changed)):
-                index = torch.as_tensor(changed, dtype=torch.int64)
-                payload[name + PATCH_SUFFIX] = t.index_select(axis, index)
-                payload[name + INDEX_SUFFIX] = index
+            if patch_pays(t, axis, changed):
+                payload[patch_name(name, changed)] = t.index_select(axis, torch.as_tensor(changed, dtype=torch.int64))
                 continue
         payload[name], payload_roles[name] = t, role
     return payload, payload_roles, digests
@@ -172,26 +191,27 @@ def apply_download(cache: Mapping[str, Version], tensors: Mapping[str, torch.Ten
     kept or patched tensor is not held, or the rebuilt model's :func:`state_digest` is not ``model``, and
     :class:`ProtocolError` for a malformed payload."""
     names = set(names)
-    for name in tensors:
-        base, suffix = _split(name)
-        if base not in names or (suffix and base in tensors) or \
-                (base + PATCH_SUFFIX in tensors) != (base + INDEX_SUFFIX in tensors):
-            raise ProtocolError(f"payload tensor {name!r}: a tensor of the model must travel either whole or as a "
-                                "patch with its index")
-        if suffix and name in roles:
-            raise ProtocolError(f"payload tensor {name!r}: a patch and its index carry no role (the patched tensor "
-                                "keeps the role it is held with)")
+    patches: dict[str, tuple[torch.Tensor, list[int]]] = {}
+    for name, t in tensors.items():
+        base, index = split_payload_name(name)
+        if base not in names or (index is not None and (base in tensors or base in patches)):
+            raise ProtocolError(f"payload tensor {name!r}: a tensor of the model must travel once, either whole or "
+                                "as one patch")
+        if index is not None:
+            if name in roles:
+                raise ProtocolError(f"payload tensor {name!r}: a patch carries no role (the patched tensor keeps "
+                                    "the role it is held with)")
+            patches[base] = (t, index)
     out: dict[str, torch.Tensor] = {}
     out_roles: dict[str, str] = {}
     for name in sorted(names):
         if name in tensors:
             out[name], out_roles[name] = tensors[name], roles.get(name, "")
-        elif name + PATCH_SUFFIX in tensors:
+        elif name in patches:
             old = cache.get(name)
             if old is None:
                 raise CacheMiss(f"patch of {name!r}: no held version")
-            out[name], out_roles[name] = _patched(old, name, tensors[name + PATCH_SUFFIX],
-                                                  tensors[name + INDEX_SUFFIX]), old.role
+            out[name], out_roles[name] = _patched(old, name, *patches[name]), old.role
         elif name in cache:
             out[name], out_roles[name] = cache[name].tensor.clone(), cache[name].role
         else:
@@ -202,28 +222,20 @@ def apply_download(cache: Mapping[str, Version], tensors: Mapping[str, torch.Ten
     return out, out_roles, digests
 
 
-def _split(name: str) -> tuple[str, str]:
-    for suffix in (PATCH_SUFFIX, INDEX_SUFFIX):
-        if name.endswith(suffix):
-            return name[: -len(suffix)], suffix
-    return name, ""
-
-
-def _patched(old: Version, name: str, patch: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The held version of ``name`` with the patch's slices written at ``index`` along its held role's rank axis."""
+def _patched(old: Version, name: str, patch: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """The held version of ``name`` with the patch's slices written at ``index`` (increasing, as
+    :func:`split_payload_name` checked) along its held role's rank axis."""
     axis = rank_axis(old.role, old.tensor)
     if axis is None:
         raise ProtocolError(f"patch of {name!r}: its held role {old.role!r} has no rank axis")
-    n, k = old.tensor.shape[axis], index.numel()
+    n, k = old.tensor.shape[axis], len(index)
+    if index[-1] >= n:
+        raise ProtocolError(f"patch of {name!r}: slice index {index[-1]} is not below the held size {n}")
     expected = tuple(k if d == axis else s for d, s in enumerate(old.tensor.shape))
-    if index.dtype != torch.int64 or index.dim() != 1 or not 0 < k <= n or \
-            (k > 1 and not bool((index[1:] > index[:-1]).all())) or int(index.min()) < 0 or int(index.max()) >= n:
-        raise ProtocolError(f"patch of {name!r}: '{INDEX_SUFFIX}' must hold 1..{n} increasing int64 indices "
-                            f"in [0, {n})")
     if tuple(patch.shape) != expected or patch.dtype != old.tensor.dtype:
         raise ProtocolError(f"patch of {name!r} has shape {tuple(patch.shape)} {patch.dtype}, expected {expected} "
                             f"{old.tensor.dtype}")
-    return old.tensor.clone().index_copy_(axis, index, patch)
+    return old.tensor.clone().index_copy_(axis, torch.as_tensor(index, dtype=torch.int64), patch)
 
 
 def remember(held: MutableMapping[str, Version], tensors: Mapping[str, torch.Tensor], roles: Mapping[str, str],
