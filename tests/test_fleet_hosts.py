@@ -1,10 +1,12 @@
 """A fleet of separate hosts (issue 24): the broker and the aggregator on a hub namespace, three boards in their own
 namespaces reached only over the hub's bridge, each running sshd. The boards are provisioned with ``edgemole flash
 board`` over SSH (the native client on two, the Python client with ``--sudo`` on one), ``edgemole fleet status``
-lists them, three rounds of fedamole-a2 run through Mosquitto, then one board's link is cut for a round (it
-completes at its deadline without the board) and restored: the board answers a later round. (After a 15 s cut the
-broker's TCP retransmits to the board with a backed-off timer, about 10 s after the link returns, so the round
-right after the cut may close without it too; two rounds follow the cut.)
+lists them, three rounds of fedamole-a2 run through Mosquitto, then one board's link is cut as round 4 opens and
+restored once a round has closed at its deadline without the board: the board answers a later round. (The cut races
+the board's answer to the round that triggers it: a board that answered first is cut off from the next round
+instead, which the test takes as the cut round. After a 15 s cut the broker's TCP retransmits to the board with a
+backed-off timer, about 10 s after the link returns, so the round right after the cut may close without it too;
+at least two rounds follow the cut.)
 
 Traffic stays inside the namespaces the harness made (tests/netns.py), which it removes even when the test fails.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -27,15 +30,15 @@ from edgemole.broker import mosquitto_binary
 
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto]
 
-ROUNDS = 6
+ROUNDS = 7
 CUT_ROUND = 4
 DEADLINE_S = 15.0
-#: the board whose link is cut for round CUT_ROUND, and the client each board runs
+#: the board whose link is cut as round CUT_ROUND opens, and the client each board runs
 KINDS = ("native", "python", "native")
 CUT = 2
 
-#: run in the hub namespace: cut ``argv[2]`` (the board's bridge port) the moment round ``argv[3]`` is announced, so
-#: that the board cannot have answered it; prints "cut" and exits
+#: run in the hub namespace: cut ``argv[2]`` (the board's bridge port) the moment round ``argv[3]`` is announced (a
+#: fast board may still answer that round under load; it cannot answer the next); prints "cut" and exits
 WATCH_AND_CUT = """
 import subprocess, sys
 import paho.mqtt.client as mqtt
@@ -140,20 +143,27 @@ def test_flashed_fleet_of_separate_hosts(tmp_path: Path, tiny_model: str, tiny_a
         # -- the cut round completes at its deadline without the board; the restored board answers again ---
         _wait_for(lambda: cutter.poll() is not None, 240, "the cut", logs)
         assert cutter.stdout is not None and f"cut {CUT_ROUND}" in cutter.stdout.read(), logs()
-        _wait_for(lambda: f"round {CUT_ROUND}:" in agg_log.read_text(errors="replace"), DEADLINE_S * 3,
-                  f"round {CUT_ROUND} to close", logs)
+        missed = re.compile(rf"round (\d+): closing with 2/3 answers \(missing: b{CUT}\)")
+
+        def cut_round() -> int | None:
+            found = [int(m.group(1)) for m in missed.finditer(agg_log.read_text(errors="replace"))]
+            return found[0] if found else None
+
+        _wait_for(lambda: cut_round() is not None, DEADLINE_S * 4, "a round to close without the cut board", logs)
         net.link_up(boards[CUT])
-        assert aggregator.wait(240) == 0, logs()
+        assert aggregator.wait(300) == 0, logs()
+        closed_without = cut_round()
+        assert closed_without is not None and CUT_ROUND <= closed_without <= CUT_ROUND + 1, logs()
 
         summary = json.loads((tmp_path / "summary.json").read_text())
         by_round = {r["round"]: r for r in summary["rounds"]}
         for rnd in range(1, CUT_ROUND):
             assert sorted(by_round[rnd]["answered"]) == ["b0", "b1", "b2"], by_round[rnd]
-        cut = by_round[CUT_ROUND]
+        cut = by_round[closed_without]
         assert sorted(cut["answered"]) == ["b0", "b1"] and f"b{CUT}" in cut["selected"]
         assert cut["wall_s"] >= DEADLINE_S  # it waited for the deadline, then closed with its quorum
-        rejoined = [r for r in range(CUT_ROUND + 1, ROUNDS + 1) if f"b{CUT}" in by_round[r]["answered"]]
-        assert rejoined, ([by_round[r] for r in range(CUT_ROUND + 1, ROUNDS + 1)], logs())
+        rejoined = [r for r in range(closed_without + 1, ROUNDS + 1) if f"b{CUT}" in by_round[r]["answered"]]
+        assert rejoined, ([by_round[r] for r in range(closed_without + 1, ROUNDS + 1)], logs())
         assert sorted(summary["final"]["answered"]) == ["b0", "b1", "b2"]
 
         # -- a re-flash with nothing changed pushes nothing and leaves the running client alone -------------
