@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from fleet.flash.bundle import DEFAULT_PYTHON, NATIVE_BINARY, DeviceSpec, Item, elf_machine
-from fleet.flash.transport import FlashError, Transport
+from fleet.flash.transport import FlashError, Transport, tool_line
 from fleet.units import fmt_bytes
 
 #: seconds a stopped client has to exit after SIGTERM before it is killed: it finishes the round in hand, which takes
@@ -160,8 +160,9 @@ class Installer:
             py = self._python()
             res = self.transport.shell(f"{shlex.quote(py)} -m fleet --version")
             if res.returncode != 0 or "edgemole" not in res.out:
-                raise FlashError(f"{self.transport.name}: {py} cannot run edgemole (install it on the board, e.g. "
-                                 "devices/raspberry-pi/provision.sh, or give --python)")
+                why = f"exit {res.returncode}: {tool_line(res.text)}" if res.returncode != 0 else "no version printed"
+                raise FlashError(f"{self.transport.name}: {py} cannot run edgemole ({why}; install it on the board, "
+                                 "e.g. devices/raspberry-pi/provision.sh, or give --python)")
         if self.transport.shell("command -v sha256sum").returncode != 0:
             raise FlashError(f"{self.transport.name}: no sha256sum on the device (toybox or coreutils needed)")
 

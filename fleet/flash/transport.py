@@ -42,7 +42,7 @@ class Result:
         return "\n".join(part for part in (self.out, self.err) if part)
 
 
-def _tool_line(text: str) -> str:
+def tool_line(text: str) -> str:
     """The tool's own explanation: its last non-empty line that says something (adb and ssh print the reason last,
     after warnings)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -76,7 +76,7 @@ class Transport(ABC):
         """``command``'s output, or a :class:`FlashError` saying ``what`` failed and why."""
         res = self.shell(command)
         if res.returncode != 0:
-            raise FlashError(f"{self.name}: {what} failed: {_tool_line(res.text)}")
+            raise FlashError(f"{self.name}: {what} failed: {tool_line(res.text)}")
         return res.out
 
 
@@ -114,11 +114,11 @@ class AdbTransport(Transport):
         if "unauthorized" in text or state == "unauthorized":
             raise FlashError(f"{self.name}: unauthorized: accept the USB debugging prompt on the phone, then retry")
         if "cannot connect to daemon" in text or "cannot start server" in text:
-            raise FlashError(f"{self.name}: no adb server: {_tool_line(res.text)}")
+            raise FlashError(f"{self.name}: no adb server: {tool_line(res.text)}")
         if "not found" in text or "no devices" in text:
             raise FlashError(f"{self.name}: no such device (adb devices lists the connected ones; is USB "
                              "debugging on?)")
-        raise FlashError(f"{self.name}: not ready ({state or _tool_line(res.text)})")
+        raise FlashError(f"{self.name}: not ready ({state or tool_line(res.text)})")
 
     def shell(self, command: str) -> Result:
         # adb shell passes the exit status of the command through since Android 7 (shell protocol v2)
@@ -127,7 +127,7 @@ class AdbTransport(Transport):
     def push(self, local: Path, remote: str) -> None:
         res = _run(self._argv("push", str(local), remote), self.name)
         if res.returncode != 0:
-            raise FlashError(f"{self.name}: copying {local.name} failed: {_tool_line(res.text)}")
+            raise FlashError(f"{self.name}: copying {local.name} failed: {tool_line(res.text)}")
 
 
 @dataclass
@@ -183,7 +183,7 @@ class SshTransport(Transport):
             raise FlashError(f"--identity {self.identity}: no such file")
         res = _run([*self._base(), "--", self.host, "echo edgemole-ok"], self.name)
         if res.returncode != 0 or "edgemole-ok" not in res.out:
-            raise FlashError(f"{self.name}: SSH failed: {_tool_line(res.text)}")
+            raise FlashError(f"{self.name}: SSH failed: {tool_line(res.text)}")
         if self.sudo and _run(self._argv("true"), self.name).returncode != 0:
             raise FlashError(f"{self.name}: sudo asks for a password (or is missing): let this user sudo without one "
                              "(NOPASSWD) or log in as root")
@@ -191,11 +191,11 @@ class SshTransport(Transport):
     def shell(self, command: str) -> Result:
         res = _run(self._argv(command), self.name)
         if res.returncode == 255:  # ssh's own failure (connection lost, refused), not the command's
-            raise FlashError(f"{self.name}: SSH failed: {_tool_line(res.text)}")
+            raise FlashError(f"{self.name}: SSH failed: {tool_line(res.text)}")
         return res
 
     def push(self, local: Path, remote: str) -> None:
         # through ssh's stdin, so a board needs no scp/sftp subsystem
         res = _run(self._argv(f"cat > {shlex.quote(remote)}"), self.name, stdin=local)
         if res.returncode != 0:
-            raise FlashError(f"{self.name}: copying {local.name} failed: {_tool_line(res.text)}")
+            raise FlashError(f"{self.name}: copying {local.name} failed: {tool_line(res.text)}")
